@@ -1,0 +1,489 @@
+//! The client's sync state machine, without I/O.
+//!
+//! The driver (see [`crate::client`]) owns the sockets and the clock. It tells the machine what
+//! happened — a transport came up ([`SyncMachine::on_connected`]), a frame arrived
+//! ([`SyncMachine::on_frame`]), the transport went away ([`SyncMachine::on_disconnected`]), a
+//! deadline passed ([`SyncMachine::on_timeout`]) — always with `now`, and then drains
+//! [`SyncMachine::poll_output`] for frames to send, events to publish, and requests to close.
+//! [`SyncMachine::poll_timeout`] says when to call back. Everything here is deterministic for a
+//! given RNG seed, so the tests below drive it with a fake clock and no sleeps.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
+
+use crate::state::{FlagSet, Selector};
+
+/// The client hears nothing for this many heartbeat intervals: the connection is dead.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Settings of the sync machine.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// The SDK key sent in Hello.
+    pub sdk_key: String,
+    /// SDK identification sent in Hello.
+    pub sdk_name: String,
+    /// SDK version sent in Hello.
+    pub sdk_version: String,
+    /// Platform sent in Hello (e.g. `linux-x86_64`, `android`).
+    pub platform: String,
+    /// Push deltas, or notices followed by Fetch.
+    pub push: pb::PushMode,
+    /// First reconnect delay cap; doubles per failure up to `backoff_max`. Full jitter.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay cap.
+    pub backoff_max: Duration,
+    /// How long after the transport is up the server has to send Welcome.
+    pub handshake_timeout: Duration,
+}
+
+impl SyncConfig {
+    /// Defaults for everything but the key.
+    pub fn new(sdk_key: impl Into<String>) -> Self {
+        SyncConfig {
+            sdk_key: sdk_key.into(),
+            sdk_name: "vane-rust".into(),
+            sdk_version: env!("CARGO_PKG_VERSION").into(),
+            platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+            push: pb::PushMode::Delta,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How the client was brought current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateKind {
+    /// A whole snapshot replaced the client's state.
+    Snapshot,
+    /// A delta was applied.
+    Delta,
+    /// The server confirmed the client's state is current.
+    UpToDate,
+}
+
+/// The client's state changed (or was confirmed current).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// Snapshot, delta or up-to-date.
+    pub kind: UpdateKind,
+    /// Where the client now stands.
+    pub selector: Selector,
+    /// Keys added, removed or changed, sorted.
+    pub changed: Vec<String>,
+}
+
+/// Errors after which the client stops: retrying cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Fatal {
+    /// The SDK key is unknown or revoked.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// The key may not do what was asked.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The server does not speak this protocol version.
+    #[error("unsupported protocol version: {0}")]
+    UnsupportedVersion(String),
+}
+
+/// Why a connection ended; the machine then waits `reconnect_in` before asking for a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The transport failed or could not be established.
+    Transport(String),
+    /// No Welcome within the handshake timeout.
+    HandshakeTimeout,
+    /// Nothing heard for [`MISSED_HEARTBEATS`] heartbeat intervals.
+    HeartbeatTimeout,
+    /// The server is going away.
+    GoAway(String),
+    /// The server sent a retryable Error.
+    Server {
+        /// The protocol error code.
+        code: ErrorCode,
+        /// The server's message.
+        message: String,
+    },
+    /// The server broke the protocol (bad frame, frame out of place).
+    Protocol(String),
+}
+
+/// Something the driver should publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The server accepted the session.
+    Welcomed {
+        /// The server's id for this session, for correlating logs.
+        session_id: String,
+        /// The environment the key belongs to.
+        environment: String,
+        /// How often the server will ping.
+        heartbeat: Duration,
+    },
+    /// Flags were applied (or confirmed current).
+    Updated(Update),
+    /// The connection ended; a new one will be attempted after `reconnect_in`.
+    Disconnected {
+        /// Why.
+        reason: DisconnectReason,
+        /// The delay before the next attempt.
+        reconnect_in: Duration,
+    },
+    /// The client stopped for good.
+    Stopped(Fatal),
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send this frame on the current connection.
+    Transmit(pb::Frame),
+    /// Publish this event.
+    Event(Event),
+    /// Close the current connection (the machine has already scheduled what comes next).
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Ready to connect now.
+    Idle,
+    /// Waiting before the next connection attempt.
+    Backoff { until: Instant },
+    /// Transport up, Hello sent, waiting for Welcome.
+    Handshaking { deadline: Instant },
+    /// Welcomed; `last_heard` is when any frame last arrived.
+    Live {
+        last_heard: Instant,
+        heartbeat: Duration,
+    },
+    /// Stopped for good.
+    Stopped,
+}
+
+/// The client sync state machine. See the module docs.
+#[derive(Debug)]
+pub struct SyncMachine {
+    config: SyncConfig,
+    phase: Phase,
+    flags: Arc<FlagSet>,
+    /// A Fetch is outstanding on this connection; don't send another.
+    fetching: bool,
+    /// Consecutive failed connections, for backoff; reset once a session syncs.
+    failures: u32,
+    rng: StdRng,
+    out: VecDeque<Output>,
+}
+
+impl SyncMachine {
+    /// A machine ready to connect, starting from `flags` (empty, or loaded from a cache).
+    pub fn new(config: SyncConfig, flags: FlagSet, seed: u64) -> Self {
+        SyncMachine {
+            config,
+            phase: Phase::Idle,
+            flags: Arc::new(flags),
+            fetching: false,
+            failures: 0,
+            rng: StdRng::seed_from_u64(seed),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The flags held now. Cloning the `Arc` is how the driver publishes them to readers.
+    pub fn flags(&self) -> &Arc<FlagSet> {
+        &self.flags
+    }
+
+    /// Whether the machine wants a new connection now.
+    pub fn wants_connect(&self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Idle => true,
+            Phase::Backoff { until } => now >= until,
+            _ => false,
+        }
+    }
+
+    /// Whether the machine has stopped for good.
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    /// When [`SyncMachine::on_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Backoff { until } => Some(until),
+            Phase::Handshaking { deadline } => Some(deadline),
+            Phase::Live {
+                last_heard,
+                heartbeat,
+            } => Some(last_heard + heartbeat * MISSED_HEARTBEATS),
+            Phase::Idle | Phase::Stopped => None,
+        }
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// A transport is up: send Hello.
+    pub fn on_connected(&mut self, now: Instant) {
+        if !self.wants_connect(now) {
+            return;
+        }
+        self.phase = Phase::Handshaking {
+            deadline: now + self.config.handshake_timeout,
+        };
+        self.fetching = false;
+        let hello = pb::Hello {
+            protocol_version: vane_proto::PROTOCOL_VERSION,
+            sdk_key: self.config.sdk_key.clone(),
+            sdk_name: self.config.sdk_name.clone(),
+            sdk_version: self.config.sdk_version.clone(),
+            platform: self.config.platform.clone(),
+            mode: pb::DeliveryMode::Rules.into(),
+            push: self.config.push.into(),
+            selector: self.flags.selector().map(Into::into),
+            max_frame_len: 0,
+        };
+        self.transmit(hello);
+    }
+
+    /// A connection attempt failed before any transport came up.
+    pub fn on_connect_failed(&mut self, now: Instant, reason: String) {
+        if self.wants_connect(now) {
+            self.disconnect(now, DisconnectReason::Transport(reason), None);
+        }
+    }
+
+    /// The transport closed or failed. Idempotent: ignored if the machine already closed it.
+    pub fn on_disconnected(&mut self, now: Instant, reason: DisconnectReason) {
+        if matches!(self.phase, Phase::Handshaking { .. } | Phase::Live { .. }) {
+            self.disconnect(now, reason, None);
+        }
+    }
+
+    /// A deadline from [`SyncMachine::poll_timeout`] may have passed.
+    pub fn on_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Backoff { until } if now >= until => self.phase = Phase::Idle,
+            Phase::Handshaking { deadline } if now >= deadline => {
+                self.close(now, DisconnectReason::HandshakeTimeout, None);
+            }
+            Phase::Live {
+                last_heard,
+                heartbeat,
+            } if now >= last_heard + heartbeat * MISSED_HEARTBEATS => {
+                self.close(now, DisconnectReason::HeartbeatTimeout, None);
+            }
+            _ => {}
+        }
+    }
+
+    /// A frame arrived on the current connection.
+    pub fn on_frame(&mut self, now: Instant, frame: pb::Frame) {
+        let heartbeat = match self.phase {
+            Phase::Handshaking { .. } => None,
+            Phase::Live { heartbeat, .. } => Some(heartbeat),
+            // A frame after we closed: the driver will drop the connection; ignore it.
+            Phase::Idle | Phase::Backoff { .. } | Phase::Stopped => return,
+        };
+        if let Some(heartbeat) = heartbeat {
+            self.phase = Phase::Live {
+                last_heard: now,
+                heartbeat,
+            };
+        }
+        let Some(kind) = frame.kind else {
+            return; // A frame kind from a newer protocol: skip it.
+        };
+        match (kind, heartbeat) {
+            (Kind::Error(e), _) => self.on_error(now, e),
+            (Kind::GoAway(g), _) => {
+                let window = Duration::from_millis(u64::from(g.reconnect_within_ms));
+                let delay = self.rng.random_range(Duration::ZERO..=window);
+                self.close(now, DisconnectReason::GoAway(g.message), Some(delay));
+            }
+            (Kind::Welcome(w), None) => {
+                let heartbeat = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(100)));
+                self.phase = Phase::Live {
+                    last_heard: now,
+                    heartbeat,
+                };
+                self.emit(Event::Welcomed {
+                    session_id: w.session_id,
+                    environment: w.environment,
+                    heartbeat,
+                });
+            }
+            (Kind::Snapshot(s), Some(_)) => {
+                self.fetching = false;
+                let selector = s.selector.map(Selector::from);
+                match Arc::make_mut(&mut self.flags).replace(s) {
+                    Ok(changed) => self.applied(UpdateKind::Snapshot, selector, changed),
+                    Err(e) => self.protocol_error(now, e.to_string()),
+                }
+            }
+            (Kind::Delta(d), Some(_)) => self.on_delta(now, d),
+            (Kind::UpToDate(u), Some(_)) => {
+                self.fetching = false;
+                let selector = u.selector.map(Selector::from);
+                if selector.is_some() && selector == self.flags.selector() {
+                    self.applied(UpdateKind::UpToDate, selector, Vec::new());
+                } else {
+                    self.fetch();
+                }
+            }
+            (Kind::Notice(n), Some(_)) => self.fetch_unless_at(n.selector),
+            (Kind::Ping(p), Some(_)) => {
+                self.fetch_unless_at(p.selector);
+                self.ack();
+            }
+            (other, _) => {
+                let name = pb::Frame { kind: Some(other) }.kind_name();
+                self.protocol_error(now, format!("unexpected {name} frame"));
+            }
+        }
+    }
+
+    /// The driver could not decode a frame from the server.
+    pub fn on_malformed(&mut self, now: Instant, reason: String) {
+        self.protocol_error(now, reason);
+    }
+
+    fn on_delta(&mut self, now: Instant, delta: pb::Delta) {
+        let ours = self.flags.selector();
+        let same_epoch = ours.is_some_and(|s| s.epoch == delta.epoch);
+        match ours {
+            Some(s) if same_epoch && delta.from_version == s.version => {
+                self.fetching = false;
+                let to = Selector {
+                    epoch: delta.epoch,
+                    version: delta.to_version,
+                };
+                match Arc::make_mut(&mut self.flags).apply(delta) {
+                    Ok(changed) => self.applied(UpdateKind::Delta, Some(to), changed),
+                    Err(e) => self.protocol_error(now, e.to_string()),
+                }
+            }
+            // Already applied (a Fetch answer that crossed a push): nothing to do.
+            Some(s) if same_epoch && delta.to_version <= s.version => {}
+            // A gap or another epoch: never apply it; ask to be brought current instead.
+            _ => self.fetch(),
+        }
+    }
+
+    fn on_error(&mut self, now: Instant, e: pb::Error) {
+        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        let fatal = match code {
+            ErrorCode::Unauthenticated => Some(Fatal::Unauthenticated(e.message.clone())),
+            ErrorCode::PermissionDenied => Some(Fatal::PermissionDenied(e.message.clone())),
+            ErrorCode::UnsupportedVersion => Some(Fatal::UnsupportedVersion(e.message.clone())),
+            _ => None,
+        };
+        if let Some(fatal) = fatal {
+            self.phase = Phase::Stopped;
+            self.emit(Event::Stopped(fatal));
+            self.out.push_back(Output::Close);
+            return;
+        }
+        let retry_after = (e.retry_after_ms > 0).then(|| {
+            // Spread clients told the same thing over a fifth more, so they don't return in lockstep.
+            let base = Duration::from_millis(u64::from(e.retry_after_ms));
+            base + self.rng.random_range(Duration::ZERO..=base / 5)
+        });
+        let reason = DisconnectReason::Server {
+            code,
+            message: e.message,
+        };
+        self.close(now, reason, retry_after);
+    }
+
+    fn applied(&mut self, kind: UpdateKind, selector: Option<Selector>, changed: Vec<String>) {
+        self.failures = 0;
+        let Some(selector) = selector else { return };
+        self.emit(Event::Updated(Update {
+            kind,
+            selector,
+            changed,
+        }));
+        self.ack();
+    }
+
+    fn fetch_unless_at(&mut self, server: Option<pb::Selector>) {
+        if server.map(Selector::from) != self.flags.selector() {
+            self.fetch();
+        }
+    }
+
+    fn fetch(&mut self) {
+        if !self.fetching {
+            self.fetching = true;
+            self.transmit(pb::Fetch {
+                selector: self.flags.selector().map(Into::into),
+            });
+        }
+    }
+
+    fn ack(&mut self) {
+        if let Some(selector) = self.flags.selector() {
+            self.transmit(pb::Ack {
+                selector: Some(selector.into()),
+            });
+        }
+    }
+
+    fn protocol_error(&mut self, now: Instant, reason: String) {
+        self.close(now, DisconnectReason::Protocol(reason), None);
+    }
+
+    /// The machine ends the connection itself.
+    fn close(&mut self, now: Instant, reason: DisconnectReason, delay: Option<Duration>) {
+        self.disconnect(now, reason, delay);
+        self.out.push_back(Output::Close);
+    }
+
+    fn disconnect(&mut self, now: Instant, reason: DisconnectReason, delay: Option<Duration>) {
+        let delay = delay.unwrap_or_else(|| self.backoff_delay());
+        self.failures = self.failures.saturating_add(1);
+        self.phase = Phase::Backoff { until: now + delay };
+        self.fetching = false;
+        self.emit(Event::Disconnected {
+            reason,
+            reconnect_in: delay,
+        });
+    }
+
+    /// Full jitter: uniform in [0, min(max, initial × 2^failures)].
+    fn backoff_delay(&mut self) -> Duration {
+        let cap = self
+            .config
+            .backoff_initial
+            .saturating_mul(1 << self.failures.min(20))
+            .min(self.config.backoff_max);
+        self.rng.random_range(Duration::ZERO..=cap)
+    }
+
+    fn transmit(&mut self, frame: impl Into<pb::Frame>) {
+        self.out.push_back(Output::Transmit(frame.into()));
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push_back(Output::Event(event));
+    }
+}
+
+#[cfg(test)]
+mod tests;

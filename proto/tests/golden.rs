@@ -1,0 +1,196 @@
+//! Golden byte vectors: one file per frame kind in `proto/testdata/`, holding the hex of the whole
+//! length-prefixed frame. The test encodes each sample frame and compares byte for byte, and
+//! decodes each file back to the same frame. `VANE_BLESS=1 cargo test -p vane-proto` rewrites the
+//! files after a deliberate change to the encoding (which, for protocol v1, should never happen).
+
+use std::path::PathBuf;
+
+use bytes::BytesMut;
+use vane_proto::codec;
+use vane_proto::v1::*;
+
+fn sel(epoch: u64, version: u64) -> Option<Selector> {
+    Some(Selector { epoch, version })
+}
+
+fn bool_flag(key: &str, on: bool, version: u64) -> Flag {
+    let variant = |name: &str, b: bool| Variant {
+        name: name.into(),
+        value: Some(Value {
+            kind: Some(value::Kind::Bool(b)),
+        }),
+    };
+    Flag {
+        key: key.into(),
+        on,
+        variants: vec![variant("on", true), variant("off", false)],
+        off_variant: "off".into(),
+        fallthrough_variant: "on".into(),
+        version,
+        description: String::new(),
+    }
+}
+
+fn samples() -> Vec<(&'static str, Frame)> {
+    const EPOCH: u64 = 0x5eed_0000_0000_0001;
+    vec![
+        (
+            "hello",
+            Hello {
+                protocol_version: 1,
+                sdk_key: "srv_0123456789abcdef".into(),
+                sdk_name: "vane-rust".into(),
+                sdk_version: "0.1.0".into(),
+                platform: "linux-x86_64".into(),
+                mode: DeliveryMode::Rules.into(),
+                push: PushMode::Delta.into(),
+                selector: sel(EPOCH, 41),
+                max_frame_len: 0,
+            }
+            .into(),
+        ),
+        (
+            "welcome",
+            Welcome {
+                session_id: "s-1".into(),
+                heartbeat_interval_ms: 15_000,
+                max_client_frame_len: 65_536,
+                max_server_frame_len: 16_777_216,
+                server_version: "0.1.0".into(),
+                environment: "prod".into(),
+            }
+            .into(),
+        ),
+        (
+            "snapshot",
+            Snapshot {
+                selector: sel(EPOCH, 42),
+                flags: vec![
+                    bool_flag("new-checkout", true, 42),
+                    Flag {
+                        key: "banner".into(),
+                        on: false,
+                        variants: vec![Variant {
+                            name: "text".into(),
+                            value: Some(Value {
+                                kind: Some(value::Kind::String("hello".into())),
+                            }),
+                        }],
+                        off_variant: "text".into(),
+                        fallthrough_variant: "text".into(),
+                        version: 3,
+                        description: "top banner".into(),
+                    },
+                ],
+                reason: SnapshotReason::NoSelector.into(),
+            }
+            .into(),
+        ),
+        (
+            "delta",
+            Delta {
+                epoch: EPOCH,
+                from_version: 41,
+                to_version: 42,
+                upserts: vec![bool_flag("new-checkout", false, 42)],
+                deletes: vec!["old-flag".into()],
+            }
+            .into(),
+        ),
+        (
+            "notice",
+            Notice {
+                selector: sel(EPOCH, 42),
+            }
+            .into(),
+        ),
+        (
+            "fetch",
+            Fetch {
+                selector: sel(EPOCH, 41),
+            }
+            .into(),
+        ),
+        (
+            "up_to_date",
+            UpToDate {
+                selector: sel(EPOCH, 42),
+            }
+            .into(),
+        ),
+        (
+            "ping",
+            Ping {
+                selector: sel(EPOCH, 42),
+            }
+            .into(),
+        ),
+        (
+            "ack",
+            Ack {
+                selector: sel(EPOCH, 42),
+            }
+            .into(),
+        ),
+        (
+            "go_away",
+            GoAway {
+                reason: GoAwayReason::Shutdown.into(),
+                reconnect_within_ms: 5_000,
+                message: "server shutting down".into(),
+            }
+            .into(),
+        ),
+        (
+            "error",
+            Error {
+                code: ErrorCode::Initializing.into(),
+                message: "server is loading its state".into(),
+                retry_after_ms: 500,
+            }
+            .into(),
+        ),
+    ]
+}
+
+#[test]
+fn golden_vectors_match_byte_for_byte() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    let bless = std::env::var_os("VANE_BLESS").is_some();
+    for (name, frame) in samples() {
+        let path = dir.join(format!("{name}.hex"));
+        let encoded = codec::encode(&frame);
+        if bless {
+            std::fs::write(&path, format!("{}\n", hex(&encoded))).unwrap();
+        }
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with VANE_BLESS=1 once)", path.display()));
+        let golden = unhex(text.trim());
+        assert_eq!(hex(&encoded), hex(&golden), "{name}: encoding changed");
+        let mut buf = BytesMut::from(&golden[..]);
+        let decoded = codec::decode(&mut buf, codec::DEFAULT_MAX_FRAME_LEN)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: golden vector is incomplete"));
+        assert_eq!(decoded, frame, "{name}: golden vector decodes differently");
+        assert!(buf.is_empty(), "{name}: trailing bytes in golden vector");
+    }
+}
+
+#[test]
+fn every_frame_kind_has_a_vector() {
+    let mut kinds: Vec<_> = samples().iter().map(|(_, f)| f.kind_name()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    assert_eq!(kinds.len(), 11, "one sample per frame kind: {kinds:?}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}
