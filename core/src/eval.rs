@@ -76,9 +76,15 @@ mod tests {
     fn on_serves_fallthrough_off_serves_off_variant() {
         let mut flag = Flag::boolean("f", true, true);
         let e = evaluate(&flag).unwrap();
-        assert_eq!((e.value, e.variant, e.reason), (&FlagValue::Bool(true), "true", Reason::Static));
+        assert_eq!(
+            (e.value, e.variant, e.reason),
+            (&FlagValue::Bool(true), "true", Reason::Static)
+        );
         flag.on = false;
         let e = evaluate(&flag).unwrap();
-        assert_eq!((e.value, e.variant, e.reason), (&FlagValue::Bool(false), "false", Reason::Disabled));
+        assert_eq!(
+            (e.value, e.variant, e.reason),
+            (&FlagValue::Bool(false), "false", Reason::Disabled)
+        );
     }
 }

@@ -240,6 +240,9 @@ mod tests {
             epoch: 1,
             version: 5,
         });
-        assert_eq!(reason(h.catch_up(other_epoch)), pb::SnapshotReason::EpochChanged);
+        assert_eq!(
+            reason(h.catch_up(other_epoch)),
+            pb::SnapshotReason::EpochChanged
+        );
     }
 }

@@ -10,3 +10,6 @@ pub mod history;
 pub mod model;
 pub mod state;
 pub mod sync;
+pub mod wire;
+
+pub mod client;

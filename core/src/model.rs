@@ -154,7 +154,10 @@ impl Flag {
     pub fn validate(&self) -> Result<(), ValidationError> {
         validate_name("key", &self.key)?;
         if self.variants.is_empty() {
-            return Err(ValidationError::new("variants", "at least one variant is required"));
+            return Err(ValidationError::new(
+                "variants",
+                "at least one variant is required",
+            ));
         }
         if self.variants.len() > MAX_VARIANTS {
             return Err(ValidationError::new(
@@ -190,7 +193,9 @@ impl Flag {
                 Some(e) if e != ty => {
                     return Err(ValidationError::new(
                         field,
-                        format!("is {ty:?} but other variants are {e:?}; all variants share one type"),
+                        format!(
+                            "is {ty:?} but other variants are {e:?}; all variants share one type"
+                        ),
                     ));
                 }
                 Some(_) => {}
@@ -340,14 +345,17 @@ mod tests {
         assert_eq!(flag.validate().unwrap_err().field, "off_variant");
 
         let mut mixed = Flag::boolean("ok", true, true);
-        mixed.variants.insert("zzz".into(), FlagValue::String("s".into()));
+        mixed
+            .variants
+            .insert("zzz".into(), FlagValue::String("s".into()));
         assert_eq!(mixed.validate().unwrap_err().field, "variants.zzz");
 
         let bad_key = Flag::boolean("has space", true, true);
         assert_eq!(bad_key.validate().unwrap_err().field, "key");
 
         let mut null = Flag::boolean("ok", true, true);
-        null.variants.insert("n".into(), FlagValue::Json(serde_json::Value::Null));
+        null.variants
+            .insert("n".into(), FlagValue::Json(serde_json::Value::Null));
         assert_eq!(null.validate().unwrap_err().field, "variants.n");
     }
 

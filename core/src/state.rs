@@ -94,7 +94,12 @@ impl FlagSet {
             .iter()
             .filter(|(k, f)| self.flags.get(*k) != Some(*f))
             .map(|(k, _)| k.clone())
-            .chain(self.flags.keys().filter(|k| !next.contains_key(*k)).cloned())
+            .chain(
+                self.flags
+                    .keys()
+                    .filter(|k| !next.contains_key(*k))
+                    .cloned(),
+            )
             .collect();
         changed.sort_unstable();
         self.flags = next;

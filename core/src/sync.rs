@@ -119,6 +119,21 @@ pub enum DisconnectReason {
     Protocol(String),
 }
 
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DisconnectReason::Transport(e) => write!(f, "transport: {e}"),
+            DisconnectReason::HandshakeTimeout => f.write_str("no Welcome from the server in time"),
+            DisconnectReason::HeartbeatTimeout => f.write_str("no heartbeat from the server"),
+            DisconnectReason::GoAway(m) => write!(f, "server going away: {m}"),
+            DisconnectReason::Server { code, message } => {
+                write!(f, "server error {}: {message}", code.as_str_name())
+            }
+            DisconnectReason::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
 /// Something the driver should publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -215,6 +230,11 @@ impl SyncMachine {
         }
     }
 
+    /// Whether a connection is up (handshaking or live).
+    pub fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::Handshaking { .. } | Phase::Live { .. })
+    }
+
     /// Whether the machine has stopped for good.
     pub fn is_stopped(&self) -> bool {
         self.phase == Phase::Stopped
@@ -270,7 +290,7 @@ impl SyncMachine {
 
     /// The transport closed or failed. Idempotent: ignored if the machine already closed it.
     pub fn on_disconnected(&mut self, now: Instant, reason: DisconnectReason) {
-        if matches!(self.phase, Phase::Handshaking { .. } | Phase::Live { .. }) {
+        if self.is_connected() {
             self.disconnect(now, reason, None);
         }
     }

@@ -110,9 +110,17 @@ mod tests {
         let bytes = encode(&ack(42));
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
-            assert!(decode(&mut buf, 1024).expect("a prefix is not malformed").is_none());
+            assert!(
+                decode(&mut buf, 1024)
+                    .expect("a prefix is not malformed")
+                    .is_none()
+            );
             assert_eq!(buf.len(), cut, "need-more-bytes leaves the buffer alone");
-            let expect = if cut < PREFIX_LEN { PREFIX_LEN - cut } else { bytes.len() - cut };
+            let expect = if cut < PREFIX_LEN {
+                PREFIX_LEN - cut
+            } else {
+                bytes.len() - cut
+            };
             assert_eq!(wanted(&buf), expect);
         }
         let mut buf = BytesMut::from(&bytes[..]);
@@ -140,7 +148,10 @@ mod tests {
     fn garbage_body_is_malformed() {
         // Field 1, wire type 2 (length-delimited), length 10, but only 2 bytes follow.
         let mut buf = BytesMut::from(&[0, 0, 0, 4, 0x0a, 0x0a, 0x01, 0x02][..]);
-        assert!(matches!(decode(&mut buf, 1024), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -160,7 +171,9 @@ mod tests {
         let mut body = Vec::new();
         ack(1).encode(&mut body).unwrap();
         // Append an unknown field 15 inside the Ack: rebuild by hand.
-        let Some(Kind::Ack(a)) = ack(1).kind else { unreachable!() };
+        let Some(Kind::Ack(a)) = ack(1).kind else {
+            unreachable!()
+        };
         let mut inner = a.encode_to_vec();
         inner.extend_from_slice(&[0x78, 0x01]);
         let mut framed = vec![0x4a, inner.len() as u8];

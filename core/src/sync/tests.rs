@@ -70,7 +70,10 @@ impl Pair {
     }
 
     fn connect(&mut self) {
-        assert!(self.client.wants_connect(self.now), "client does not want to connect yet");
+        assert!(
+            self.client.wants_connect(self.now),
+            "client does not want to connect yet"
+        );
         self.link = Some(Link {
             to_client: VecDeque::new(),
             to_server: VecDeque::new(),
@@ -160,7 +163,8 @@ impl Pair {
     /// The transport breaks under both sides.
     fn cut(&mut self) {
         self.link = None;
-        self.client.on_disconnected(self.now, DisconnectReason::Transport("reset".into()));
+        self.client
+            .on_disconnected(self.now, DisconnectReason::Transport("reset".into()));
         self.run();
     }
 
@@ -247,7 +251,10 @@ fn reconnect_resumes_by_delta() {
     let u = p.last_update();
     assert_eq!(u.kind, UpdateKind::Delta);
     assert_eq!(u.changed, vec!["a"]);
-    assert_eq!(p.client_saw, vec!["Welcome", "Snapshot", "Welcome", "Delta"]);
+    assert_eq!(
+        p.client_saw,
+        vec!["Welcome", "Snapshot", "Welcome", "Delta"]
+    );
     assert_eq!(p.client_value("a"), Some(false));
 }
 
@@ -311,7 +318,11 @@ fn a_delta_with_a_gap_is_not_applied_and_triggers_fetch() {
     p.push(gap.into());
     let u = p.last_update();
     assert_eq!((u.kind, u.selector.version), (UpdateKind::Delta, 3));
-    assert_eq!(u.changed, vec!["a", "b"], "one merged delta from the client's own version");
+    assert_eq!(
+        u.changed,
+        vec!["a", "b"],
+        "one merged delta from the client's own version"
+    );
     assert!(p.server_saw.contains(&"Fetch"));
     assert_eq!(p.client_value("a"), Some(false));
 }
@@ -365,7 +376,10 @@ fn every_frame_pushes_the_heartbeat_deadline() {
     p.connect();
     p.now += HEARTBEAT * 2;
     p.ping();
-    assert_eq!(p.client.poll_timeout(), Some(p.now + HEARTBEAT * MISSED_HEARTBEATS));
+    assert_eq!(
+        p.client.poll_timeout(),
+        Some(p.now + HEARTBEAT * MISSED_HEARTBEATS)
+    );
 }
 
 #[test]
@@ -407,7 +421,10 @@ fn backoff_is_full_jitter_under_a_doubling_cap() {
         delays.push(delay);
         p.fire_timer();
     }
-    assert!(delays.iter().any(|d| *d > Duration::from_millis(400)), "caps grow: {delays:?}");
+    assert!(
+        delays.iter().any(|d| *d > Duration::from_millis(400)),
+        "caps grow: {delays:?}"
+    );
     let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
     assert!(distinct.len() > 6, "delays are jittered: {delays:?}");
 }
@@ -460,7 +477,10 @@ fn auth_failure_stops_for_good() {
     });
     p.connect();
     assert!(p.client.is_stopped());
-    assert!(matches!(p.events.last(), Some(Event::Stopped(Fatal::Unauthenticated(_)))));
+    assert!(matches!(
+        p.events.last(),
+        Some(Event::Stopped(Fatal::Unauthenticated(_)))
+    ));
     assert_eq!(p.client.poll_timeout(), None);
     p.now += Duration::from_secs(3600);
     assert!(!p.client.wants_connect(p.now));

@@ -1,0 +1,179 @@
+//! The task that runs the sync machine: dials when it wants a connection, feeds it frames and
+//! deadlines, writes what it transmits, and publishes what it emits.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::ReadHalf;
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use vane_proto::codec::DEFAULT_MAX_FRAME_LEN;
+
+use super::connect::{Connected, Connector, Duplex};
+use super::{ConnectionState, Shared, Transport};
+use crate::sync::{DisconnectReason, Event, Output, SyncMachine};
+use crate::wire::{FrameReader, ReadError, write_frame};
+
+pub(super) async fn run(
+    mut machine: SyncMachine,
+    mut connector: Connector,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        drain_offline(&mut machine, &shared);
+        if machine.is_stopped() || cancel.is_cancelled() {
+            break;
+        }
+        if !machine.wants_connect(Instant::now()) {
+            let Some(at) = machine.poll_timeout() else {
+                break;
+            };
+            tokio::select! {
+                _ = sleep_until(at.into()) => machine.on_timeout(Instant::now()),
+                _ = cancel.cancelled() => break,
+            }
+            continue;
+        }
+        shared
+            .status
+            .send_modify(|s| s.state = ConnectionState::Connecting);
+        let conn = tokio::select! {
+            r = connector.connect() => r,
+            _ = cancel.cancelled() => break,
+        };
+        match conn {
+            Ok(conn) => {
+                debug!(transport = %conn.transport, "connected");
+                machine.on_connected(Instant::now());
+                session(&mut machine, conn, &shared, &cancel).await;
+            }
+            Err(e) => machine.on_connect_failed(Instant::now(), e),
+        }
+    }
+    shared.status.send_modify(|s| {
+        s.state = ConnectionState::Stopped;
+        s.transport = None;
+    });
+}
+
+/// Runs one connection until the machine closes it, the transport fails, or the client is closed.
+async fn session(
+    machine: &mut SyncMachine,
+    conn: Connected,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) {
+    let transport = conn.transport;
+    let Connected { stream, quic, .. } = conn;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+    loop {
+        while let Some(out) = machine.poll_output() {
+            match out {
+                Output::Transmit(frame) => {
+                    if let Err(e) = write_frame(&mut wr, &frame).await {
+                        machine.on_disconnected(
+                            Instant::now(),
+                            DisconnectReason::Transport(e.to_string()),
+                        );
+                    }
+                }
+                Output::Event(event) => publish(shared, event, Some(transport), machine),
+                Output::Close => {}
+            }
+        }
+        if !machine.is_connected() || cancel.is_cancelled() {
+            break;
+        }
+        let deadline = machine.poll_timeout().map(tokio::time::Instant::from);
+        tokio::select! {
+            r = read(&mut reader, &mut rd) => {
+                let now = Instant::now();
+                match r {
+                    Ok(Some(frame)) => machine.on_frame(now, frame),
+                    Ok(None) => machine.on_disconnected(now, DisconnectReason::Transport("server closed the connection".into())),
+                    Err(ReadError::Decode(e)) => machine.on_malformed(now, e.to_string()),
+                    Err(ReadError::Io(e)) => machine.on_disconnected(now, DisconnectReason::Transport(e.to_string())),
+                }
+            }
+            _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                machine.on_timeout(Instant::now());
+            }
+            _ = cancel.cancelled() => break,
+        }
+    }
+    Connected {
+        stream: rd.unsplit(wr),
+        transport,
+        quic,
+    }
+    .close();
+}
+
+async fn read(
+    reader: &mut FrameReader,
+    rd: &mut ReadHalf<Box<dyn Duplex>>,
+) -> Result<Option<vane_proto::v1::Frame>, ReadError> {
+    reader.read(rd).await
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400)
+}
+
+/// Publishes events that arrive while no connection is up (backoff expiry, connect failures).
+fn drain_offline(machine: &mut SyncMachine, shared: &Shared) {
+    while let Some(out) = machine.poll_output() {
+        if let Output::Event(event) = out {
+            publish(shared, event, None, machine);
+        }
+    }
+}
+
+fn publish(shared: &Shared, event: Event, transport: Option<Transport>, machine: &SyncMachine) {
+    match event {
+        Event::Welcomed {
+            session_id,
+            environment,
+            ..
+        } => {
+            info!(%session_id, %environment, ?transport, "session established");
+            shared.status.send_modify(|s| {
+                s.state = ConnectionState::Connected;
+                s.transport = transport;
+            });
+        }
+        Event::Updated(update) => {
+            // Flags first, so a listener woken by the update reads the new values.
+            *shared.flags.write() = machine.flags().clone();
+            shared.status.send_modify(|s| {
+                s.initialized = true;
+                s.selector = Some(update.selector);
+            });
+            let _ = shared.updates.send(update);
+        }
+        Event::Disconnected {
+            reason,
+            reconnect_in,
+        } => {
+            let text = reason.to_string();
+            debug!(reason = %text, ?reconnect_in, "disconnected");
+            shared.status.send_modify(|s| {
+                s.state = ConnectionState::Disconnected;
+                s.transport = None;
+                s.last_error = Some(text);
+            });
+        }
+        Event::Stopped(fatal) => {
+            warn!(error = %fatal, "stopped: the server rejected this client");
+            shared.status.send_modify(|s| {
+                s.state = ConnectionState::Stopped;
+                s.transport = None;
+                s.last_error = Some(fatal.to_string());
+                s.fatal = Some(fatal);
+            });
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The Rust client: a tokio task drives the [`crate::sync::SyncMachine`] over QUIC or TCP+TLS,
+//! and the [`Client`] handle reads flags from memory without touching the network.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), vane_core::client::ClientError> {
+//! use std::time::Duration;
+//! use vane_core::client::{Client, ClientConfig};
+//!
+//! let ca = std::fs::read("vane-data/tls/ca.pem").expect("CA file");
+//! let client = Client::start(ClientConfig::new("127.0.0.1:7443", "vane_srv_…", ca))?;
+//! client.wait_for_initialization(Duration::from_secs(5)).await?;
+//! if client.bool_value("new-checkout", false) {
+//!     // …
+//! }
+//! let mut updates = client.subscribe();
+//! while let Ok(update) = updates.recv().await {
+//!     println!("{:?} changed {:?}", update.kind, update.changed);
+//! }
+//! # Ok(()) }
+//! ```
+
+mod connect;
+mod driver;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vane_proto::v1::PushMode;
+
+use crate::eval::{Reason, evaluate};
+use crate::model::FlagValue;
+use crate::state::{FlagSet, Selector};
+use crate::sync::{Fatal, SyncConfig, SyncMachine, Update};
+
+pub use connect::Duplex;
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportPreference {
+    /// QUIC first, TCP+TLS raced after a head start; the winner is kept.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TCP+TLS only.
+    Tcp,
+}
+
+/// The transport a session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC over UDP.
+    Quic,
+    /// TLS 1.3 over TCP.
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        })
+    }
+}
+
+/// Where the connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    /// Dialling or handshaking.
+    Connecting,
+    /// A session is live.
+    Connected,
+    /// Waiting to reconnect.
+    Disconnected,
+    /// Stopped: closed by the application, or rejected by the server (see [`Status::fatal`]).
+    Stopped,
+}
+
+/// A snapshot of the client's state, as published to [`Client::status`] watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The connection state.
+    pub state: ConnectionState,
+    /// The transport of the live session, if any.
+    pub transport: Option<Transport>,
+    /// Where the flags stand.
+    pub selector: Option<Selector>,
+    /// Whether flags have been received at least once.
+    pub initialized: bool,
+    /// Why the most recent connection ended or attempt failed; kept after a reconnect, so it
+    /// reads as history, not as the current state (that is `state`).
+    pub last_error: Option<String>,
+    /// Why the client stopped, if the server rejected it.
+    pub fatal: Option<Fatal>,
+}
+
+/// Errors from the client API.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The configuration cannot work (bad endpoint, CA PEM, server name).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The server rejected the client; it will not retry.
+    #[error("rejected by the server: {0}")]
+    Rejected(#[from] Fatal),
+    /// No flags arrived in time; the client keeps trying in the background.
+    #[error("not initialized within {waited:?}{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Timeout {
+        /// How long the caller waited.
+        waited: Duration,
+        /// Why the last connection attempt failed, if one did.
+        last_error: Option<String>,
+    },
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// Everything [`Client::start`] needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT` of the server's protocol listener (QUIC and TCP share the port).
+    pub endpoint: String,
+    /// PEM of the certificate(s) to trust (the server's `tls/ca.pem`).
+    pub ca_pem: Vec<u8>,
+    /// The name to verify the server's certificate against; defaults to the endpoint's host.
+    pub server_name: Option<String>,
+    /// QUIC, TCP, or both raced.
+    pub transport: TransportPreference,
+    /// How long QUIC runs alone before TCP joins the race.
+    pub quic_head_start: Duration,
+    /// How long a network where TCP beat QUIC goes straight to TCP.
+    pub quic_retry_after: Duration,
+    /// Limit for one transport's handshake.
+    pub connect_timeout: Duration,
+    /// Key, SDK identity, push mode and backoff.
+    pub sync: SyncConfig,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the endpoint, key and trusted CA.
+    pub fn new(
+        endpoint: impl Into<String>,
+        sdk_key: impl Into<String>,
+        ca_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        ClientConfig {
+            endpoint: endpoint.into(),
+            ca_pem: ca_pem.into(),
+            server_name: None,
+            transport: TransportPreference::Auto,
+            quic_head_start: Duration::from_millis(250),
+            quic_retry_after: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            sync: SyncConfig::new(sdk_key),
+        }
+    }
+
+    /// Ask for Notice frames instead of pushed deltas; the client fetches after each.
+    pub fn notify_mode(mut self) -> Self {
+        self.sync.push = PushMode::Notify;
+        self
+    }
+}
+
+/// A flag's value with the variant and reason that produced it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Details {
+    /// The value served.
+    pub value: FlagValue,
+    /// The variant's name.
+    pub variant: String,
+    /// Why it was served.
+    pub reason: Reason,
+}
+
+/// State shared between the handle and the driver task.
+#[derive(Debug)]
+struct Shared {
+    flags: RwLock<Arc<FlagSet>>,
+    status: watch::Sender<Status>,
+    updates: broadcast::Sender<Update>,
+}
+
+/// A connected client. Cheap reads; the connection lives in a background task that stops when
+/// the client is closed or dropped.
+#[derive(Debug)]
+pub struct Client {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+    /// Subscribed at start, handed to the first `subscribe` call, so it misses nothing.
+    first_updates: Mutex<Option<broadcast::Receiver<Update>>>,
+}
+
+impl Client {
+    /// Validates `config` and starts connecting in the background. Must be called inside a tokio
+    /// runtime.
+    pub fn start(config: ClientConfig) -> Result<Client, ClientError> {
+        let connector = connect::Connector::new(&config)?;
+        let machine = SyncMachine::new(config.sync, FlagSet::default(), rand::random());
+        let (status, _) = watch::channel(Status {
+            state: ConnectionState::Connecting,
+            transport: None,
+            selector: None,
+            initialized: false,
+            last_error: None,
+            fatal: None,
+        });
+        let (updates, first_updates) = broadcast::channel(256);
+        let shared = Arc::new(Shared {
+            flags: RwLock::new(machine.flags().clone()),
+            status,
+            updates,
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(driver::run(
+            machine,
+            connector,
+            shared.clone(),
+            cancel.clone(),
+        ));
+        Ok(Client {
+            shared,
+            cancel,
+            task: Mutex::new(Some(task)),
+            first_updates: Mutex::new(Some(first_updates)),
+        })
+    }
+
+    /// Waits until flags have arrived, the server rejected the client, or `timeout` passed.
+    pub async fn wait_for_initialization(&self, timeout: Duration) -> Result<(), ClientError> {
+        let mut rx = self.shared.status.subscribe();
+        let done = |s: &Status| s.initialized || s.state == ConnectionState::Stopped;
+        match tokio::time::timeout(timeout, rx.wait_for(done)).await {
+            Ok(Ok(s)) if s.initialized => Ok(()),
+            Ok(Ok(s)) => Err(s
+                .fatal
+                .clone()
+                .map_or(ClientError::Closed, ClientError::Rejected)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout {
+                waited: timeout,
+                last_error: self.status().last_error,
+            }),
+        }
+    }
+
+    /// The flags held now.
+    pub fn flags(&self) -> Arc<FlagSet> {
+        self.shared.flags.read().clone()
+    }
+
+    /// Evaluates `key`; `None` if there is no such flag.
+    pub fn details(&self, key: &str) -> Option<Details> {
+        let flags = self.shared.flags.read();
+        let e = evaluate(flags.get(key)?)?;
+        Some(Details {
+            value: e.value.clone(),
+            variant: e.variant.to_owned(),
+            reason: e.reason,
+        })
+    }
+
+    fn typed<T>(&self, key: &str, pick: impl FnOnce(&FlagValue) -> Option<T>) -> Option<T> {
+        let flags = self.shared.flags.read();
+        pick(evaluate(flags.get(key)?)?.value)
+    }
+
+    /// The boolean value of `key`, or `default` if it is missing or not a boolean.
+    pub fn bool_value(&self, key: &str, default: bool) -> bool {
+        self.typed(key, |v| match v {
+            FlagValue::Bool(b) => Some(*b),
+            _ => None,
+        })
+        .unwrap_or(default)
+    }
+
+    /// The string value of `key`, or `default`.
+    pub fn string_value(&self, key: &str, default: &str) -> String {
+        self.typed(key, |v| match v {
+            FlagValue::String(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| default.to_owned())
+    }
+
+    /// The numeric value of `key`, or `default`.
+    pub fn number_value(&self, key: &str, default: f64) -> f64 {
+        self.typed(key, |v| match v {
+            FlagValue::Number(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(default)
+    }
+
+    /// The JSON value of `key`, or `default`.
+    pub fn json_value(&self, key: &str, default: serde_json::Value) -> serde_json::Value {
+        self.typed(key, |v| match v {
+            FlagValue::Json(j) => Some(j.clone()),
+            _ => None,
+        })
+        .unwrap_or(default)
+    }
+
+    /// Applied updates. The first call's receiver has every update since [`Client::start`];
+    /// later calls see updates from the moment they subscribe. A receiver that falls more than
+    /// 256 updates behind gets `Lagged` and should re-read [`Client::flags`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Update> {
+        self.first_updates
+            .lock()
+            .take()
+            .unwrap_or_else(|| self.shared.updates.subscribe())
+    }
+
+    /// The current connection state, transport and selector.
+    pub fn status(&self) -> Status {
+        self.shared.status.borrow().clone()
+    }
+
+    /// A watcher of [`Client::status`].
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.shared.status.subscribe()
+    }
+
+    /// Closes the connection and stops the background task.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        let task = self.task.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

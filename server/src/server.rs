@@ -1,0 +1,413 @@
+//! Binding and running the server: `Server::bind` prepares the data directory and opens every
+//! socket (so callers learn the addresses, including ephemeral ports); `Server::run` serves until
+//! the shutdown future resolves, then drains sessions with GoAway and closes the store.
+
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use vane_core::client::Transport;
+
+use crate::control::Control;
+use crate::hub::Hub;
+use crate::session::{self, SessionConfig};
+use crate::store::Store;
+use crate::{http, tls};
+
+/// Everything `vane serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Holds `vane.db`, `tls/` and `admin-token`.
+    pub data_dir: PathBuf,
+    /// The protocol address: TLS on TCP and QUIC on UDP, same port.
+    pub listen: SocketAddr,
+    /// The HTTP address (admin API, SDK endpoints, health, metrics).
+    pub http: SocketAddr,
+    /// Whether to serve QUIC as well as TCP+TLS.
+    pub quic: bool,
+    /// Changes kept per environment for resumption by delta.
+    pub history_window: usize,
+    /// Most concurrent protocol connections; more are refused.
+    pub max_connections: usize,
+    /// How long shutdown waits for sessions to leave after GoAway.
+    pub drain_timeout: Duration,
+    /// Create the `demo` environment with a few flags and a server key.
+    pub demo: bool,
+    /// Per-session settings.
+    pub session: SessionConfig,
+}
+
+impl ServerConfig {
+    /// The defaults of `vane serve`, with `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            quic: true,
+            history_window: 1000,
+            max_connections: 100_000,
+            drain_timeout: Duration::from_secs(10),
+            demo: false,
+            session: SessionConfig {
+                heartbeat: Duration::from_secs(15),
+                hello_timeout: Duration::from_secs(10),
+                write_timeout: Duration::from_secs(10),
+                goaway_window: Duration::from_secs(5),
+                max_client_frame_len: vane_proto::codec::DEFAULT_MAX_CLIENT_FRAME_LEN,
+            },
+        }
+    }
+}
+
+/// A bound server, ready to [`Server::run`].
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    control: Arc<Control>,
+    tls: Arc<rustls::ServerConfig>,
+    tcp: TcpListener,
+    quic: Option<quinn::Endpoint>,
+    http: TcpListener,
+    admin_token: String,
+    created_token: bool,
+}
+
+/// What sessions share.
+#[derive(Debug)]
+struct Ctx {
+    hub: Arc<Hub>,
+    session: SessionConfig,
+    shutdown: CancellationToken,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Prepares the data directory (database, TLS material, admin token) and binds every socket.
+    pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+        if tls::ensure(dir)? {
+            info!(ca = %dir.join("tls/ca.pem").display(), "generated a private CA and server certificate");
+        }
+        let tls = tls::server_config(dir)?;
+        let (admin_token, created_token) = admin_token(dir)?;
+        let store = Store::open(&dir.join("vane.db")).context("opening the store")?;
+        let control = Control::new(store, Arc::new(Hub::new(config.history_window)));
+
+        let (tcp, quic) = bind_protocol(
+            config.listen,
+            config.quic.then(|| tls.clone()),
+            &config.session,
+        )?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http))?;
+        Ok(Server {
+            config,
+            control,
+            tls,
+            tcp,
+            quic,
+            http,
+            admin_token,
+            created_token,
+        })
+    }
+
+    /// The protocol address (TCP, and UDP when QUIC is on).
+    pub fn protocol_addr(&self) -> SocketAddr {
+        self.tcp
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The admin API token.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Whether this start created the admin token (so it should be shown).
+    pub fn created_token(&self) -> bool {
+        self.created_token
+    }
+
+    /// The PEM clients should trust.
+    pub fn ca_path(&self) -> PathBuf {
+        self.config.data_dir.join("tls").join("ca.pem")
+    }
+
+    /// Serves until `shutdown` resolves; then every session gets GoAway, listeners close, and
+    /// the store is flushed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server {
+            config,
+            control,
+            tls,
+            tcp,
+            quic,
+            http,
+            admin_token,
+            ..
+        } = self;
+        let cancel = CancellationToken::new();
+        let ctx = Arc::new(Ctx {
+            hub: control.hub().clone(),
+            session: config.session.clone(),
+            shutdown: cancel.clone(),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            tracker: TaskTracker::new(),
+        });
+        let acceptors = TaskTracker::new();
+        acceptors.spawn(accept_tcp(
+            tcp,
+            tokio_rustls::TlsAcceptor::from(tls),
+            ctx.clone(),
+        ));
+        if let Some(endpoint) = quic.clone() {
+            acceptors.spawn(accept_quic(endpoint, ctx.clone()));
+        }
+        let app = http::router(control.clone(), admin_token);
+        let http_task = tokio::spawn(
+            axum::serve(http, app)
+                .with_graceful_shutdown(cancel.clone().cancelled_owned())
+                .into_future(),
+        );
+
+        // Sessions that arrive before this completes are told INITIALIZING.
+        if let Err(e) = control.load().await {
+            cancel.cancel();
+            return Err(e).context("loading state from the store");
+        }
+        info!(
+            protocol = %config.listen,
+            quic = config.quic,
+            envs = control.hub().envs().len(),
+            "ready"
+        );
+        if config.demo {
+            crate::demo::seed(&control, &config.data_dir).await?;
+        }
+
+        shutdown.await;
+        info!("shutting down: sending GoAway to every session");
+        cancel.cancel();
+        acceptors.close();
+        acceptors.wait().await;
+        ctx.tracker.close();
+        if timeout(config.drain_timeout, ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(after = ?config.drain_timeout, "sessions still open after the drain timeout; closing them");
+        }
+        if let Some(endpoint) = quic {
+            endpoint.close(0u32.into(), b"server shutdown");
+            let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+        match http_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "HTTP server ended with an error"),
+            Err(e) => warn!(error = %e, "HTTP server task failed"),
+        }
+        control.close().await.context("closing the store")?;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Reads `dir/admin-token`, creating it (mode 0600) on first start.
+fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
+    let path = dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok((token.trim().to_owned(), false)),
+        Ok(_) => anyhow::bail!(
+            "{} is empty; delete it to have a new token made",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = format!("vane_adm_{}", hex::encode(rand::random::<[u8; 24]>()));
+            tls::write_private(&path, format!("{token}\n").as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok((token, true))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Binds TCP and (optionally) UDP on one port. With port 0, retries until the kernel's choice
+/// for TCP is free on UDP too.
+fn bind_protocol(
+    addr: SocketAddr,
+    quic_tls: Option<Arc<rustls::ServerConfig>>,
+    session: &SessionConfig,
+) -> anyhow::Result<(TcpListener, Option<quinn::Endpoint>)> {
+    let attempts = if addr.port() == 0 { 50 } else { 1 };
+    let mut last_err = None;
+    for _ in 0..attempts {
+        let std_tcp =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding TCP on {addr}"))?;
+        std_tcp.set_nonblocking(true)?;
+        let port = std_tcp.local_addr()?.port();
+        let Some(tls) = &quic_tls else {
+            return Ok((TcpListener::from_std(std_tcp)?, None));
+        };
+        match UdpSocket::bind(SocketAddr::new(addr.ip(), port)) {
+            Ok(udp) => {
+                let endpoint = quic_endpoint(udp, tls.clone(), session)?;
+                return Ok((TcpListener::from_std(std_tcp)?, Some(endpoint)));
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.map_or_else(|| anyhow::anyhow!("no port"), anyhow::Error::from))
+        .with_context(|| format!("binding UDP for QUIC on {addr}"))
+}
+
+fn quic_endpoint(
+    socket: UdpSocket,
+    tls: Arc<rustls::ServerConfig>,
+    session: &SessionConfig,
+) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // One bidirectional stream carries the session; the client opens nothing else.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    let idle = session.heartbeat * (vane_core::sync::MISSED_HEARTBEATS + 1);
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle)?));
+    config.transport_config(Arc::new(transport));
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    Ok(quinn::Endpoint::new(
+        Default::default(),
+        Some(config),
+        socket,
+        runtime,
+    )?)
+}
+
+async fn accept_tcp(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Ctx>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (sock, peer) = match accepted {
+            Ok(ok) => {
+                backoff = Duration::from_millis(5);
+                ok
+            }
+            Err(e) => {
+                // Typically out of file descriptors: wait for some to free up.
+                warn!(error = %e, ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+            debug!(%peer, "connection limit reached; refusing");
+            continue;
+        };
+        let (acceptor, c) = (acceptor.clone(), ctx.clone());
+        ctx.tracker.spawn(async move {
+            let _slot = slot;
+            serve_tcp(sock, peer, acceptor, &c).await;
+        });
+    }
+}
+
+async fn serve_tcp(
+    sock: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: &Ctx,
+) {
+    let _ = sock.set_nodelay(true);
+    let mut stream = match timeout(ctx.session.hello_timeout, acceptor.accept(sock)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+    };
+    session::run(
+        &mut stream,
+        Transport::Tcp,
+        &ctx.hub,
+        &ctx.session,
+        &ctx.shutdown,
+    )
+    .await;
+}
+
+async fn accept_quic(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+            debug!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let c = ctx.clone();
+        ctx.tracker.spawn(async move {
+            let _slot = slot;
+            serve_quic(incoming, &c).await;
+        });
+    }
+}
+
+async fn serve_quic(incoming: quinn::Incoming, ctx: &Ctx) {
+    let peer = incoming.remote_address();
+    let limit = ctx.session.hello_timeout;
+    let conn = match timeout(limit, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC handshake failed"),
+        Err(_) => return debug!(%peer, "QUIC handshake timed out"),
+    };
+    let (send, recv) = match timeout(limit, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "no session stream"),
+        Err(_) => {
+            conn.close(0u32.into(), b"no session stream");
+            return debug!(%peer, "no session stream in time");
+        }
+    };
+    let mut stream = tokio::io::join(recv, send);
+    session::run(
+        &mut stream,
+        Transport::Quic,
+        &ctx.hub,
+        &ctx.session,
+        &ctx.shutdown,
+    )
+    .await;
+    // The stream is finished; give the client a moment to read the last frame (Error, GoAway)
+    // and close the connection itself, so that frame is not discarded by an abrupt close.
+    let _ = timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(0u32.into(), b"session ended");
+}

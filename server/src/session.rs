@@ -1,0 +1,388 @@
+//! One client session, on any byte stream (a QUIC bidirectional stream or a TLS connection):
+//! Hello → Welcome → catch-up, then pushes, pings and the client's Acks and Fetches until one
+//! side leaves.
+//!
+//! Every way a session ends is logged with its reason, and every error the client caused is
+//! answered with an `Error` frame first. Writes are bounded by a timeout: a client that stops
+//! reading is dropped instead of holding memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use vane_core::client::Transport;
+use vane_core::state::Selector;
+use vane_core::wire::{FrameReader, ReadError, write_encoded};
+use vane_proto::codec::{self, DecodeError};
+use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
+
+use crate::hub::{EnvHub, Grant, Hub, Published};
+use crate::store::KeyKind;
+
+/// Per-session settings, from the server configuration.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Interval between Pings; a client silent for three of them is dropped.
+    pub heartbeat: Duration,
+    /// How long a new connection has to send Hello.
+    pub hello_timeout: Duration,
+    /// How long one write may block before the session is dropped as not reading.
+    pub write_timeout: Duration,
+    /// Clients reconnect at a random moment within this window after a GoAway.
+    pub goaway_window: Duration,
+    /// Largest frame accepted from a client.
+    pub max_client_frame_len: usize,
+}
+
+/// How a session ended, for the log.
+#[derive(Debug)]
+enum End {
+    /// The client closed the stream.
+    ClientClosed,
+    /// The transport failed.
+    Transport(String),
+    /// The session was refused or ended with this error frame, sent to the client.
+    Error(ErrorCode, String),
+    /// The server is shutting down; GoAway was sent.
+    Shutdown,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => f.write_str("client closed the stream"),
+            End::Transport(e) => write!(f, "transport: {e}"),
+            End::Error(code, message) => write!(f, "{}: {message}", code.as_str_name()),
+            End::Shutdown => f.write_str("server shutdown"),
+        }
+    }
+}
+
+fn frame_error(code: ErrorCode, message: impl Into<String>, retry_after: Duration) -> pb::Frame {
+    pb::Error {
+        code: code.into(),
+        message: message.into(),
+        retry_after_ms: ms(retry_after),
+    }
+    .into()
+}
+
+fn ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Runs a session to its end. The caller closes the transport afterwards.
+pub async fn run<S>(
+    stream: &mut S,
+    transport: Transport,
+    hub: &Hub,
+    config: &SessionConfig,
+    shutdown: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let id = hub.next_session_id();
+    let _counted = hub.count_session(transport);
+    let (rd, wr) = tokio::io::split(stream);
+    let mut s = Session {
+        id,
+        rd,
+        wr,
+        reader: FrameReader::new(config.max_client_frame_len),
+        config,
+        env: None,
+    };
+    let end = s.serve(hub, shutdown).await;
+    if let Some(env) = &s.env {
+        env.session_ended(id);
+    }
+    match &end {
+        // Clients come and go all the time (mobile networks especially): not worth an info line.
+        End::ClientClosed | End::Shutdown | End::Transport(_) => {
+            debug!(session = id, %transport, reason = %end, "session ended")
+        }
+        End::Error(..) => {
+            warn!(session = id, %transport, reason = %end, "session ended with an error")
+        }
+    }
+    if let End::Error(code, message) = end {
+        let frame = frame_error(code, message, retry_after_for(code));
+        let _ = timeout(
+            config.write_timeout,
+            write_encoded(&mut s.wr, &codec::encode(&frame)),
+        )
+        .await;
+    }
+    let _ = timeout(config.write_timeout, s.wr.shutdown()).await;
+}
+
+fn retry_after_for(code: ErrorCode) -> Duration {
+    match code {
+        ErrorCode::Initializing | ErrorCode::EnvironmentNotReady => Duration::from_secs(1),
+        _ => Duration::ZERO,
+    }
+}
+
+struct Session<'a, R, W> {
+    id: u64,
+    rd: R,
+    wr: W,
+    reader: FrameReader,
+    config: &'a SessionConfig,
+    env: Option<Arc<EnvHub>>,
+}
+
+impl<R, W> Session<'_, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    async fn serve(&mut self, hub: &Hub, shutdown: &CancellationToken) -> End {
+        let hello = match timeout(self.config.hello_timeout, self.reader.read(&mut self.rd)).await {
+            Err(_) => return End::Error(ErrorCode::Timeout, "no Hello in time".into()),
+            Ok(r) => match self.frame(r) {
+                Ok(Some(Kind::Hello(h))) => h,
+                Ok(other) => return violation(other.as_ref(), "Hello"),
+                Err(end) => return end,
+            },
+        };
+        let (grant, env) = match authorize(hub, &hello) {
+            Ok(ok) => ok,
+            Err(end) => return end,
+        };
+        self.env = Some(env.clone());
+        let push = hello.push();
+        debug!(session = self.id, env = env.name(), sdk = %hello.sdk_name, version = %hello.sdk_version, "hello");
+
+        // Subscribe before catching up: a change committed in between is then either in the
+        // catch-up or seen as a change, never lost.
+        let mut changes = env.subscribe();
+        let welcome: pb::Frame = pb::Welcome {
+            session_id: format!("{:x}", self.id),
+            heartbeat_interval_ms: ms(self.config.heartbeat),
+            max_client_frame_len: u32::try_from(self.config.max_client_frame_len)
+                .unwrap_or(u32::MAX),
+            max_server_frame_len: u32::try_from(codec::DEFAULT_MAX_FRAME_LEN).unwrap_or(u32::MAX),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            environment: env.name().to_owned(),
+        }
+        .into();
+        if let Err(end) = self.send(&codec::encode(&welcome)).await {
+            return end;
+        }
+        let mut sent = match self
+            .catch_up(&env, hello.selector.map(Selector::from))
+            .await
+        {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        let mut announced = sent;
+
+        let start = Instant::now() + self.config.heartbeat;
+        let mut ping = interval_at(start, self.config.heartbeat);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let silence_limit = self.config.heartbeat * vane_core::sync::MISSED_HEARTBEATS;
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let go_away: pb::Frame = pb::GoAway {
+                        reason: pb::GoAwayReason::Shutdown.into(),
+                        reconnect_within_ms: ms(self.config.goaway_window),
+                        message: "server shutting down".into(),
+                    }
+                    .into();
+                    let _ = self.send(&codec::encode(&go_away)).await;
+                    return End::Shutdown;
+                }
+                _ = grant.revoked.cancelled() => {
+                    return End::Error(ErrorCode::Unauthenticated, "SDK key revoked".into());
+                }
+                _ = env.deleted().cancelled() => {
+                    return End::Error(ErrorCode::Unauthenticated, "environment deleted".into());
+                }
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return End::Error(ErrorCode::Internal, "environment closed".into());
+                    }
+                    let published = changes.borrow_and_update().clone();
+                    let result = match push {
+                        pb::PushMode::Delta => self.push(&env, &published, &mut sent).await,
+                        pb::PushMode::Notify if published.selector != announced => {
+                            announced = published.selector;
+                            self.send(&published.notice).await
+                        }
+                        pb::PushMode::Notify => Ok(()),
+                    };
+                    if let Err(end) = result {
+                        return end;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return End::Error(ErrorCode::Timeout, format!("no frame from the client in {silence_limit:?}"));
+                    }
+                    // Bring a lagging session current first, so the Ping never announces a
+                    // version whose delta is still to come on this stream.
+                    if push == pb::PushMode::Delta && env.selector() != sent {
+                        let published = changes.borrow_and_update().clone();
+                        if let Err(end) = self.push(&env, &published, &mut sent).await {
+                            return end;
+                        }
+                    }
+                    let frame: pb::Frame = pb::Ping { selector: Some(env.selector().into()) }.into();
+                    if let Err(end) = self.send(&codec::encode(&frame)).await {
+                        return end;
+                    }
+                    self.reader.shrink_if_idle();
+                }
+                r = self.reader.read(&mut self.rd) => {
+                    last_heard = Instant::now();
+                    match self.frame(r) {
+                        Ok(Some(Kind::Ack(a))) => {
+                            if let Some(sel) = a.selector {
+                                env.ack(self.id, sel.version);
+                            }
+                        }
+                        Ok(Some(Kind::Fetch(f))) => match self.catch_up(&env, f.selector.map(Selector::from)).await {
+                            Ok(s) => {
+                                sent = s;
+                                announced = s;
+                            }
+                            Err(end) => return end,
+                        },
+                        Ok(None) => {} // a frame kind from a newer protocol: skipped
+                        Ok(other) => return violation(other.as_ref(), "Ack or Fetch"),
+                        Err(end) => return end,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interprets a read: `Ok(None)` is a frame of a kind this version does not know.
+    fn frame(&self, r: Result<Option<pb::Frame>, ReadError>) -> Result<Option<Kind>, End> {
+        match r {
+            Ok(Some(frame)) => Ok(frame.kind),
+            Ok(None) => Err(End::ClientClosed),
+            Err(ReadError::Decode(DecodeError::TooLarge { len, max })) => Err(End::Error(
+                ErrorCode::FrameTooLarge,
+                format!("frame of {len} bytes exceeds the limit of {max} bytes"),
+            )),
+            Err(ReadError::Decode(e)) => Err(End::Error(ErrorCode::MalformedFrame, e.to_string())),
+            Err(ReadError::Io(e)) => Err(End::Transport(e.to_string())),
+            Err(e) => Err(End::Transport(e.to_string())),
+        }
+    }
+
+    /// Sends the cheapest frame that brings a client at `client` current; returns where it
+    /// brings it.
+    async fn catch_up(&mut self, env: &EnvHub, client: Option<Selector>) -> Result<Selector, End> {
+        let (frame, selector) = env.catch_up(client);
+        self.send(&codec::encode(&frame)).await?;
+        Ok(selector)
+    }
+
+    /// Delivers a published change: the shared bytes if the session is right behind it, one
+    /// merged delta if it fell further behind.
+    async fn push(
+        &mut self,
+        env: &EnvHub,
+        published: &Published,
+        sent: &mut Selector,
+    ) -> Result<(), End> {
+        if published.selector == *sent {
+            return Ok(());
+        }
+        let next = published.selector;
+        if next.epoch == sent.epoch
+            && next.version == sent.version + 1
+            && !published.delta.is_empty()
+        {
+            self.send(&published.delta).await?;
+            *sent = next;
+            return Ok(());
+        }
+        *sent = self.catch_up(env, Some(*sent)).await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: &Bytes) -> Result<(), End> {
+        match timeout(
+            self.config.write_timeout,
+            write_encoded(&mut self.wr, bytes),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Transport(e.to_string())),
+            Err(_) => Err(End::Transport(format!(
+                "client did not read for {:?}; dropped",
+                self.config.write_timeout
+            ))),
+        }
+    }
+}
+
+fn violation(got: Option<&Kind>, expected: &str) -> End {
+    let name = pb::Frame { kind: got.cloned() }.kind_name();
+    End::Error(
+        ErrorCode::ProtocolViolation,
+        format!("expected {expected}, got {name}"),
+    )
+}
+
+/// Checks a Hello: readiness, version, key and mode.
+fn authorize(hub: &Hub, hello: &pb::Hello) -> Result<(Arc<Grant>, Arc<EnvHub>), End> {
+    if !hub.is_ready() {
+        return Err(End::Error(
+            ErrorCode::Initializing,
+            "server is loading its state".into(),
+        ));
+    }
+    if hello.protocol_version != vane_proto::PROTOCOL_VERSION {
+        return Err(End::Error(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported (this server speaks {})",
+                hello.protocol_version,
+                vane_proto::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let grant = hub.authenticate(&hello.sdk_key).ok_or_else(|| {
+        End::Error(
+            ErrorCode::Unauthenticated,
+            "unknown or revoked SDK key".into(),
+        )
+    })?;
+    match (grant.kind, hello.mode()) {
+        (KeyKind::Server, pb::DeliveryMode::Rules | pb::DeliveryMode::Unspecified) => {}
+        (KeyKind::Mobile, pb::DeliveryMode::Rules | pb::DeliveryMode::Unspecified) => {
+            return Err(End::Error(
+                ErrorCode::PermissionDenied,
+                "a mobile key may not receive flag rules; use evaluated mode".into(),
+            ));
+        }
+        (_, pb::DeliveryMode::Evaluated) => {
+            return Err(End::Error(
+                ErrorCode::PermissionDenied,
+                "evaluated mode is not available on this server yet".into(),
+            ));
+        }
+    }
+    let env = hub.env(&grant.env).ok_or_else(|| {
+        End::Error(
+            ErrorCode::EnvironmentNotReady,
+            format!("environment {:?} is not loaded", grant.env),
+        )
+    })?;
+    Ok((grant, env))
+}

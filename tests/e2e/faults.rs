@@ -1,0 +1,188 @@
+//! Bad input on the protocol port: every case gets an Error frame or a bounded disconnect, and
+//! other sessions keep receiving updates.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vane_core::client::{Client, ClientError, TransportPreference};
+use vane_core::sync::{Fatal, UpdateKind};
+use vane_proto::codec;
+use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
+
+use crate::harness::{PATIENCE, TestServer, next_update, raw_tls, update_at};
+
+/// Reads frames until the server closes; returns them.
+async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<pb::Frame> {
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            while let Some(f) =
+                codec::decode(&mut buf, codec::DEFAULT_MAX_FRAME_LEN).expect("server frames decode")
+            {
+                frames.push(f);
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+    frames
+}
+
+fn error_code(frames: &[pb::Frame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match &f.kind {
+        Some(Kind::Error(e)) => Some(e.code()),
+        _ => None,
+    })
+}
+
+fn hello(sdk_key: &str) -> pb::Frame {
+    pb::Hello {
+        protocol_version: 1,
+        sdk_key: sdk_key.into(),
+        mode: pb::DeliveryMode::Rules.into(),
+        ..Default::default()
+    }
+    .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_garbage_frames_are_refused_and_others_keep_receiving() {
+    let server = TestServer::start().await;
+    let key = server.env_with_key("prod", "server").await;
+    server.put_bool("prod", "f", true).await;
+    let (client, mut updates) = server.client(&key, TransportPreference::Quic).await;
+    next_update(&mut updates).await;
+
+    // A length prefix far over the limit, before any Hello.
+    let mut raw = raw_tls(&server).await;
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(
+        error_code(&read_to_end(&mut raw).await),
+        Some(ErrorCode::FrameTooLarge)
+    );
+
+    // A valid Hello, then bytes that are not a protobuf Frame.
+    let mut raw = raw_tls(&server).await;
+    raw.write_all(&codec::encode(&hello(&key))).await.unwrap();
+    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    let frames = read_to_end(&mut raw).await;
+    assert_eq!(frames.first().map(|f| f.kind_name()), Some("Welcome"));
+    assert_eq!(error_code(&frames), Some(ErrorCode::MalformedFrame));
+
+    // Plain garbage instead of a first frame.
+    let mut raw = raw_tls(&server).await;
+    raw.write_all(b"\x00\x00\x00\x05hello").await.unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(
+        error_code(&read_to_end(&mut raw).await),
+        Some(ErrorCode::MalformedFrame)
+    );
+
+    // A well-formed frame that is not Hello.
+    let mut raw = raw_tls(&server).await;
+    raw.write_all(&codec::encode(&pb::Ack::default().into()))
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(
+        error_code(&read_to_end(&mut raw).await),
+        Some(ErrorCode::ProtocolViolation)
+    );
+
+    // An unsupported protocol version.
+    let mut raw = raw_tls(&server).await;
+    let mut future = hello(&key);
+    if let Some(Kind::Hello(h)) = &mut future.kind {
+        h.protocol_version = 99;
+    }
+    raw.write_all(&codec::encode(&future)).await.unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(
+        error_code(&read_to_end(&mut raw).await),
+        Some(ErrorCode::UnsupportedVersion)
+    );
+
+    // The well-behaved client was not disturbed.
+    let version = server.toggle("prod", "f", false).await;
+    assert_eq!(
+        update_at(&mut updates, version).await.kind,
+        UpdateKind::Delta
+    );
+    assert!(!client.bool_value("f", true));
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_sdk_key_is_an_auth_error_from_the_client_api() {
+    let server = TestServer::start().await;
+    server.env_with_key("prod", "server").await;
+    let config = server.client_config(
+        "vane_srv_00000000000000000000000000000000",
+        TransportPreference::Auto,
+    );
+    let client = Client::start(config).unwrap();
+    let err = client.wait_for_initialization(PATIENCE).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected(Fatal::Unauthenticated(_))),
+        "{err}"
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mobile_key_may_not_ask_for_rules() {
+    let server = TestServer::start().await;
+    let key = server.env_with_key("prod", "mobile").await;
+    let client = Client::start(server.client_config(&key, TransportPreference::Tcp)).unwrap();
+    let err = client.wait_for_initialization(PATIENCE).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected(Fatal::PermissionDenied(_))),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_key_ends_its_sessions() {
+    let server = TestServer::start().await;
+    let key = server.env_with_key("prod", "server").await;
+    let (client, _updates) = server.client(&key, TransportPreference::Quic).await;
+    let (_, keys) = server
+        .admin(reqwest::Method::GET, "/environments/prod/keys", None)
+        .await;
+    let id = keys["keys"][0]["id"].as_str().unwrap().to_owned();
+    let (s, _) = server
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/environments/prod/keys/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let mut status = client.watch_status();
+    let s = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.fatal.is_some()))
+        .await
+        .expect("the client was cut off")
+        .unwrap()
+        .clone();
+    assert!(matches!(s.fatal, Some(Fatal::Unauthenticated(_))), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_sends_hello_is_dropped() {
+    let server =
+        TestServer::start_with(|c| c.session.hello_timeout = std::time::Duration::from_millis(300))
+            .await;
+    let mut raw = raw_tls(&server).await;
+    assert_eq!(
+        error_code(&read_to_end(&mut raw).await),
+        Some(ErrorCode::Timeout)
+    );
+}

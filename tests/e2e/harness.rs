@@ -1,0 +1,324 @@
+//! The pieces every end-to-end test uses: a real server on loopback ports with its own data
+//! directory and generated certificates, the admin API, real clients, a TCP proxy that can cut
+//! live connections, and a raw TLS connection for speaking bad protocol on purpose.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::sync::CancellationToken;
+use vane_core::client::{Client, ClientConfig, TransportPreference};
+use vane_core::sync::Update;
+use vane_server::server::{Server, ServerConfig};
+
+/// How long a test waits for something that should take milliseconds. A bound on failure,
+/// never a timing assertion.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A running server with its own data directory.
+pub struct TestServer {
+    pub dir: TempDir,
+    pub config: ServerConfig,
+    pub protocol: SocketAddr,
+    pub http: SocketAddr,
+    pub token: String,
+    pub ca: Vec<u8>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    http_client: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::new(dir.path());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.http = "127.0.0.1:0".parse().unwrap();
+        config.session.goaway_window = Duration::from_millis(200);
+        config.drain_timeout = Duration::from_secs(5);
+        tweak(&mut config);
+        let mut server = TestServer {
+            dir,
+            protocol: config.listen,
+            http: config.http,
+            config,
+            token: String::new(),
+            ca: Vec::new(),
+            stop: CancellationToken::new(),
+            task: None,
+            http_client: reqwest::Client::new(),
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let server = Server::bind(self.config.clone())
+            .await
+            .expect("server binds");
+        self.protocol = server.protocol_addr();
+        self.http = server.http_addr();
+        self.token = server.admin_token().to_owned();
+        self.ca = std::fs::read(server.ca_path()).expect("CA written");
+        self.stop = CancellationToken::new();
+        let stop = self.stop.clone();
+        self.task = Some(tokio::spawn(server.run(stop.cancelled_owned())));
+        // Ready once the state is loaded.
+        let url = format!("http://{}/readyz", self.http);
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Ok(r) = self.http_client.get(&url).send().await {
+                    if r.status().is_success() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("server became ready");
+    }
+
+    /// Stops the server the way SIGTERM does and waits until it has exited.
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("server stopped in time")
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+
+    /// Stops and starts again on the same data directory and the same ports.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.config.listen = self.protocol;
+        self.config.http = self.http;
+        self.launch().await;
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.admin_as(&self.token, method, path, body.map(|b| b.to_string()))
+            .await
+    }
+
+    /// An admin call with any token and a raw body, for testing refusals.
+    pub async fn admin_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let url = format!("http://{}/api/v1{path}", self.http);
+        let mut req = self.http_client.request(method, url).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req.send().await.expect("admin API reachable");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("admin API body");
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, value)
+    }
+
+    /// Creates `env` and a key of `kind` for it; returns the secret.
+    pub async fn env_with_key(&self, env: &str, kind: &str) -> String {
+        let (s, v) = self
+            .admin(Method::POST, "/environments", Some(json!({ "name": env })))
+            .await;
+        assert_eq!(s, 201, "{v}");
+        self.key(env, kind).await
+    }
+
+    pub async fn key(&self, env: &str, kind: &str) -> String {
+        let (s, v) = self
+            .admin(
+                Method::POST,
+                &format!("/environments/{env}/keys"),
+                Some(json!({ "kind": kind })),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        v["secret"].as_str().expect("secret").to_owned()
+    }
+
+    /// Puts a boolean flag that is on and serves `value`; returns the version.
+    pub async fn put_bool(&self, env: &str, key: &str, value: bool) -> u64 {
+        let flag = json!({
+            "on": true,
+            "variants": {"true": true, "false": false},
+            "off_variant": "false",
+            "fallthrough": {"variant": value.to_string()},
+        });
+        let (s, v) = self
+            .admin(
+                Method::PUT,
+                &format!("/environments/{env}/flags/{key}"),
+                Some(flag),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["version"].as_u64().expect("version")
+    }
+
+    pub async fn toggle(&self, env: &str, key: &str, on: bool) -> u64 {
+        let (s, v) = self
+            .admin(
+                Method::POST,
+                &format!("/environments/{env}/flags/{key}/toggle"),
+                Some(json!({ "on": on })),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["version"].as_u64().expect("version")
+    }
+
+    /// A client configuration for this server with quick reconnects.
+    pub fn client_config(&self, sdk_key: &str, transport: TransportPreference) -> ClientConfig {
+        let mut config = ClientConfig::new(self.protocol.to_string(), sdk_key, self.ca.clone());
+        config.transport = transport;
+        config.sync.backoff_initial = Duration::from_millis(50);
+        config.sync.backoff_max = Duration::from_millis(500);
+        config
+    }
+
+    /// A started client that has received its first snapshot.
+    pub async fn client(
+        &self,
+        sdk_key: &str,
+        transport: TransportPreference,
+    ) -> (Client, broadcast::Receiver<Update>) {
+        start_client(self.client_config(sdk_key, transport)).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts a client and waits for its first update.
+pub async fn start_client(config: ClientConfig) -> (Client, broadcast::Receiver<Update>) {
+    let client = Client::start(config).expect("valid client config");
+    let updates = client.subscribe();
+    client
+        .wait_for_initialization(PATIENCE)
+        .await
+        .expect("client initialized");
+    (client, updates)
+}
+
+/// The next update, within [`PATIENCE`].
+pub async fn next_update(rx: &mut broadcast::Receiver<Update>) -> Update {
+    tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("an update in time")
+        .expect("update channel open")
+}
+
+/// The next update that reaches `version`, skipping up-to-date confirmations.
+pub async fn update_at(rx: &mut broadcast::Receiver<Update>, version: u64) -> Update {
+    loop {
+        let u = next_update(rx).await;
+        if u.selector.version >= version {
+            return u;
+        }
+    }
+}
+
+/// A TCP proxy on loopback whose live connections can be cut, to break sessions from outside.
+/// While cut, it also refuses new connections (accepts and drops them) until restored.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pipes: Arc<parking_lot::Mutex<Vec<AbortHandle>>>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
+        let addr = listener.local_addr().unwrap();
+        let pipes: Arc<parking_lot::Mutex<Vec<AbortHandle>>> = Arc::default();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (registry, gate) = (pipes.clone(), open.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !gate.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection fail
+                }
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                registry.lock().push(pipe.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            pipes,
+            open,
+            accept,
+        }
+    }
+
+    /// Drops every live connection through the proxy and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for pipe in self.pipes.lock().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// A TLS connection to the protocol port that speaks whatever the test writes.
+pub async fn raw_tls(server: &TestServer) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&server.ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![vane_proto::ALPN.to_vec()];
+    let tcp = TcpStream::connect(server.protocol).await.expect("connect");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake")
+}
