@@ -3,6 +3,8 @@
 //! decodes each file back to the same frame. `VANE_BLESS=1 cargo test -p vane-proto` rewrites the
 //! files after a deliberate change to the encoding (which, for protocol v1, should never happen).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::PathBuf;
 
 use bytes::BytesMut;

@@ -33,13 +33,18 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct AdminArgs {
     /// Base URL of the server's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:7480", env = "VANE_SERVER")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:7480",
+        env = "VANE_SERVER"
+    )]
     pub server: String,
     /// Admin token; default: the `admin-token` file in the data directory.
-    #[arg(long, env = "VANE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "VANE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Print the server's JSON answer instead of a summary.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 

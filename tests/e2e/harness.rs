@@ -77,10 +77,10 @@ impl TestServer {
         let url = format!("http://{}/readyz", self.http);
         tokio::time::timeout(PATIENCE, async {
             loop {
-                if let Ok(r) = self.http_client.get(&url).send().await {
-                    if r.status().is_success() {
-                        return;
-                    }
+                if let Ok(r) = self.http_client.get(&url).send().await
+                    && r.status().is_success()
+                {
+                    return;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real server on loopback with generated certificates, talked to by the
 //! real Rust client, the admin API, and raw TLS sockets. One binary, one module per theme.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod admin;
 mod delivery;
 mod faults;

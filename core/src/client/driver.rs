@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::io::ReadHalf;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use vane_proto::codec::DEFAULT_MAX_FRAME_LEN;
 
 use super::connect::{Connected, Connector, Duplex};
@@ -139,7 +139,7 @@ fn publish(shared: &Shared, event: Event, transport: Option<Transport>, machine:
             environment,
             ..
         } => {
-            info!(%session_id, %environment, ?transport, "session established");
+            debug!(%session_id, %environment, ?transport, "session established");
             shared.status.send_modify(|s| {
                 s.state = ConnectionState::Connected;
                 s.transport = transport;

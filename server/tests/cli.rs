@@ -1,0 +1,296 @@
+//! The `vane` binary as people and scripts use it: `serve`, the admin commands, and
+//! `watch --json`, as separate processes on loopback. This is the README's quick start.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn vane(data: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vane"));
+    cmd.arg("--data")
+        .arg(data)
+        .env_remove("VANE_ADMIN_TOKEN")
+        .env("VANE_LOG", "warn");
+    cmd
+}
+
+/// A child process whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(PATIENCE)
+            .expect("a line of output in time")
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run vane")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Starts `vane serve` on ephemeral ports; returns it with its protocol and HTTP addresses.
+fn serve(data: &Path) -> (Running, String, String) {
+    let mut cmd = vane(data);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
+    let server = Running::spawn(cmd);
+    let banner = server.line();
+    // "vane X serving: protocol 127.0.0.1:P (QUIC and TCP+TLS), HTTP http://127.0.0.1:Q"
+    let protocol = banner
+        .split("protocol ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .expect("protocol address in banner")
+        .to_owned();
+    let http = banner
+        .split("HTTP ")
+        .nth(1)
+        .expect("HTTP URL in banner")
+        .to_owned();
+    wait_ready(&http);
+    (server, protocol, http)
+}
+
+fn wait_ready(http: &str) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let addr = http.trim_start_matches("http://");
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("server at {http} never became ready");
+}
+
+#[test]
+fn quick_start_serve_watch_toggle() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (mut server, protocol, http) = serve(data);
+    assert!(server.line().starts_with("clients trust "));
+    assert!(
+        server.line().starts_with("admin token"),
+        "the token is shown on first start"
+    );
+    let token_file = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    assert_eq!(server.line().trim(), token_file.trim());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("admin-token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let admin = |args: &[&str]| {
+        let mut cmd = vane(data);
+        cmd.args(args).args(["--server", &http]);
+        run(&mut cmd)
+    };
+    let out = admin(&["env", "create", "prod"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = admin(&["key", "create", "prod", "--kind", "server"]);
+    assert!(out.status.success(), "{out:?}");
+    let key = stdout(&out);
+    assert!(
+        key.starts_with("vane_srv_") && key.len() == 41 && !key.contains(char::is_whitespace),
+        "{key}"
+    );
+    let out = admin(&["flag", "set", "prod", "new-checkout", "--bool", "true"]);
+    assert_eq!(stdout(&out), "version 1");
+
+    let mut cmd = vane(data);
+    cmd.args([
+        "watch",
+        "--endpoint",
+        &protocol,
+        "--sdk-key",
+        &key,
+        "--json",
+    ]);
+    let watch = Running::spawn(cmd);
+    let first: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(first["kind"], "snapshot");
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["transport"], "quic");
+    assert_eq!(first["changed"], serde_json::json!(["new-checkout"]));
+    assert_eq!(first["epoch"].as_str().unwrap().len(), 16);
+
+    let out = admin(&["flag", "toggle", "prod", "new-checkout", "--off"]);
+    assert_eq!(stdout(&out), "version 2");
+    let update: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(update["kind"], "delta");
+    assert_eq!(update["version"], 2);
+    assert_eq!(update["values"]["new-checkout"], false);
+    assert_eq!(update["epoch"], first["epoch"]);
+
+    // A flag from a file, and the list as JSON.
+    let file = data.join("banner.json");
+    std::fs::write(
+        &file,
+        r#"{"on": true, "variants": {"a": "hello", "b": "bye"}, "off_variant": "b", "fallthrough": {"variant": "a"}}"#,
+    )
+    .unwrap();
+    let out = admin(&[
+        "flag",
+        "set",
+        "prod",
+        "banner",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&out), "version 3", "{out:?}");
+    let update: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(update["values"]["banner"], "hello");
+    let out = admin(&["flag", "list", "prod", "--json"]);
+    let list: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(list["flags"].as_array().unwrap().len(), 2);
+
+    assert!(server.terminate().success(), "SIGTERM is a clean exit");
+    drop(watch);
+
+    // A restart keeps the token (and does not show it again).
+    let (mut server, _, _) = serve(data);
+    assert!(server.line().starts_with("clients trust "));
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn exit_codes_are_dependable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_server, _, http) = serve(data);
+    let admin = |args: &[&str]| {
+        let mut cmd = vane(data);
+        cmd.args(args).args(["--server", &http]);
+        run(&mut cmd)
+    };
+    assert!(admin(&["env", "create", "prod"]).status.success());
+
+    let out = admin(&["flag", "toggle", "prod", "nope", "--off"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("flag_not_found"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout when a command fails"
+    );
+
+    let out = admin(&["env", "list", "--token", "wrong"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
+
+    let out = admin(&["flag", "set", "prod", "x"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a missing --bool/--file is a usage error"
+    );
+
+    let mut cmd = vane(data);
+    let out = run(cmd.args(["env", "list", "--server", "http://127.0.0.1:9"]));
+    assert_eq!(out.status.code(), Some(3), "unreachable server");
+
+    let out = run(vane(&data.join("elsewhere")).args(["env", "list", "--server", &http]));
+    assert_eq!(out.status.code(), Some(3), "no admin token found");
+
+    let mut cmd = vane(data);
+    let out = run(cmd.args([
+        "watch",
+        "--endpoint",
+        "127.0.0.1:1",
+        "--sdk-key",
+        "k",
+        "--ca",
+        "/nonexistent.pem",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn watch_exits_on_a_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_server, protocol, _) = serve(data);
+    let mut cmd = vane(data);
+    let out = run(cmd.args([
+        "watch",
+        "--endpoint",
+        &protocol,
+        "--sdk-key",
+        "vane_srv_wrong",
+        "--json",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authentication failed"),
+        "{out:?}"
+    );
+}
