@@ -16,7 +16,7 @@ pub const MAX_NAME_LEN: usize = 128;
 /// Most variants a flag may have.
 pub const MAX_VARIANTS: usize = 64;
 
-/// Largest JSON variant value, in bytes of compact JSON text.
+/// Largest JSON variant value, in bytes of compact JSON text, and largest string value.
 pub const MAX_JSON_VALUE_LEN: usize = 32 * 1024;
 
 /// A variant's value. In JSON it is written as itself: `true`, `"text"`, `3.5`, `{"a": 1}`.
@@ -185,6 +185,12 @@ impl Flag {
                         format!("JSON value is larger than {MAX_JSON_VALUE_LEN} bytes"),
                     ));
                 }
+                FlagValue::String(v) if v.len() > MAX_JSON_VALUE_LEN => {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("string value is longer than {MAX_JSON_VALUE_LEN} bytes"),
+                    ));
+                }
                 _ => {}
             }
             let ty = value.value_type();
@@ -349,6 +355,15 @@ mod tests {
             .variants
             .insert("zzz".into(), FlagValue::String("s".into()));
         assert_eq!(mixed.validate().unwrap_err().field, "variants.zzz");
+
+        let mut long = Flag::boolean("ok", true, true);
+        long.variants = BTreeMap::from([(
+            "s".into(),
+            FlagValue::String("x".repeat(MAX_JSON_VALUE_LEN + 1)),
+        )]);
+        long.off_variant = "s".into();
+        long.fallthrough = Serve::Variant("s".into());
+        assert_eq!(long.validate().unwrap_err().field, "variants.s");
 
         let bad_key = Flag::boolean("has space", true, true);
         assert_eq!(bad_key.validate().unwrap_err().field, "key");

@@ -323,10 +323,15 @@ where
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(End::Transport(e.to_string())),
-            Err(_) => Err(End::Transport(format!(
-                "client did not read for {:?}; dropped",
-                self.config.write_timeout
-            ))),
+            // Logged at warn, and the client is told (if it ever reads again): the operator
+            // should see sessions dropped for not reading.
+            Err(_) => Err(End::Error(
+                ErrorCode::Timeout,
+                format!(
+                    "client did not read for {:?}; dropped",
+                    self.config.write_timeout
+                ),
+            )),
         }
     }
 }

@@ -8,7 +8,7 @@ use vane_core::sync::{Fatal, UpdateKind};
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
-use crate::harness::{PATIENCE, TestServer, next_update, raw_tls, update_at};
+use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls, update_at};
 
 /// Reads frames until the server closes; returns them.
 async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<pb::Frame> {
@@ -37,16 +37,6 @@ fn error_code(frames: &[pb::Frame]) -> Option<ErrorCode> {
         Some(Kind::Error(e)) => Some(e.code()),
         _ => None,
     })
-}
-
-fn hello(sdk_key: &str) -> pb::Frame {
-    pb::Hello {
-        protocol_version: 1,
-        sdk_key: sdk_key.into(),
-        mode: pb::DeliveryMode::Rules.into(),
-        ..Default::default()
-    }
-    .into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -304,21 +304,21 @@ impl Drop for Proxy {
 
 /// A TLS connection to the protocol port that speaks whatever the test writes.
 pub async fn raw_tls(server: &TestServer) -> tokio_rustls::client::TlsStream<TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&server.ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![vane_proto::ALPN.to_vec()];
+    let config = vane_core::client::tls_config(&server.ca).expect("CA usable");
     let tcp = TcpStream::connect(server.protocol).await.expect("connect");
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(config)
         .connect("127.0.0.1".try_into().unwrap(), tcp)
         .await
         .expect("TLS handshake")
+}
+
+/// A rules-mode Hello with `sdk_key`, for raw sessions.
+pub fn hello(sdk_key: &str) -> vane_proto::v1::Frame {
+    vane_proto::v1::Hello {
+        protocol_version: vane_proto::PROTOCOL_VERSION,
+        sdk_key: sdk_key.into(),
+        mode: vane_proto::v1::DeliveryMode::Rules.into(),
+        ..Default::default()
+    }
+    .into()
 }

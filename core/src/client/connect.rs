@@ -35,6 +35,29 @@ impl Connected {
     }
 }
 
+/// The TLS client configuration both transports use: TLS 1.3 only, ALPN `vane/1`, trusting the
+/// certificates in `ca_pem`.
+pub fn tls_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Config("CA PEM holds no certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![vane_proto::ALPN.to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Dials the server. Holds the TLS configuration and the QUIC endpoints, made once per client.
 pub(crate) struct Connector {
     endpoint: String,
@@ -61,26 +84,7 @@ impl Connector {
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| ClientError::Config(format!("server name {name:?}: {e}")))?;
 
-        let mut roots = rustls::RootCertStore::empty();
-        let mut found = 0;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&config.ca_pem) {
-            let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
-            found += 1;
-        }
-        if found == 0 {
-            return Err(ClientError::Config("CA PEM holds no certificate".into()));
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![vane_proto::ALPN.to_vec()];
-        let tls = Arc::new(tls);
+        let tls = tls_config(&config.ca_pem)?;
 
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.clone())
             .map_err(|e| ClientError::Config(format!("QUIC TLS: {e}")))?;

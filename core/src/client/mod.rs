@@ -37,7 +37,7 @@ use crate::model::FlagValue;
 use crate::state::{FlagSet, Selector};
 use crate::sync::{Fatal, SyncConfig, SyncMachine, Update};
 
-pub use connect::Duplex;
+pub use connect::{Duplex, tls_config};
 
 /// Which transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
