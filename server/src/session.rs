@@ -142,7 +142,11 @@ where
     W: AsyncWrite + Unpin,
 {
     async fn serve(&mut self, hub: &Hub, shutdown: &CancellationToken) -> End {
-        let hello = match timeout(self.config.hello_timeout, self.reader.read(&mut self.rd)).await {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return self.go_away().await,
+            r = timeout(self.config.hello_timeout, self.reader.read(&mut self.rd)) => r,
+        };
+        let hello = match first {
             Err(_) => return End::Error(ErrorCode::Timeout, "no Hello in time".into()),
             Ok(r) => match self.frame(r) {
                 Ok(Some(Kind::Hello(h))) => h,
@@ -192,16 +196,7 @@ where
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    let go_away: pb::Frame = pb::GoAway {
-                        reason: pb::GoAwayReason::Shutdown.into(),
-                        reconnect_within_ms: ms(self.config.goaway_window),
-                        message: "server shutting down".into(),
-                    }
-                    .into();
-                    let _ = self.send(&codec::encode(&go_away)).await;
-                    return End::Shutdown;
-                }
+                _ = shutdown.cancelled() => return self.go_away().await,
                 _ = grant.revoked.cancelled() => {
                     return End::Error(ErrorCode::Unauthenticated, "SDK key revoked".into());
                 }
@@ -265,6 +260,18 @@ where
                 }
             }
         }
+    }
+
+    /// Tells the client the server is leaving and when to come back.
+    async fn go_away(&mut self) -> End {
+        let go_away: pb::Frame = pb::GoAway {
+            reason: pb::GoAwayReason::Shutdown.into(),
+            reconnect_within_ms: ms(self.config.goaway_window),
+            message: "server shutting down".into(),
+        }
+        .into();
+        let _ = self.send(&codec::encode(&go_away)).await;
+        End::Shutdown
     }
 
     /// Interprets a read: `Ok(None)` is a frame of a kind this version does not know.

@@ -58,8 +58,12 @@ async fn forced_tcp_works_the_same() {
 async fn client_whose_udp_is_blackholed_ends_up_on_tcp() {
     // The server serves TCP only, and a socket on its UDP port swallows every datagram: to the
     // client this looks exactly like a network that drops UDP.
-    let server = TestServer::start_with(|c| c.quic = false).await;
-    let blackhole = std::net::UdpSocket::bind(server.protocol).expect("UDP port free");
+    let (blackhole, port) = udp_blackhole_with_free_tcp_port();
+    let server = TestServer::start_with(|c| {
+        c.quic = false;
+        c.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    })
+    .await;
     let key = server.env_with_key("prod", "server").await;
     server.put_bool("prod", "f", true).await;
 
@@ -125,4 +129,16 @@ async fn many_clients_on_both_transports_all_receive_a_change() {
     assert_eq!(report["version"], version);
     // Acks race the admin call's answer; all 20 sessions are known, most already current.
     assert_eq!(report["sessions"], 20, "{report}");
+}
+
+/// A UDP socket on a port whose TCP twin is free (checked, then released for the server).
+fn udp_blackhole_with_free_tcp_port() -> (std::net::UdpSocket, u16) {
+    for _ in 0..50 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return (udp, port);
+        }
+    }
+    panic!("no port free on both UDP and TCP");
 }

@@ -1,36 +1,13 @@
 //! Bad input on the protocol port: every case gets an Error frame or a bounded disconnect, and
 //! other sessions keep receiving updates.
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use vane_core::client::{Client, ClientError, TransportPreference};
 use vane_core::sync::{Fatal, UpdateKind};
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
-use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls, update_at};
-
-/// Reads frames until the server closes; returns them.
-async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<pb::Frame> {
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            while let Some(f) =
-                codec::decode(&mut buf, codec::DEFAULT_MAX_FRAME_LEN).expect("server frames decode")
-            {
-                frames.push(f);
-            }
-            match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the server closed the connection");
-    frames
-}
+use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls, read_to_end, update_at};
 
 fn error_code(frames: &[pb::Frame]) -> Option<ErrorCode> {
     frames.iter().find_map(|f| match &f.kind {
@@ -174,5 +151,18 @@ async fn a_client_that_never_sends_hello_is_dropped() {
     assert_eq!(
         error_code(&read_to_end(&mut raw).await),
         Some(ErrorCode::Timeout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_connection_that_never_said_hello() {
+    // With the default 10 s Hello timeout, a silent connection must not hold shutdown up.
+    let mut server = TestServer::start().await;
+    let mut raw = raw_tls(&server).await;
+    server.stop().await;
+    let frames = read_to_end(&mut raw).await;
+    assert_eq!(
+        frames.iter().map(|f| f.kind_name()).collect::<Vec<_>>(),
+        ["GoAway"]
     );
 }

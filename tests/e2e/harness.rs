@@ -322,3 +322,29 @@ pub fn hello(sdk_key: &str) -> vane_proto::v1::Frame {
     }
     .into()
 }
+
+/// Reads frames until the server closes the stream; returns them.
+pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Vec<vane_proto::v1::Frame> {
+    use tokio::io::AsyncReadExt;
+    use vane_proto::codec;
+    let mut buf = bytes::BytesMut::new();
+    let mut frames = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            while let Some(f) =
+                codec::decode(&mut buf, codec::DEFAULT_MAX_FRAME_LEN).expect("server frames decode")
+            {
+                frames.push(f);
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+    frames
+}

@@ -5,7 +5,13 @@ use vane_core::model::Flag;
 use vane_core::sync::UpdateKind;
 use vane_server::store::Store;
 
-use crate::harness::{PATIENCE, Proxy, TestServer, next_update, start_client, update_at};
+use tokio::io::AsyncWriteExt;
+use vane_proto::codec;
+use vane_proto::v1::{self as pb, frame::Kind};
+
+use crate::harness::{
+    PATIENCE, Proxy, TestServer, hello, next_update, raw_tls, read_to_end, start_client, update_at,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_resumes_by_delta() {
@@ -84,22 +90,33 @@ async fn shutdown_sends_go_away_and_clients_come_back() {
     server.put_bool("prod", "a", true).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Tcp).await;
     next_update(&mut updates).await;
-    let mut status = client.watch_status();
+    // A raw session sees exactly what the server says on the way out.
+    let mut raw = raw_tls(&server).await;
+    raw.write_all(&codec::encode(&hello(&key))).await.unwrap();
+    raw.flush().await.unwrap();
 
-    server.restart().await;
-    let left = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.last_error.is_some()))
-        .await
-        .expect("the client saw the shutdown")
-        .unwrap()
-        .clone();
-    assert!(
-        left.last_error
-            .as_deref()
-            .unwrap_or("")
-            .contains("going away"),
-        "told by GoAway, not by a broken connection: {left:?}"
+    let mut reader = vane_core::wire::FrameReader::new(codec::DEFAULT_MAX_FRAME_LEN);
+    for expected in ["Welcome", "Snapshot"] {
+        let frame = reader.read(&mut raw).await.unwrap().unwrap();
+        assert_eq!(frame.kind_name(), expected);
+    }
+
+    server.stop().await;
+    let frames = read_to_end(&mut raw).await;
+    let kinds: Vec<_> = frames.iter().map(|f| f.kind_name()).collect();
+    assert_eq!(kinds, ["GoAway"], "GoAway is the last word");
+    let Some(Kind::GoAway(go_away)) = &frames[0].kind else {
+        unreachable!()
+    };
+    assert_eq!(go_away.reason(), pb::GoAwayReason::Shutdown);
+    assert_eq!(
+        u64::from(go_away.reconnect_within_ms),
+        200,
+        "the configured window"
     );
-    // Back, and current without a download.
+
+    // The real client comes back within the window and is current without a download.
+    server.restart().await;
     let update = next_update(&mut updates).await;
     assert_eq!(update.kind, UpdateKind::UpToDate);
     let version = server.toggle("prod", "a", false).await;
