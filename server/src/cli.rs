@@ -309,6 +309,7 @@ async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     config.max_connections = args.max_connections.max(1);
     config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
     config.session.goaway_window = Duration::from_secs(args.goaway_window);
+    let stop = shutdown_signal()?;
     let server = Server::bind(config).await?;
     println!(
         "vane {} serving: protocol {} ({}), HTTP http://{}",
@@ -329,24 +330,26 @@ async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
             server.admin_token()
         );
     }
-    server.run(shutdown_signal()).await?;
+    server.run(stop).await?;
     Ok(())
 }
 
-/// Resolves on ctrl-c or SIGTERM.
-async fn shutdown_signal() {
+/// Registers for SIGINT and SIGTERM now, and returns a future that resolves on either.
+/// Registering eagerly matters: a signal that arrives before the future is first polled is
+/// still caught, instead of killing the process with the default action.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+    let register = |kind| {
+        signal(kind).map_err(|e| Failure::refused(format!("installing signal handlers: {e}")))
+    };
+    let mut term = register(SignalKind::terminate())?;
+    let mut int = register(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 /// An authenticated client of the admin API.
@@ -652,6 +655,8 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
     if args.notify {
         config = config.notify_mode();
     }
+    let stop = shutdown_signal()?;
+    tokio::pin!(stop);
     let client = Client::start(config).map_err(|e| Failure::refused(e.to_string()))?;
     let mut updates = client.subscribe();
     let mut status = client.watch_status();
@@ -717,7 +722,7 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
                 }
                 last_state = Some(s.state);
             }
-            _ = shutdown_signal() => break,
+            _ = &mut stop => break,
         }
     }
     client.close().await;
