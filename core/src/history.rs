@@ -1,72 +1,167 @@
-//! An environment's state as the server holds it: the current flags, the selector, and a bounded
-//! window of recent changes from which a client at an older version is brought current with one
-//! merged delta. Without I/O, so the server's hub and the deterministic client tests use the same
-//! catch-up rules.
+//! An environment's state as the server holds it: the current flags and segments (compiled, and
+//! in wire form, each converted once per change), the selector, and a bounded window of recent
+//! changes from which a client at an older version is brought current with one merged delta.
+//! Without I/O, so the server's hub and the deterministic client tests use the same catch-up rules.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use vane_proto::v1 as pb;
 
-use crate::model::Flag;
+use crate::eval::{CompiledFlag, CompiledSegment, Context, Evaluation, SegmentSource};
+use crate::model::{Flag, Segment, ValidationError};
 use crate::state::Selector;
 
-/// A flag as stored in memory: the model and its wire form, converted once per change.
+/// A flag in memory: compiled for evaluation, and as sent to rules-mode clients.
 #[derive(Debug)]
-pub struct Entry {
-    /// The flag.
-    pub flag: Flag,
-    /// The same flag as sent to rules-mode clients.
+pub struct FlagEntry {
+    /// The compiled flag (holds the flag as written).
+    pub compiled: CompiledFlag,
+    /// The wire form.
     pub wire: pb::Flag,
 }
 
-impl Entry {
-    /// Wraps `flag`, converting it to its wire form.
-    pub fn new(flag: Flag) -> Arc<Entry> {
+/// A segment in memory.
+#[derive(Debug)]
+pub struct SegmentEntry {
+    /// The compiled segment.
+    pub compiled: CompiledSegment,
+    /// The wire form.
+    pub wire: pb::Segment,
+}
+
+/// What a change wrote: a flag or a segment, or `None` for a deletion.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// A flag.
+    Flag(Arc<FlagEntry>),
+    /// A segment.
+    Segment(Arc<SegmentEntry>),
+}
+
+impl Item {
+    /// Compiles a flag (checking it fully).
+    pub fn flag(flag: Flag) -> Result<Item, ValidationError> {
         let wire = pb::Flag::from(&flag);
-        Arc::new(Entry { flag, wire })
+        Ok(Item::Flag(Arc::new(FlagEntry {
+            compiled: CompiledFlag::new(flag)?,
+            wire,
+        })))
+    }
+
+    /// Compiles a segment (checking all but its references).
+    pub fn segment(segment: Segment) -> Result<Item, ValidationError> {
+        let wire = pb::Segment::from(&segment);
+        Ok(Item::Segment(Arc::new(SegmentEntry {
+            compiled: CompiledSegment::new(segment)?,
+            wire,
+        })))
+    }
+
+    /// The environment version this item was written at.
+    pub fn version(&self) -> u64 {
+        match self {
+            Item::Flag(e) => e.wire.version,
+            Item::Segment(e) => e.wire.version,
+        }
+    }
+
+    /// Whether it is a flag or a segment.
+    pub fn kind(&self) -> ItemKind {
+        match self {
+            Item::Flag(_) => ItemKind::Flag,
+            Item::Segment(_) => ItemKind::Segment,
+        }
     }
 }
 
-/// One committed change: version `version` set `key` to `entry` (`None`: deleted).
+/// Whether a change concerns a flag or a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ItemKind {
+    /// A flag.
+    Flag,
+    /// A segment.
+    Segment,
+}
+
+/// One committed change: version `version` set the `kind` item `key` to `item` (`None`: deleted).
 #[derive(Debug, Clone)]
 pub struct Change {
     /// The environment version this change produced.
     pub version: u64,
-    /// The flag key.
+    /// Flag or segment.
+    pub kind: ItemKind,
+    /// Its key.
     pub key: String,
-    /// The flag after the change; `None` when it was deleted.
-    pub entry: Option<Arc<Entry>>,
+    /// The item after the change; `None` when it was deleted.
+    pub item: Option<Item>,
 }
 
-/// An environment's flags and recent history.
+/// An environment's flags, segments and recent history.
 #[derive(Debug, Clone)]
 pub struct EnvHistory {
     selector: Selector,
-    flags: BTreeMap<String, Arc<Entry>>,
+    flags: BTreeMap<String, Arc<FlagEntry>>,
+    segments: BTreeMap<String, Arc<SegmentEntry>>,
     /// Changes in version order, the last one at `selector.version`; at most `window` of them.
     changes: VecDeque<Change>,
     window: usize,
 }
 
+/// The changes after some version, by kind.
+#[derive(Debug, Default)]
+pub struct Changed<'a> {
+    /// Flag keys created, changed or deleted.
+    pub flags: BTreeSet<&'a str>,
+    /// Segment keys created, changed or deleted.
+    pub segments: BTreeSet<&'a str>,
+}
+
+impl SegmentSource for EnvHistory {
+    fn segment(&self, key: &str) -> Option<&CompiledSegment> {
+        self.segments.get(key).map(|e| &e.compiled)
+    }
+}
+
+/// The hash of what an evaluated-mode client was told about one flag, to tell whether a change
+/// altered it without keeping the value itself.
+pub fn evaluation_hash(e: &Evaluation<'_>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    e.variant.hash(&mut h);
+    e.reason.hash(&mut h);
+    e.error.hash(&mut h);
+    h.finish()
+}
+
 impl EnvHistory {
-    /// An environment at `selector` holding `flags`, with `changes` (oldest first) as its
+    /// An environment at `selector` holding `items`, with `changes` (oldest first) as its
     /// resumable history, of which the newest `window` are kept.
     pub fn new(
         selector: Selector,
-        flags: impl IntoIterator<Item = Flag>,
+        items: impl IntoIterator<Item = Item>,
         changes: impl IntoIterator<Item = Change>,
         window: usize,
     ) -> Self {
         let mut history = EnvHistory {
             selector,
-            flags: flags
-                .into_iter()
-                .map(|f| (f.key.clone(), Entry::new(f)))
-                .collect(),
+            flags: BTreeMap::new(),
+            segments: BTreeMap::new(),
             changes: changes.into_iter().collect(),
             window: window.max(1),
         };
+        for item in items {
+            match item {
+                Item::Flag(e) => history
+                    .flags
+                    .insert(e.compiled.flag().key.clone(), e)
+                    .map(drop),
+                Item::Segment(e) => history
+                    .segments
+                    .insert(e.compiled.segment().key.clone(), e)
+                    .map(drop),
+            };
+        }
         history.trim();
         history
     }
@@ -77,13 +172,23 @@ impl EnvHistory {
     }
 
     /// The current flag with this key.
-    pub fn get(&self, key: &str) -> Option<&Arc<Entry>> {
+    pub fn flag(&self, key: &str) -> Option<&Arc<FlagEntry>> {
         self.flags.get(key)
     }
 
     /// The current flags, by key.
-    pub fn flags(&self) -> impl Iterator<Item = &Arc<Entry>> {
+    pub fn flags(&self) -> impl Iterator<Item = &Arc<FlagEntry>> {
         self.flags.values()
+    }
+
+    /// The current segment with this key.
+    pub fn segment_entry(&self, key: &str) -> Option<&Arc<SegmentEntry>> {
+        self.segments.get(key)
+    }
+
+    /// The current segments, by key.
+    pub fn segments(&self) -> impl Iterator<Item = &Arc<SegmentEntry>> {
+        self.segments.values()
     }
 
     /// The oldest version from which a delta can still be built.
@@ -93,27 +198,36 @@ impl EnvHistory {
             .map_or(self.selector.version, |c| c.version - 1)
     }
 
-    /// Records the change committed as the next version, and returns the delta a client at
-    /// the previous version needs.
-    pub fn apply(&mut self, key: String, flag: Option<Flag>) -> pb::Delta {
-        let version = self.selector.version + 1;
-        let entry = flag.map(|mut f| {
-            f.version = version;
-            Entry::new(f)
-        });
-        match &entry {
-            Some(e) => self.flags.insert(key.clone(), e.clone()),
-            None => self.flags.remove(&key),
-        };
+    /// Records the change committed as the next version, and returns the rules-mode delta a
+    /// client at the previous version needs. An item carries its version already (compiled once,
+    /// with it); see [`EnvHistory::next_version`].
+    pub fn apply(&mut self, kind: ItemKind, key: String, item: Option<Item>) -> pb::Delta {
+        let version = self.next_version();
+        debug_assert!(
+            item.as_ref()
+                .is_none_or(|i| i.version() == version && i.kind() == kind)
+        );
+        match (&item, kind) {
+            (Some(Item::Flag(e)), _) => drop(self.flags.insert(key.clone(), e.clone())),
+            (Some(Item::Segment(e)), _) => drop(self.segments.insert(key.clone(), e.clone())),
+            (None, ItemKind::Flag) => drop(self.flags.remove(&key)),
+            (None, ItemKind::Segment) => drop(self.segments.remove(&key)),
+        }
         self.selector.version = version;
         self.changes.push_back(Change {
             version,
+            kind,
             key,
-            entry,
+            item,
         });
         self.trim();
         self.delta_since(version - 1)
             .expect("the change just recorded is in the window")
+    }
+
+    /// The version the next change will have.
+    pub fn next_version(&self) -> u64 {
+        self.selector.version + 1
     }
 
     fn trim(&mut self) {
@@ -122,66 +236,123 @@ impl EnvHistory {
         }
     }
 
-    /// The frame that brings a client at `client` current: `UpToDate`, one merged `Delta`, or a
-    /// `Snapshot` with the reason a delta is impossible.
-    pub fn catch_up(&self, client: Option<Selector>) -> pb::Frame {
-        use pb::SnapshotReason as R;
-        let Some(client) = client else {
-            return self.snapshot(R::NoSelector).into();
-        };
-        if client.epoch != self.selector.epoch {
-            return self.snapshot(R::EpochChanged).into();
-        }
-        if client.version == self.selector.version {
-            return pb::UpToDate {
-                selector: Some(self.selector.into()),
-            }
-            .into();
-        }
-        if client.version > self.selector.version {
-            return self.snapshot(R::ClientAhead).into();
-        }
-        match self.delta_since(client.version) {
-            Some(delta) => delta.into(),
-            None => self.snapshot(R::HistoryGone).into(),
-        }
-    }
-
-    /// The changes after `from`, merged so each flag appears once; `None` if the window no longer
-    /// reaches back to `from`.
-    pub fn delta_since(&self, from: u64) -> Option<pb::Delta> {
+    /// The changes after `from`, in version order; `None` if the window no longer reaches back.
+    fn changes_since(&self, from: u64) -> Option<impl Iterator<Item = &Change>> {
         if from < self.oldest_resumable() || from > self.selector.version {
             return None;
         }
-        // Changes are in version order, so skip the ones the client has.
         let skip = self.changes.len() - (self.selector.version - from) as usize;
-        let mut latest: BTreeMap<&str, &Option<Arc<Entry>>> = BTreeMap::new();
-        for change in self.changes.iter().skip(skip) {
-            latest.insert(&change.key, &change.entry);
+        Some(self.changes.iter().skip(skip))
+    }
+
+    /// The keys changed after `from`, or `None` if the window no longer reaches back.
+    pub fn changed_since(&self, from: u64) -> Option<Changed<'_>> {
+        let mut changed = Changed::default();
+        for c in self.changes_since(from)? {
+            match c.kind {
+                ItemKind::Flag => changed.flags.insert(&c.key),
+                ItemKind::Segment => changed.segments.insert(&c.key),
+            };
+        }
+        Some(changed)
+    }
+
+    /// The frame that brings a rules-mode client at `client` current: `UpToDate`, one merged
+    /// `Delta`, or a `Snapshot` with the reason a delta is impossible.
+    pub fn catch_up(&self, client: Option<Selector>) -> pb::Frame {
+        match self.resumable(client) {
+            Ok(from) if from == self.selector.version => pb::UpToDate {
+                selector: Some(self.selector.into()),
+            }
+            .into(),
+            Ok(from) => self
+                .delta_since(from)
+                .expect("resumable() checked the window")
+                .into(),
+            Err(reason) => self.snapshot(reason).into(),
+        }
+    }
+
+    /// The version a client at `client` can resume from, or why it needs a snapshot.
+    pub fn resumable(&self, client: Option<Selector>) -> Result<u64, pb::SnapshotReason> {
+        use pb::SnapshotReason as R;
+        let client = client.ok_or(R::NoSelector)?;
+        if client.epoch != self.selector.epoch {
+            return Err(R::EpochChanged);
+        }
+        if client.version > self.selector.version {
+            return Err(R::ClientAhead);
+        }
+        if client.version < self.oldest_resumable() {
+            return Err(R::HistoryGone);
+        }
+        Ok(client.version)
+    }
+
+    /// The changes after `from`, merged so each item appears once; `None` if the window no
+    /// longer reaches back to `from`.
+    pub fn delta_since(&self, from: u64) -> Option<pb::Delta> {
+        let mut latest: BTreeMap<(ItemKind, &str), &Option<Item>> = BTreeMap::new();
+        for change in self.changes_since(from)? {
+            latest.insert((change.kind, &change.key), &change.item);
         }
         let mut delta = pb::Delta {
             epoch: self.selector.epoch,
             from_version: from,
             to_version: self.selector.version,
-            upserts: Vec::new(),
-            deletes: Vec::new(),
+            ..Default::default()
         };
-        for (key, entry) in latest {
-            match entry {
-                Some(e) => delta.upserts.push(e.wire.clone()),
-                None => delta.deletes.push(key.to_owned()),
+        for ((kind, key), item) in latest {
+            match (item, kind) {
+                (Some(Item::Flag(e)), _) => delta.upserts.push(e.wire.clone()),
+                (Some(Item::Segment(e)), _) => delta.segment_upserts.push(e.wire.clone()),
+                (None, ItemKind::Flag) => delta.deletes.push(key.to_owned()),
+                (None, ItemKind::Segment) => delta.segment_deletes.push(key.to_owned()),
             }
         }
         Some(delta)
     }
 
-    /// The whole environment.
+    /// The whole environment, for rules mode.
     pub fn snapshot(&self, reason: pb::SnapshotReason) -> pb::Snapshot {
         pb::Snapshot {
             selector: Some(self.selector.into()),
             flags: self.flags.values().map(|e| e.wire.clone()).collect(),
+            segments: self.segments.values().map(|e| e.wire.clone()).collect(),
             reason: reason.into(),
+            values: Vec::new(),
         }
+    }
+
+    /// The flags whose evaluation the `changed` items may have altered (see
+    /// [`crate::model::affected_flags`]).
+    pub fn affected_flags(&self, changed: &Changed<'_>) -> BTreeSet<String> {
+        crate::model::affected_flags(
+            self.flags.values().map(|e| e.compiled.flag()),
+            self.segments.values().map(|e| e.compiled.segment()),
+            changed.flags.iter().map(|k| (*k).to_owned()),
+            changed.segments.iter().map(|k| (*k).to_owned()),
+        )
+    }
+
+    /// Evaluates one flag for `ctx`; `None` if there is no such flag.
+    pub fn evaluate(&self, key: &str, ctx: &Context) -> Option<Evaluation<'_>> {
+        Some(self.flags.get(key)?.compiled.evaluate(ctx, self))
+    }
+
+    /// Evaluates a flag into its evaluated-mode wire form.
+    pub fn evaluated(&self, entry: &FlagEntry, ctx: &Context) -> (pb::EvaluatedFlag, u64) {
+        let e = entry.compiled.evaluate(ctx, self);
+        let hash = evaluation_hash(&e);
+        let wire = pb::EvaluatedFlag {
+            key: entry.wire.key.clone(),
+            value: e.value.map(Into::into),
+            variant: e.variant.unwrap_or_default().to_owned(),
+            reason: crate::convert::reason_to_wire(e.reason).into(),
+            error_code: e.error.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+            version: entry.wire.version,
+        };
+        (wire, hash)
     }
 }
 
@@ -202,19 +373,35 @@ mod tests {
         )
     }
 
+    fn put(h: &mut EnvHistory, mut flag: Flag) {
+        flag.version = h.next_version();
+        let key = flag.key.clone();
+        h.apply(ItemKind::Flag, key, Some(Item::flag(flag).unwrap()));
+    }
+
+    fn put_segment(h: &mut EnvHistory, json: &str) {
+        let mut seg: Segment = serde_json::from_str(json).unwrap();
+        seg.version = h.next_version();
+        let key = seg.key.clone();
+        h.apply(ItemKind::Segment, key, Some(Item::segment(seg).unwrap()));
+    }
+
     #[test]
-    fn merged_delta_keeps_the_latest_state_per_flag() {
+    fn merged_delta_keeps_the_latest_state_per_item() {
         let mut h = env(100);
-        h.apply("a".into(), Some(Flag::boolean("a", true, true)));
-        h.apply("b".into(), Some(Flag::boolean("b", true, true)));
-        h.apply("a".into(), Some(Flag::boolean("a", false, true)));
-        h.apply("b".into(), None);
+        put(&mut h, Flag::boolean("a", true, true));
+        put(&mut h, Flag::boolean("b", true, true));
+        put(&mut h, Flag::boolean("a", false, true));
+        h.apply(ItemKind::Flag, "b".into(), None);
+        put_segment(&mut h, r#"{"key": "s", "included": ["u"]}"#);
         let d = h.delta_since(0).unwrap();
-        assert_eq!((d.from_version, d.to_version), (0, 4));
+        assert_eq!((d.from_version, d.to_version), (0, 5));
         assert_eq!(d.upserts.len(), 1);
         assert!(!d.upserts[0].on);
         assert_eq!(d.upserts[0].version, 3);
         assert_eq!(d.deletes, vec!["b".to_owned()]);
+        assert_eq!(d.segment_upserts.len(), 1);
+        assert_eq!(d.segment_upserts[0].version, 5);
         let d = h.delta_since(3).unwrap();
         assert!(d.upserts.is_empty());
         assert_eq!(d.deletes, vec!["b".to_owned()]);
@@ -224,7 +411,7 @@ mod tests {
     fn catch_up_chooses_the_cheapest_correct_frame() {
         let mut h = env(2);
         for i in 0..5 {
-            h.apply("a".into(), Some(Flag::boolean("a", i % 2 == 0, true)));
+            put(&mut h, Flag::boolean("a", i % 2 == 0, true));
         }
         let at = |version| Some(Selector { epoch: 9, version });
         let reason = |f: pb::Frame| match f.kind {
@@ -244,5 +431,28 @@ mod tests {
             reason(h.catch_up(other_epoch)),
             pb::SnapshotReason::EpochChanged
         );
+    }
+
+    #[test]
+    fn a_segment_change_affects_the_flags_that_reach_it() {
+        let mut h = env(100);
+        put_segment(&mut h, r#"{"key": "inner", "included": ["u"]}"#);
+        put_segment(
+            &mut h,
+            r#"{"key": "outer", "rules": [{"clauses": [{"op": "in_segment", "values": ["inner"]}]}]}"#,
+        );
+        let uses_outer: Flag = serde_json::from_str(
+            r#"{"key": "f", "on": true, "variants": {"a": 1, "b": 2}, "off_variant": "a",
+                "rules": [{"clauses": [{"op": "in_segment", "values": ["outer"]}], "serve": {"variant": "b"}}],
+                "fallthrough": {"variant": "a"}}"#,
+        )
+        .unwrap();
+        put(&mut h, uses_outer);
+        put(&mut h, Flag::boolean("plain", true, true));
+        let v = h.selector().version;
+        put_segment(&mut h, r#"{"key": "inner", "included": ["w"]}"#);
+        let changed = h.changed_since(v).unwrap();
+        let affected: Vec<_> = h.affected_flags(&changed).into_iter().collect();
+        assert_eq!(affected, ["f"], "through outer, not plain");
     }
 }

@@ -13,3 +13,4 @@ pub mod sync;
 pub mod wire;
 
 pub mod client;
+pub mod convert;

@@ -1,14 +1,14 @@
 //! The flag model: what the admin API accepts as JSON, what the store keeps, and what travels in
 //! `vane.v1.Flag` for rules-mode clients.
 //!
-//! A flag has typed variants (all of one type), the variant served while it is off, and what it
-//! serves while on (`fallthrough`). Targeting rules and rollouts extend `Serve` and add a `rules`
-//! list; the evaluation issue adds them without changing what is here.
+//! A flag has typed variants (all of one type), the variant served while it is off, targeting
+//! rules tried in order, and what it serves when no rule matches (`fallthrough`): a variant or a
+//! percentage rollout. Segments are reusable sets of contexts that rules refer to by key.
+//! docs/FLAGS.md is the reference for this JSON; [`crate::eval`] compiles and evaluates it.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use vane_proto::v1 as pb;
 
 /// Longest flag key, environment name or variant name accepted.
 pub const MAX_NAME_LEN: usize = 128;
@@ -59,12 +59,153 @@ impl FlagValue {
     }
 }
 
-/// What a flag serves while it is on. Rollouts join this enum with the evaluation issue.
+/// Total of a rollout's weights: weights are in thousandths of a percent.
+pub const TOTAL_WEIGHT: u32 = 100_000;
+
+/// Most rules per flag or segment, clauses per rule, and values per clause.
+pub const MAX_RULES: usize = 1_000;
+/// See [`MAX_RULES`].
+pub const MAX_CLAUSES: usize = 100;
+/// Values per clause, and keys per segment list.
+pub const MAX_VALUES: usize = 100_000;
+
+/// What a rule or the fallthrough serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Serve {
-    /// Always this variant.
+    /// Always this variant: `{"variant": "on"}`.
     Variant(String),
+    /// A percentage rollout: `{"rollout": {...}}`.
+    Rollout(Rollout),
+}
+
+/// A percentage rollout: contexts are bucketed by a stable hash of one attribute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// The context attribute hashed (dotted path); default `key`, the targeting key.
+    #[serde(default = "default_bucket_by")]
+    pub bucket_by: String,
+    /// Hashed before the attribute; default: the flag key. Share a salt between flags to give
+    /// a context the same bucket in each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+    /// Variants in bucket order, with weights summing to [`TOTAL_WEIGHT`].
+    pub variants: Vec<Weighted>,
+}
+
+fn default_bucket_by() -> String {
+    "key".into()
+}
+
+/// One variant's share of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weighted {
+    /// The variant name.
+    pub variant: String,
+    /// Thousandths of a percent: 30% is 30000.
+    pub weight: u32,
+}
+
+/// A clause operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operator {
+    /// The attribute equals one of the values (type and value).
+    #[serde(alias = "equals")]
+    In,
+    /// A string attribute starts with one of the values.
+    StartsWith,
+    /// A string attribute ends with one of the values.
+    EndsWith,
+    /// A string attribute contains one of the values.
+    Contains,
+    /// A string attribute matches one of the regular expressions.
+    Matches,
+    /// A number attribute is less than one of the values.
+    Lt,
+    /// Less than or equal.
+    Lte,
+    /// Greater than.
+    Gt,
+    /// Greater than or equal.
+    Gte,
+    /// A semantic version attribute equals one of the values.
+    SemverEq,
+    /// Is lower than one of the values.
+    SemverLt,
+    /// Is greater than one of the values.
+    SemverGt,
+    /// A time attribute (RFC 3339 text, or Unix milliseconds) is before one of the values.
+    Before,
+    /// Is after one of the values.
+    After,
+    /// The context is in one of the segments named by the values.
+    InSegment,
+}
+
+/// One condition on a context attribute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Clause {
+    /// Dotted path into the context; `key` is the targeting key. Ignored by `in_segment`.
+    #[serde(default)]
+    pub attribute: String,
+    /// The operator.
+    pub op: Operator,
+    /// The operands: strings, numbers or booleans.
+    pub values: Vec<serde_json::Value>,
+    /// Inverts the result (a missing attribute still does not match).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub negate: bool,
+}
+
+/// A targeting rule: all clauses hold → serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// An optional id, shown by `vane eval` and in evaluation details.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// All must hold.
+    pub clauses: Vec<Clause>,
+    /// What the rule serves.
+    pub serve: Serve,
+}
+
+/// A reusable set of contexts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    /// Unique within an environment.
+    pub key: String,
+    /// Targeting keys always in the segment (checked first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub included: Vec<String>,
+    /// Targeting keys never in it (unless included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
+    /// A context matching any rule is in the segment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<SegmentRule>,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// The environment version at which it last changed. Set by the server.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// A segment rule: all clauses hold → in the segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentRule {
+    /// All must hold.
+    pub clauses: Vec<Clause>,
 }
 
 /// A feature flag.
@@ -79,11 +220,17 @@ pub struct Flag {
     pub variants: BTreeMap<String, FlagValue>,
     /// The variant served while the flag is off.
     pub off_variant: String,
-    /// What the flag serves while it is on.
+    /// Tried in order while the flag is on; the first whose clauses all hold decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
+    /// What the flag serves while on when no rule matches.
     pub fallthrough: Serve,
     /// Free text for people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// Labels for people and tools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// The environment version at which this flag last changed. Set by the server; ignored on input.
     #[serde(default)]
     pub version: u64,
@@ -100,7 +247,7 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         ValidationError {
             field: field.into(),
             message: message.into(),
@@ -139,10 +286,19 @@ impl Flag {
                 ("false".to_owned(), FlagValue::Bool(false)),
             ]),
             off_variant: "false".into(),
+            rules: Vec::new(),
             fallthrough: Serve::Variant(value.to_string()),
             description: String::new(),
+            tags: Vec::new(),
             version: 0,
         }
+    }
+
+    /// The keys of the segments this flag's rules refer to.
+    pub fn segment_refs(&self) -> impl Iterator<Item = &str> {
+        self.rules
+            .iter()
+            .flat_map(|r| clause_segment_refs(&r.clauses))
     }
 
     /// The type of this flag's values (of its off variant, which validation ties to all others).
@@ -150,8 +306,14 @@ impl Flag {
         self.variants.values().next().map(FlagValue::value_type)
     }
 
-    /// Checks everything the store relies on; the error names the field.
+    /// Checks everything the store and evaluation rely on (except that referenced segments
+    /// exist: see [`check_segment_graph`]); the error names the field.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        crate::eval::CompiledFlag::new(self.clone()).map(drop)
+    }
+
+    /// The checks that compiling does not make: names, value types and sizes, weights.
+    pub(crate) fn check_structure(&self) -> Result<(), ValidationError> {
         validate_name("key", &self.key)?;
         if self.variants.is_empty() {
             return Err(ValidationError::new(
@@ -208,10 +370,55 @@ impl Flag {
             }
         }
         self.check_variant("off_variant", &self.off_variant)?;
-        match &self.fallthrough {
-            Serve::Variant(v) => self.check_variant("fallthrough.variant", v)?,
+        if self.rules.len() > MAX_RULES {
+            return Err(ValidationError::new(
+                "rules",
+                format!("at most {MAX_RULES} rules are allowed"),
+            ));
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            self.check_serve(&format!("rules[{i}].serve"), &rule.serve)?;
+        }
+        self.check_serve("fallthrough", &self.fallthrough)?;
+        for (i, tag) in self.tags.iter().enumerate() {
+            validate_name(&format!("tags[{i}]"), tag)?;
         }
         Ok(())
+    }
+
+    fn check_serve(&self, field: &str, serve: &Serve) -> Result<(), ValidationError> {
+        match serve {
+            Serve::Variant(v) => self.check_variant(&format!("{field}.variant"), v),
+            Serve::Rollout(r) => {
+                let field = format!("{field}.rollout");
+                if r.variants.is_empty() {
+                    return Err(ValidationError::new(
+                        format!("{field}.variants"),
+                        "at least one variant is required",
+                    ));
+                }
+                let mut total: u64 = 0;
+                for (i, w) in r.variants.iter().enumerate() {
+                    self.check_variant(&format!("{field}.variants[{i}].variant"), &w.variant)?;
+                    total += u64::from(w.weight);
+                }
+                if total != u64::from(TOTAL_WEIGHT) {
+                    return Err(ValidationError::new(
+                        format!("{field}.variants"),
+                        format!(
+                            "weights sum to {total}, not {TOTAL_WEIGHT} (weights are thousandths of a percent)"
+                        ),
+                    ));
+                }
+                if r.bucket_by.is_empty() {
+                    return Err(ValidationError::new(
+                        format!("{field}.bucket_by"),
+                        "must name an attribute",
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 
     fn check_variant(&self, field: &str, name: &str) -> Result<(), ValidationError> {
@@ -227,85 +434,115 @@ impl Flag {
     }
 }
 
-/// Why a protobuf `Flag` could not be turned into a [`Flag`].
-#[derive(Debug, thiserror::Error)]
-#[error("flag {key:?}: {message}")]
-pub struct WireFlagError {
-    key: String,
-    message: String,
+fn clause_segment_refs(clauses: &[Clause]) -> impl Iterator<Item = &str> {
+    clauses
+        .iter()
+        .filter(|c| c.op == Operator::InSegment)
+        .flat_map(|c| c.values.iter().filter_map(|v| v.as_str()))
 }
 
-impl From<&Flag> for pb::Flag {
-    fn from(flag: &Flag) -> pb::Flag {
-        pb::Flag {
-            key: flag.key.clone(),
-            on: flag.on,
-            variants: flag
-                .variants
-                .iter()
-                .map(|(name, value)| pb::Variant {
-                    name: name.clone(),
-                    value: Some(value.into()),
-                })
-                .collect(),
-            off_variant: flag.off_variant.clone(),
-            fallthrough_variant: match &flag.fallthrough {
-                Serve::Variant(v) => v.clone(),
-            },
-            version: flag.version,
-            description: flag.description.clone(),
+impl Segment {
+    /// The keys of the segments this segment's rules refer to.
+    pub fn segment_refs(&self) -> impl Iterator<Item = &str> {
+        self.rules
+            .iter()
+            .flat_map(|r| clause_segment_refs(&r.clauses))
+    }
+
+    /// Checks everything but references to other segments (see [`check_segment_graph`]).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        crate::eval::CompiledSegment::new(self.clone()).map(drop)
+    }
+
+    pub(crate) fn check_structure(&self) -> Result<(), ValidationError> {
+        validate_name("key", &self.key)?;
+        for (field, list) in [("included", &self.included), ("excluded", &self.excluded)] {
+            if list.len() > MAX_VALUES {
+                return Err(ValidationError::new(
+                    field,
+                    format!("at most {MAX_VALUES} keys are allowed"),
+                ));
+            }
+        }
+        if self.rules.len() > MAX_RULES {
+            return Err(ValidationError::new(
+                "rules",
+                format!("at most {MAX_RULES} rules are allowed"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The flags whose evaluation may change when `changed_flags` and `changed_segments` change:
+/// those flags, and every flag that refers to a changed segment directly or through other
+/// segments.
+pub fn affected_flags<'a>(
+    flags: impl Iterator<Item = &'a Flag>,
+    segments: impl Iterator<Item = &'a Segment> + Clone,
+    changed_flags: impl IntoIterator<Item = String>,
+    changed_segments: impl IntoIterator<Item = String>,
+) -> std::collections::BTreeSet<String> {
+    let mut affected: std::collections::BTreeSet<String> = changed_flags.into_iter().collect();
+    let mut dirty: std::collections::HashSet<String> = changed_segments.into_iter().collect();
+    if dirty.is_empty() {
+        return affected;
+    }
+    // Close the set of changed segments over "refers to".
+    loop {
+        let before = dirty.len();
+        for seg in segments.clone() {
+            if !dirty.contains(&seg.key) && seg.segment_refs().any(|r| dirty.contains(r)) {
+                dirty.insert(seg.key.clone());
+            }
+        }
+        if dirty.len() == before {
+            break;
         }
     }
-}
-
-impl From<&FlagValue> for pb::Value {
-    fn from(value: &FlagValue) -> pb::Value {
-        use pb::value::Kind;
-        let kind = match value {
-            FlagValue::Bool(b) => Kind::Bool(*b),
-            FlagValue::Number(n) => Kind::Number(*n),
-            FlagValue::String(s) => Kind::String(s.clone()),
-            FlagValue::Json(j) => Kind::Json(j.to_string()),
-        };
-        pb::Value { kind: Some(kind) }
-    }
-}
-
-impl TryFrom<pb::Flag> for Flag {
-    type Error = WireFlagError;
-
-    fn try_from(wire: pb::Flag) -> Result<Flag, WireFlagError> {
-        use pb::value::Kind;
-        let err = |message: String| WireFlagError {
-            key: wire.key.clone(),
-            message,
-        };
-        let mut variants = BTreeMap::new();
-        for v in &wire.variants {
-            let value = match v.value.as_ref().and_then(|v| v.kind.as_ref()) {
-                Some(Kind::Bool(b)) => FlagValue::Bool(*b),
-                Some(Kind::Number(n)) => FlagValue::Number(*n),
-                Some(Kind::String(s)) => FlagValue::String(s.clone()),
-                Some(Kind::Json(text)) => FlagValue::Json(
-                    serde_json::from_str(text)
-                        .map_err(|e| err(format!("variant {:?}: bad JSON: {e}", v.name)))?,
-                ),
-                None => return Err(err(format!("variant {:?} has no value", v.name))),
-            };
-            variants.insert(v.name.clone(), value);
+    for flag in flags {
+        if flag.segment_refs().any(|r| dirty.contains(r)) {
+            affected.insert(flag.key.clone());
         }
-        let flag = Flag {
-            key: wire.key.clone(),
-            on: wire.on,
-            variants,
-            off_variant: wire.off_variant,
-            fallthrough: Serve::Variant(wire.fallthrough_variant),
-            description: wire.description,
-            version: wire.version,
-        };
-        flag.validate().map_err(|e| err(e.to_string()))?;
-        Ok(flag)
     }
+    affected
+}
+
+/// Checks that every segment reference in `refs` names a known segment, and that following
+/// references from `start` never comes back to it. `lookup` gives the references of a known
+/// segment (`None`: no such segment).
+pub fn check_segment_graph<'a>(
+    start: Option<&str>,
+    refs: impl Iterator<Item = &'a str>,
+    lookup: &dyn Fn(&str) -> Option<Vec<String>>,
+) -> Result<(), ValidationError> {
+    let mut stack: Vec<(String, Vec<String>)> = Vec::new();
+    let first: Vec<String> = refs.map(str::to_owned).collect();
+    for r in &first {
+        if lookup(r).is_none() && Some(r.as_str()) != start {
+            return Err(ValidationError::new(
+                "rules",
+                format!("unknown segment {r:?}"),
+            ));
+        }
+    }
+    stack.push((start.unwrap_or("").to_owned(), first));
+    let mut seen = std::collections::HashSet::new();
+    while let Some((from, refs)) = stack.pop() {
+        for r in refs {
+            if Some(r.as_str()) == start {
+                return Err(ValidationError::new(
+                    "rules",
+                    format!("segment reference cycle: {r:?} is reached again through {from:?}"),
+                ));
+            }
+            if seen.insert(r.clone()) {
+                let next = lookup(&r).unwrap_or_default();
+                stack.push((r, next));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -321,27 +558,6 @@ mod tests {
         assert_eq!(flag.variants["a"], FlagValue::String("hello".into()));
         let back: Flag = serde_json::from_str(&serde_json::to_string(&flag).unwrap()).unwrap();
         assert_eq!(back, flag);
-    }
-
-    #[test]
-    fn wire_round_trip_keeps_every_type() {
-        let mut flag = Flag::boolean("x", true, true);
-        flag.version = 9;
-        let wire = pb::Flag::from(&flag);
-        assert_eq!(Flag::try_from(wire).unwrap(), flag);
-        let json = Flag {
-            key: "cfg".into(),
-            on: false,
-            variants: BTreeMap::from([(
-                "v".into(),
-                FlagValue::Json(serde_json::json!({"limit": 3, "tags": ["a"]})),
-            )]),
-            off_variant: "v".into(),
-            fallthrough: Serve::Variant("v".into()),
-            description: "d".into(),
-            version: 2,
-        };
-        assert_eq!(Flag::try_from(pb::Flag::from(&json)).unwrap(), json);
     }
 
     #[test]

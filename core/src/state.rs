@@ -1,13 +1,17 @@
-//! The client's copy of an environment: the flags it holds and the selector they are at.
-//! Applying a snapshot or delta reports which keys changed, which is what listeners receive.
+//! The client's copy of an environment: in rules mode the compiled flags and segments it
+//! evaluates itself, in evaluated mode the values the server computed for its context; and the
+//! selector they are at. Applying a snapshot or delta reports which flag keys changed (including
+//! flags whose result may change because a segment they use changed): that is what listeners get.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
 use vane_proto::v1 as pb;
 
-use crate::model::{Flag, WireFlagError};
+use crate::convert::{flag_value, reason_from_wire};
+use crate::eval::{CompiledFlag, CompiledSegment, Context, ErrorCode, Evaluation, Reason};
+use crate::model::{Flag, FlagValue, Segment};
 
 /// A position in an environment's history (see `Selector` in the protocol).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,88 +53,254 @@ impl From<Selector> for pb::Selector {
     }
 }
 
-/// The flags a client holds, at a selector. Cheap to clone: flags are shared.
+/// A flag as the server evaluated it for this client's context (evaluated mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluatedValue {
+    /// The value; `None` if evaluation failed (serve the caller's default).
+    pub value: Option<FlagValue>,
+    /// The variant's name (empty when evaluation failed).
+    pub variant: String,
+    /// Why.
+    pub reason: Reason,
+    /// What went wrong, with reason `Error`.
+    pub error: Option<ErrorCode>,
+}
+
+impl EvaluatedValue {
+    fn from_wire(v: &pb::EvaluatedFlag) -> Result<EvaluatedValue, String> {
+        let value = match &v.value {
+            Some(_) => Some(
+                flag_value(v.value.as_ref()).map_err(|e| format!("value of {:?}: {e}", v.key))?,
+            ),
+            None => None,
+        };
+        Ok(EvaluatedValue {
+            value,
+            variant: v.variant.clone(),
+            reason: reason_from_wire(v.reason),
+            error: (!v.error_code.is_empty()).then(|| ErrorCode::parse(&v.error_code)),
+        })
+    }
+
+    /// This value as an evaluation result.
+    pub fn as_evaluation(&self) -> Evaluation<'_> {
+        Evaluation {
+            value: self.value.as_ref(),
+            variant: (!self.variant.is_empty()).then_some(self.variant.as_str()),
+            reason: self.reason,
+            error: self.error,
+            rule: None,
+            bucket: None,
+        }
+    }
+}
+
+/// The flags a client holds, at a selector. Cheap to clone: entries are shared.
 #[derive(Debug, Clone, Default)]
 pub struct FlagSet {
     selector: Option<Selector>,
-    flags: HashMap<String, Arc<Flag>>,
+    flags: HashMap<String, Arc<CompiledFlag>>,
+    segments: HashMap<String, Arc<CompiledSegment>>,
+    values: HashMap<String, Arc<EvaluatedValue>>,
 }
 
 impl FlagSet {
+    /// An evaluated-mode set at `selector` holding `values` (for example, loaded from a cache).
+    pub fn from_values(
+        selector: Option<Selector>,
+        values: impl IntoIterator<Item = (String, EvaluatedValue)>,
+    ) -> FlagSet {
+        FlagSet {
+            selector,
+            values: values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            ..FlagSet::default()
+        }
+    }
+
     /// Where this set stands; `None` before the first snapshot.
     pub fn selector(&self) -> Option<Selector> {
         self.selector
     }
 
-    /// The flag with this key.
-    pub fn get(&self, key: &str) -> Option<&Flag> {
-        self.flags.get(key).map(|f| &**f)
+    /// Evaluates `key` for `ctx`: locally in rules mode; in evaluated mode the server's answer
+    /// for the session's context is returned and `ctx` is not used.
+    pub fn evaluate(&self, key: &str, ctx: &Context) -> Evaluation<'_> {
+        if let Some(flag) = self.flags.get(key) {
+            flag.evaluate(ctx, &self.segments)
+        } else if let Some(value) = self.values.get(key) {
+            value.as_evaluation()
+        } else {
+            Evaluation::not_found()
+        }
     }
 
-    /// Every flag, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &Flag> {
-        self.flags.values().map(|f| &**f)
+    /// The flag definition with this key (rules mode).
+    pub fn get(&self, key: &str) -> Option<&Flag> {
+        self.flags.get(key).map(|f| f.flag())
+    }
+
+    /// The evaluated value with this key (evaluated mode).
+    pub fn value(&self, key: &str) -> Option<&EvaluatedValue> {
+        self.values.get(key).map(|v| &**v)
+    }
+
+    /// Every flag key held, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self
+            .flags
+            .keys()
+            .chain(self.values.keys())
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Every evaluated value held (evaluated mode).
+    pub fn values(&self) -> impl Iterator<Item = (&str, &EvaluatedValue)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), &**v))
     }
 
     /// How many flags.
     pub fn len(&self) -> usize {
-        self.flags.len()
+        self.flags.len() + self.values.len()
     }
 
     /// No flags at all.
     pub fn is_empty(&self) -> bool {
-        self.flags.is_empty()
+        self.len() == 0
     }
 
-    /// Replaces everything with `snapshot`; returns the keys that were added, removed or changed.
-    pub(crate) fn replace(&mut self, snapshot: pb::Snapshot) -> Result<Vec<String>, WireFlagError> {
-        let selector = snapshot.selector.map(Selector::from);
-        let mut next = HashMap::with_capacity(snapshot.flags.len());
-        for wire in snapshot.flags {
-            let flag = Flag::try_from(wire)?;
-            next.insert(flag.key.clone(), Arc::new(flag));
+    /// Replaces everything with `snapshot`; returns the keys whose result may differ.
+    pub(crate) fn replace(&mut self, snapshot: pb::Snapshot) -> Result<Vec<String>, String> {
+        let mut next = FlagSet {
+            selector: snapshot.selector.map(Selector::from),
+            ..FlagSet::default()
+        };
+        for wire in snapshot.segments {
+            let seg = compile_segment(wire)?;
+            next.segments
+                .insert(seg.segment().key.clone(), Arc::new(seg));
         }
-        let mut changed: Vec<String> = next
+        for wire in snapshot.flags {
+            let flag = compile_flag(wire)?;
+            next.flags.insert(flag.flag().key.clone(), Arc::new(flag));
+        }
+        for v in &snapshot.values {
+            next.values
+                .insert(v.key.clone(), Arc::new(EvaluatedValue::from_wire(v)?));
+        }
+        let mut changed = BTreeSet::new();
+        for (k, f) in &next.flags {
+            if self.flags.get(k).is_none_or(|old| old.flag() != f.flag()) {
+                changed.insert(k.clone());
+            }
+        }
+        for (k, v) in &next.values {
+            if self.values.get(k) != Some(v) {
+                changed.insert(k.clone());
+            }
+        }
+        changed.extend(
+            self.flags
+                .keys()
+                .chain(self.values.keys())
+                .filter(|k| !next.flags.contains_key(*k) && !next.values.contains_key(*k))
+                .cloned(),
+        );
+        let changed_segments: Vec<String> = next
+            .segments
             .iter()
-            .filter(|(k, f)| self.flags.get(*k) != Some(*f))
+            .filter(|(k, s)| {
+                self.segments
+                    .get(*k)
+                    .is_none_or(|old| old.segment() != s.segment())
+            })
             .map(|(k, _)| k.clone())
             .chain(
-                self.flags
+                self.segments
                     .keys()
-                    .filter(|k| !next.contains_key(*k))
+                    .filter(|k| !next.segments.contains_key(*k))
                     .cloned(),
             )
             .collect();
-        changed.sort_unstable();
-        self.flags = next;
-        self.selector = selector;
-        Ok(changed)
+        changed.extend(next.affected(Vec::new(), changed_segments));
+        *self = next;
+        Ok(changed.into_iter().collect())
     }
 
     /// Applies `delta`, which the caller has checked starts at this set's version.
-    pub(crate) fn apply(&mut self, delta: pb::Delta) -> Result<Vec<String>, WireFlagError> {
-        // Convert first so a bad flag leaves the set untouched.
-        let upserts = delta
+    pub(crate) fn apply(&mut self, delta: pb::Delta) -> Result<Vec<String>, String> {
+        // Convert everything first so a bad item leaves the set untouched.
+        let flags = delta
             .upserts
             .into_iter()
-            .map(Flag::try_from)
+            .map(compile_flag)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut changed = Vec::with_capacity(upserts.len() + delta.deletes.len());
-        for flag in upserts {
-            changed.push(flag.key.clone());
-            self.flags.insert(flag.key.clone(), Arc::new(flag));
+        let segments = delta
+            .segment_upserts
+            .into_iter()
+            .map(compile_segment)
+            .collect::<Result<Vec<_>, _>>()?;
+        let values = delta
+            .values
+            .iter()
+            .map(|v| Ok((v.key.clone(), EvaluatedValue::from_wire(v)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+
+        let mut changed_flags: Vec<String> = Vec::new();
+        let mut changed_segments: Vec<String> = Vec::new();
+        for seg in segments {
+            changed_segments.push(seg.segment().key.clone());
+            self.segments
+                .insert(seg.segment().key.clone(), Arc::new(seg));
         }
-        for key in delta.deletes {
-            if self.flags.remove(&key).is_some() {
-                changed.push(key);
+        for key in delta.segment_deletes {
+            if self.segments.remove(&key).is_some() {
+                changed_segments.push(key);
             }
         }
-        changed.sort_unstable();
-        changed.dedup();
+        for flag in flags {
+            changed_flags.push(flag.flag().key.clone());
+            self.flags.insert(flag.flag().key.clone(), Arc::new(flag));
+        }
+        for (key, value) in values {
+            changed_flags.push(key.clone());
+            self.values.insert(key, Arc::new(value));
+        }
+        for key in delta.deletes {
+            if self.flags.remove(&key).is_some() | self.values.remove(&key).is_some() {
+                changed_flags.push(key);
+            }
+        }
         self.selector = Some(Selector {
             epoch: delta.epoch,
             version: delta.to_version,
         });
-        Ok(changed)
+        Ok(self
+            .affected(changed_flags, changed_segments)
+            .into_iter()
+            .collect())
     }
+
+    fn affected(&self, flags: Vec<String>, segments: Vec<String>) -> BTreeSet<String> {
+        crate::model::affected_flags(
+            self.flags.values().map(|f| f.flag()),
+            self.segments.values().map(|s| s.segment()),
+            flags,
+            segments,
+        )
+    }
+}
+
+fn compile_flag(wire: pb::Flag) -> Result<CompiledFlag, String> {
+    let flag = Flag::try_from(wire).map_err(|e| e.to_string())?;
+    let key = flag.key.clone();
+    CompiledFlag::new(flag).map_err(|e| format!("flag {key:?}: {e}"))
+}
+
+fn compile_segment(wire: pb::Segment) -> Result<CompiledSegment, String> {
+    let seg = Segment::try_from(wire).map_err(|e| e.to_string())?;
+    let key = seg.key.clone();
+    CompiledSegment::new(seg).map_err(|e| format!("segment {key:?}: {e}"))
 }

@@ -16,6 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
+use crate::eval::Context;
 use crate::state::{FlagSet, Selector};
 
 /// The client hears nothing for this many heartbeat intervals: the connection is dead.
@@ -32,6 +33,10 @@ pub struct SyncConfig {
     pub sdk_version: String,
     /// Platform sent in Hello (e.g. `linux-x86_64`, `android`).
     pub platform: String,
+    /// Rules (the client evaluates) or evaluated (the server evaluates for `context`).
+    pub mode: pb::DeliveryMode,
+    /// The evaluation context: sent to the server in evaluated mode.
+    pub context: Context,
     /// Push deltas, or notices followed by Fetch.
     pub push: pb::PushMode,
     /// First reconnect delay cap; doubles per failure up to `backoff_max`. Full jitter.
@@ -50,6 +55,8 @@ impl SyncConfig {
             sdk_name: "vane-rust".into(),
             sdk_version: env!("CARGO_PKG_VERSION").into(),
             platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+            mode: pb::DeliveryMode::Rules,
+            context: Context::default(),
             push: pb::PushMode::Delta,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
@@ -94,6 +101,9 @@ pub enum Fatal {
     /// The server does not speak this protocol version.
     #[error("unsupported protocol version: {0}")]
     UnsupportedVersion(String),
+    /// The server refused the evaluation context.
+    #[error("invalid context: {0}")]
+    InvalidContext(String),
 }
 
 /// Why a connection ended; the machine then waits `reconnect_in` before asking for a new one.
@@ -200,11 +210,24 @@ pub struct SyncMachine {
     failures: u32,
     rng: StdRng,
     out: VecDeque<Output>,
+    /// Evaluated mode: the context (as JSON text) the held values were computed for.
+    values_for: Option<String>,
+    /// Evaluated mode: the context the server is using for frames it sends now.
+    server_context: Option<String>,
+    /// Identify frames sent on this connection and not yet answered: (seq, context JSON).
+    identifies: VecDeque<(u32, String)>,
+    next_identify: u32,
 }
 
 impl SyncMachine {
-    /// A machine ready to connect, starting from `flags` (empty, or loaded from a cache).
-    pub fn new(config: SyncConfig, flags: FlagSet, seed: u64) -> Self {
+    /// A machine ready to connect, starting from `flags` (empty, or loaded from a cache, in
+    /// which case `flags_context` names the context, as JSON text, they were evaluated for).
+    pub fn new(
+        config: SyncConfig,
+        flags: FlagSet,
+        flags_context: Option<String>,
+        seed: u64,
+    ) -> Self {
         SyncMachine {
             config,
             phase: Phase::Idle,
@@ -213,6 +236,40 @@ impl SyncMachine {
             failures: 0,
             rng: StdRng::seed_from_u64(seed),
             out: VecDeque::new(),
+            values_for: flags_context,
+            server_context: None,
+            identifies: VecDeque::new(),
+            next_identify: 1,
+        }
+    }
+
+    /// The context in use.
+    pub fn context(&self) -> &Context {
+        &self.config.context
+    }
+
+    /// Evaluated mode: the context (JSON text) the held values were computed for.
+    pub fn values_context(&self) -> Option<&str> {
+        self.values_for.as_deref()
+    }
+
+    fn evaluated(&self) -> bool {
+        self.config.mode == pb::DeliveryMode::Evaluated
+    }
+
+    /// Switches to another context. In evaluated mode a live session sends `Identify` and the
+    /// server answers with the values that differ; otherwise the next connection starts fresh.
+    pub fn identify(&mut self, context: Context) {
+        self.config.context = context;
+        if !self.evaluated() {
+            return;
+        }
+        let json = self.config.context.to_json().to_string();
+        if matches!(self.phase, Phase::Live { .. }) {
+            let seq = self.next_identify;
+            self.next_identify = self.next_identify.wrapping_add(1).max(1);
+            self.identifies.push_back((seq, json.clone()));
+            self.transmit(pb::Identify { context: json, seq });
         }
     }
 
@@ -267,16 +324,30 @@ impl SyncMachine {
             deadline: now + self.config.handshake_timeout,
         };
         self.fetching = false;
+        self.identifies.clear();
+        let (context, selector) = if self.evaluated() {
+            let json = self.config.context.to_json().to_string();
+            // Values computed for another context cannot be resumed: ask for a snapshot.
+            let selector = self
+                .flags
+                .selector()
+                .filter(|_| self.values_for.as_deref() == Some(json.as_str()));
+            self.server_context = Some(json.clone());
+            (json, selector)
+        } else {
+            (String::new(), self.flags.selector())
+        };
         let hello = pb::Hello {
             protocol_version: vane_proto::PROTOCOL_VERSION,
             sdk_key: self.config.sdk_key.clone(),
             sdk_name: self.config.sdk_name.clone(),
             sdk_version: self.config.sdk_version.clone(),
             platform: self.config.platform.clone(),
-            mode: pb::DeliveryMode::Rules.into(),
+            mode: self.config.mode.into(),
             push: self.config.push.into(),
-            selector: self.flags.selector().map(Into::into),
+            selector: selector.map(Into::into),
             max_frame_len: 0,
+            context,
         };
         self.transmit(hello);
     }
@@ -352,8 +423,11 @@ impl SyncMachine {
                 self.fetching = false;
                 let selector = s.selector.map(Selector::from);
                 match Arc::make_mut(&mut self.flags).replace(s) {
-                    Ok(changed) => self.applied(UpdateKind::Snapshot, selector, changed),
-                    Err(e) => self.protocol_error(now, e.to_string()),
+                    Ok(changed) => {
+                        self.values_for = self.server_context.clone();
+                        self.applied(UpdateKind::Snapshot, selector, changed);
+                    }
+                    Err(e) => self.protocol_error(now, e),
                 }
             }
             (Kind::Delta(d), Some(_)) => self.on_delta(now, d),
@@ -393,9 +467,22 @@ impl SyncMachine {
                     epoch: delta.epoch,
                     version: delta.to_version,
                 };
+                let answers = delta.identify_seq;
                 match Arc::make_mut(&mut self.flags).apply(delta) {
-                    Ok(changed) => self.applied(UpdateKind::Delta, Some(to), changed),
-                    Err(e) => self.protocol_error(now, e.to_string()),
+                    Ok(changed) => {
+                        if answers != 0 {
+                            // Identifies are answered in order; drop any the server skipped.
+                            while let Some((seq, json)) = self.identifies.pop_front() {
+                                if seq == answers {
+                                    self.server_context = Some(json);
+                                    break;
+                                }
+                            }
+                        }
+                        self.values_for = self.server_context.clone();
+                        self.applied(UpdateKind::Delta, Some(to), changed);
+                    }
+                    Err(e) => self.protocol_error(now, e),
                 }
             }
             // Already applied (a Fetch answer that crossed a push): nothing to do.
@@ -411,6 +498,7 @@ impl SyncMachine {
             ErrorCode::Unauthenticated => Some(Fatal::Unauthenticated(e.message.clone())),
             ErrorCode::PermissionDenied => Some(Fatal::PermissionDenied(e.message.clone())),
             ErrorCode::UnsupportedVersion => Some(Fatal::UnsupportedVersion(e.message.clone())),
+            ErrorCode::InvalidContext => Some(Fatal::InvalidContext(e.message.clone())),
             _ => None,
         };
         if let Some(fatal) = fatal {

@@ -40,6 +40,7 @@ macro_rules! frame_from {
 frame_from! {
     Hello => Hello, Welcome => Welcome, Snapshot => Snapshot, Delta => Delta, Notice => Notice,
     Fetch => Fetch, UpToDate => UpToDate, Ping => Ping, Ack => Ack, GoAway => GoAway, Error => Error,
+    Identify => Identify,
 }
 
 impl v1::Frame {
@@ -58,6 +59,7 @@ impl v1::Frame {
             Some(Kind::Ack(_)) => "Ack",
             Some(Kind::GoAway(_)) => "GoAway",
             Some(Kind::Error(_)) => "Error",
+            Some(Kind::Identify(_)) => "Identify",
             None => "unknown",
         }
     }

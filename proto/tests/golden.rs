@@ -27,9 +27,10 @@ fn bool_flag(key: &str, on: bool, version: u64) -> Flag {
         on,
         variants: vec![variant("on", true), variant("off", false)],
         off_variant: "off".into(),
-        fallthrough_variant: "on".into(),
+        fallthrough: Some(flag::Fallthrough::FallthroughVariant("on".into())),
         version,
         description: String::new(),
+        ..Default::default()
     }
 }
 
@@ -48,6 +49,7 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 push: PushMode::Delta.into(),
                 selector: sel(EPOCH, 41),
                 max_frame_len: 0,
+                context: String::new(),
             }
             .into(),
         ),
@@ -79,12 +81,14 @@ fn samples() -> Vec<(&'static str, Frame)> {
                             }),
                         }],
                         off_variant: "text".into(),
-                        fallthrough_variant: "text".into(),
+                        fallthrough: Some(flag::Fallthrough::FallthroughVariant("text".into())),
                         version: 3,
                         description: "top banner".into(),
+                        ..Default::default()
                     },
                 ],
                 reason: SnapshotReason::NoSelector.into(),
+                ..Default::default()
             }
             .into(),
         ),
@@ -96,6 +100,7 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 to_version: 42,
                 upserts: vec![bool_flag("new-checkout", false, 42)],
                 deletes: vec!["old-flag".into()],
+                ..Default::default()
             }
             .into(),
         ),
@@ -144,6 +149,110 @@ fn samples() -> Vec<(&'static str, Frame)> {
             .into(),
         ),
         (
+            "identify",
+            Identify {
+                context: r#"{"key":"user-1","country":"de"}"#.into(),
+                seq: 1,
+            }
+            .into(),
+        ),
+        (
+            "snapshot_rules",
+            Snapshot {
+                selector: sel(EPOCH, 7),
+                flags: vec![Flag {
+                    key: "checkout".into(),
+                    on: true,
+                    variants: vec![
+                        Variant {
+                            name: "a".into(),
+                            value: Some(Value {
+                                kind: Some(value::Kind::String("A".into())),
+                            }),
+                        },
+                        Variant {
+                            name: "b".into(),
+                            value: Some(Value {
+                                kind: Some(value::Kind::String("B".into())),
+                            }),
+                        },
+                    ],
+                    off_variant: "b".into(),
+                    fallthrough: Some(flag::Fallthrough::FallthroughRollout(Rollout {
+                        bucket_by: "key".into(),
+                        salt: String::new(),
+                        variants: vec![
+                            WeightedVariant {
+                                variant: "a".into(),
+                                weight: 30_000,
+                            },
+                            WeightedVariant {
+                                variant: "b".into(),
+                                weight: 70_000,
+                            },
+                        ],
+                    })),
+                    version: 7,
+                    description: String::new(),
+                    rules: vec![Rule {
+                        id: "staff".into(),
+                        clauses: vec![Clause {
+                            attribute: String::new(),
+                            op: Operator::InSegment.into(),
+                            values: vec![Value {
+                                kind: Some(value::Kind::String("staff".into())),
+                            }],
+                            negate: false,
+                        }],
+                        serve: Some(rule::Serve::Variant("a".into())),
+                        description: String::new(),
+                    }],
+                    tags: vec!["web".into()],
+                }],
+                segments: vec![Segment {
+                    key: "staff".into(),
+                    included: vec!["u-boss".into()],
+                    excluded: vec![],
+                    rules: vec![SegmentRule {
+                        clauses: vec![Clause {
+                            attribute: "email".into(),
+                            op: Operator::EndsWith.into(),
+                            values: vec![Value {
+                                kind: Some(value::Kind::String("@vane.dev".into())),
+                            }],
+                            negate: false,
+                        }],
+                    }],
+                    version: 6,
+                    description: String::new(),
+                }],
+                reason: SnapshotReason::NoSelector.into(),
+                values: vec![],
+            }
+            .into(),
+        ),
+        (
+            "delta_evaluated",
+            Delta {
+                epoch: EPOCH,
+                from_version: 41,
+                to_version: 42,
+                values: vec![EvaluatedFlag {
+                    key: "new-checkout".into(),
+                    value: Some(Value {
+                        kind: Some(value::Kind::Bool(false)),
+                    }),
+                    variant: "off".into(),
+                    reason: Reason::Disabled.into(),
+                    error_code: String::new(),
+                    version: 42,
+                }],
+                identify_seq: 0,
+                ..Default::default()
+            }
+            .into(),
+        ),
+        (
             "error",
             Error {
                 code: ErrorCode::Initializing.into(),
@@ -183,7 +292,7 @@ fn every_frame_kind_has_a_vector() {
     let mut kinds: Vec<_> = samples().iter().map(|(_, f)| f.kind_name()).collect();
     kinds.sort_unstable();
     kinds.dedup();
-    assert_eq!(kinds.len(), 11, "one sample per frame kind: {kinds:?}");
+    assert_eq!(kinds.len(), 12, "one sample per frame kind: {kinds:?}");
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use vane_core::client::{Client, ClientConfig, ConnectionState, TransportPreference};
+use vane_core::eval::Context;
+use vane_core::model::{Flag, Serve};
 
 use crate::server::{Server, ServerConfig};
 
@@ -74,6 +76,26 @@ pub enum Command {
         #[command(subcommand)]
         cmd: FlagCmd,
     },
+    /// Manage segments.
+    Segment {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: SegmentCmd,
+    },
+    /// Evaluate a flag for a context on the server, and say which rule or bucket decided.
+    Eval {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The environment.
+        env: String,
+        /// The flag key.
+        flag: String,
+        /// The context, a JSON object, e.g. '{"key": "user-1", "country": "de"}'.
+        #[arg(long)]
+        context: String,
+    },
+
     /// Connect like an SDK and print every update as it is applied.
     Watch(WatchArgs),
 }
@@ -215,7 +237,42 @@ pub enum FlagCmd {
     },
 }
 
+/// `vane segment …`.
+#[derive(Debug, Subcommand)]
+pub enum SegmentCmd {
+    /// Create or replace a segment from its JSON definition (see docs/FLAGS.md).
+    Set {
+        /// The environment.
+        env: String,
+        /// The segment key.
+        segment: String,
+        /// The JSON file; `-` reads stdin.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Show one segment.
+    Get {
+        /// The environment.
+        env: String,
+        /// The segment key.
+        segment: String,
+    },
+    /// List an environment's segments.
+    List {
+        /// The environment.
+        env: String,
+    },
+    /// Delete a segment no flag uses.
+    Delete {
+        /// The environment.
+        env: String,
+        /// The segment key.
+        segment: String,
+    },
+}
+
 /// The transport `watch` uses.
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum TransportArg {
     /// QUIC first, TCP raced after a head start.
@@ -250,6 +307,10 @@ pub struct WatchArgs {
     /// One JSON object per line for every applied update.
     #[arg(long)]
     pub json: bool,
+    /// Evaluated mode, as a mobile SDK: the server evaluates for this context (a JSON object,
+    /// e.g. '{"key": "user-1", "country": "de"}') and sends only values.
+    #[arg(long)]
+    pub context: Option<String>,
 }
 
 /// A failed command and its exit code.
@@ -263,6 +324,13 @@ impl Failure {
     fn refused(message: impl Into<String>) -> Failure {
         Failure {
             code: 1,
+            message: message.into(),
+        }
+    }
+
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
             message: message.into(),
         }
     }
@@ -288,6 +356,15 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Env { admin, cmd } => admin_cmd(&cli.data, &admin, |a| env_cmd(a, cmd)).await,
         Command::Key { admin, cmd } => admin_cmd(&cli.data, &admin, |a| key_cmd(a, cmd)).await,
         Command::Flag { admin, cmd } => admin_cmd(&cli.data, &admin, |a| flag_cmd(a, cmd)).await,
+        Command::Segment { admin, cmd } => {
+            admin_cmd(&cli.data, &admin, |a| segment_cmd(a, cmd)).await
+        }
+        Command::Eval {
+            admin,
+            env,
+            flag,
+            context,
+        } => admin_cmd(&cli.data, &admin, |a| eval_cmd(a, env, flag, context)).await,
         Command::Watch(args) => watch(&cli.data, args).await,
     };
     match result {
@@ -609,18 +686,15 @@ async fn flag_cmd(a: Admin, cmd: FlagCmd) -> Result<(), Failure> {
                 .call(Method::GET, &format!("/environments/{env}/flags"), None)
                 .await?;
             a.print(&v, || {
-                let mut out = format!("{:<28} {:<4} {:<24} {}", "KEY", "ON", "SERVES", "VERSION");
-                let flags: Vec<vane_core::model::Flag> =
+                let mut out = format!("{:<28} {:<4} {:<40} {}", "KEY", "ON", "SERVES", "VERSION");
+                let flags: Vec<Flag> =
                     serde_json::from_value(v["flags"].clone()).unwrap_or_default();
                 for f in &flags {
-                    let serves = vane_core::eval::evaluate(f)
-                        .map(|e| serde_json::to_string(e.value).unwrap_or_default())
-                        .unwrap_or_default();
                     out.push_str(&format!(
-                        "\n{:<28} {:<4} {:<24} {}",
+                        "\n{:<28} {:<4} {:<40} {}",
                         f.key,
                         if f.on { "on" } else { "off" },
-                        serves,
+                        serving(f),
                         f.version
                     ));
                 }
@@ -655,6 +729,11 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
     if args.notify {
         config = config.notify_mode();
     }
+    if let Some(text) = &args.context {
+        let context =
+            Context::parse(text).map_err(|e| Failure::usage(format!("--context: {e}")))?;
+        config = config.evaluated(context);
+    }
     let stop = shutdown_signal()?;
     tokio::pin!(stop);
     let client = Client::start(config).map_err(|e| Failure::refused(e.to_string()))?;
@@ -665,16 +744,15 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
         tokio::select! {
             u = updates.recv() => match u {
                 Ok(update) => {
-                    let flags = client.flags();
                     let transport = client.status().transport;
+                    // The client's own answer: evaluated locally in rules mode, the server's in
+                    // evaluated mode. A deleted flag has no value.
+                    let value = |k: &str| client.details(k).value.map(|v| json!(v));
                     if args.json {
                         let values: serde_json::Map<String, Value> = update
                             .changed
                             .iter()
-                            .map(|k| {
-                                let v = flags.get(k).and_then(vane_core::eval::evaluate).map(|e| json!(e.value));
-                                (k.clone(), v.unwrap_or(Value::Null))
-                            })
+                            .map(|k| (k.clone(), value(k).unwrap_or(Value::Null)))
                             .collect();
                         println!("{}", json!({
                             "version": update.selector.version,
@@ -685,12 +763,14 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
                             "values": values,
                         }));
                     } else {
-                        let shown: Vec<String> = update.changed.iter().map(|k| {
-                            match flags.get(k).and_then(vane_core::eval::evaluate) {
-                                Some(e) => format!("{k}={}", serde_json::to_string(e.value).unwrap_or_default()),
+                        let shown: Vec<String> = update
+                            .changed
+                            .iter()
+                            .map(|k| match value(k) {
+                                Some(v) => format!("{k}={v}"),
                                 None => format!("{k} (deleted)"),
-                            }
-                        }).collect();
+                            })
+                            .collect();
                         println!(
                             "[{}] v{} {:?}: {}",
                             transport.map_or("-".to_owned(), |t| t.to_string()),
@@ -726,5 +806,144 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
         }
     }
     client.close().await;
+    Ok(())
+}
+
+/// What a flag serves, in a few words: its value if it is off or has no rules, else its rules
+/// and fallthrough.
+fn serving(f: &Flag) -> String {
+    let value = |variant: &str| {
+        f.variants.get(variant).map_or_else(
+            || "?".to_owned(),
+            |v| serde_json::to_string(v).unwrap_or_default(),
+        )
+    };
+    let fallthrough = match &f.fallthrough {
+        Serve::Variant(v) => value(v),
+        Serve::Rollout(r) => {
+            let parts: Vec<String> = r
+                .variants
+                .iter()
+                .map(|w| format!("{} {}%", w.variant, f64::from(w.weight) / 1000.0))
+                .collect();
+            format!("rollout {}", parts.join(" / "))
+        }
+    };
+    if !f.on {
+        value(&f.off_variant)
+    } else if f.rules.is_empty() {
+        fallthrough
+    } else {
+        format!("{} rule(s), else {fallthrough}", f.rules.len())
+    }
+}
+
+/// Reads a JSON document from a file, or stdin for `-`.
+fn read_json(path: &Path) -> Result<Value, Failure> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    }
+    .map_err(|e| Failure::refused(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Failure::refused(format!("{}: {e}", path.display())))
+}
+
+async fn segment_cmd(a: Admin, cmd: SegmentCmd) -> Result<(), Failure> {
+    match cmd {
+        SegmentCmd::Set { env, segment, file } => {
+            let body = read_json(&file)?;
+            let v = a
+                .call(
+                    Method::PUT,
+                    &format!("/environments/{env}/segments/{segment}"),
+                    Some(body),
+                )
+                .await?;
+            a.print(&v, || version_line(&v));
+        }
+        SegmentCmd::Get { env, segment } => {
+            let v = a
+                .call(
+                    Method::GET,
+                    &format!("/environments/{env}/segments/{segment}"),
+                    None,
+                )
+                .await?;
+            a.print(&v, || serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        SegmentCmd::List { env } => {
+            let v = a
+                .call(Method::GET, &format!("/environments/{env}/segments"), None)
+                .await?;
+            a.print(&v, || {
+                let mut out = format!(
+                    "{:<28} {:>8} {:>8} {:>6} {}",
+                    "KEY", "INCLUDED", "EXCLUDED", "RULES", "VERSION"
+                );
+                for s in v["segments"].as_array().into_iter().flatten() {
+                    let count = |f: &str| s[f].as_array().map_or(0, Vec::len);
+                    out.push_str(&format!(
+                        "\n{:<28} {:>8} {:>8} {:>6} {}",
+                        s["key"].as_str().unwrap_or(""),
+                        count("included"),
+                        count("excluded"),
+                        count("rules"),
+                        s["version"]
+                    ));
+                }
+                out
+            });
+        }
+        SegmentCmd::Delete { env, segment } => {
+            let v = a
+                .call(
+                    Method::DELETE,
+                    &format!("/environments/{env}/segments/{segment}"),
+                    None,
+                )
+                .await?;
+            a.print(&v, || version_line(&v));
+        }
+    }
+    Ok(())
+}
+
+async fn eval_cmd(a: Admin, env: String, flag: String, context: String) -> Result<(), Failure> {
+    let context: Value = serde_json::from_str(&context)
+        .map_err(|e| Failure::usage(format!("--context is not JSON: {e}")))?;
+    let v = a
+        .call(
+            Method::POST,
+            &format!("/environments/{env}/flags/{flag}/evaluate"),
+            Some(json!({ "context": context })),
+        )
+        .await?;
+    a.print(&v, || {
+        let mut out = format!(
+            "value:   {}\nvariant: {}\nreason:  {}",
+            v["value"],
+            v["variant"].as_str().unwrap_or("-"),
+            v["reason"].as_str().unwrap_or("?")
+        );
+        if let Some(code) = v["error_code"].as_str() {
+            out.push_str(&format!("\nerror:   {code}"));
+        }
+        if let Some(i) = v["rule"]["index"].as_u64() {
+            let id = v["rule"]["id"]
+                .as_str()
+                .map(|id| format!(" ({id})"))
+                .unwrap_or_default();
+            out.push_str(&format!("\nrule:    {i}{id}"));
+        }
+        if let Some(b) = v["bucket"].as_u64() {
+            out.push_str(&format!("\nbucket:  {b} of 100000"));
+        }
+        out.push_str(&format!(
+            "\nwhy:     {}",
+            v["explanation"].as_str().unwrap_or("")
+        ));
+        out
+    });
     Ok(())
 }

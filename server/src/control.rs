@@ -2,16 +2,18 @@
 //!
 //! The store sits behind one mutex, and the hub is updated before that mutex is released, so
 //! the hub (and so every session) sees versions in exactly the order they were committed, and a
-//! read-modify-write such as a toggle cannot lose a concurrent change. SQLite calls run on the
-//! blocking pool.
+//! read-modify-write such as a toggle, or a check that a segment is unused, cannot race another
+//! change. Each flag or segment is compiled once per change, with its new version. SQLite calls
+//! run on the blocking pool.
 
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use vane_core::model::{Flag, ValidationError, validate_name};
+use vane_core::history::{EnvHistory, Item, ItemKind};
+use vane_core::model::{Flag, Segment, ValidationError, check_segment_graph, validate_name};
 use vane_core::state::Selector;
 
-use crate::hub::{Hub, hash_secret};
+use crate::hub::{EnvHub, Hub, hash_secret};
 use crate::store::{KeyKind, KeyRecord, Store, StoreError, unix_now};
 
 /// Why an admin operation failed.
@@ -21,6 +23,14 @@ pub enum ControlError {
     /// The request is invalid; names the field.
     #[error("{0}")]
     Invalid(#[from] ValidationError),
+    /// A segment cannot be deleted while flags or segments use it.
+    #[error("segment {segment:?} is used by {users}")]
+    InUse {
+        /// The segment.
+        segment: String,
+        /// Who uses it, e.g. `flag "a", segment "b"`.
+        users: String,
+    },
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -44,6 +54,17 @@ pub struct NewKey {
 pub struct Control {
     store: Mutex<Store>,
     hub: Arc<Hub>,
+}
+
+/// The references a segment makes, for [`check_segment_graph`].
+fn segment_refs_in(history: &EnvHistory, key: &str) -> Option<Vec<String>> {
+    history.segment_entry(key).map(|s| {
+        s.compiled
+            .segment()
+            .segment_refs()
+            .map(str::to_owned)
+            .collect()
+    })
 }
 
 impl Control {
@@ -96,7 +117,7 @@ impl Control {
         .await
     }
 
-    /// Deletes an environment, its flags and keys; its sessions end.
+    /// Deletes an environment, its flags, segments and keys; its sessions end.
     pub async fn delete_env(self: &Arc<Self>, name: String) -> Result<(), ControlError> {
         self.blocking(move |store, hub| {
             store.delete_env(&name)?;
@@ -106,15 +127,27 @@ impl Control {
         .await
     }
 
-    /// Creates or replaces a flag. The key in the body, if any, must match `key`.
+    /// Creates or replaces a flag. Its segment references must name existing segments.
     pub async fn put_flag(
         self: &Arc<Self>,
         env: String,
-        mut flag: Flag,
+        flag: Flag,
     ) -> Result<Selector, ControlError> {
-        flag.version = 0;
-        flag.validate()?;
-        self.commit(env, flag.key.clone(), Some(flag)).await
+        self.blocking(move |store, hub| {
+            let env_hub = env_of(hub, &env)?;
+            env_hub.with_history(|h| {
+                check_segment_graph(None, flag.segment_refs(), &|k| segment_refs_in(h, k))
+            })?;
+            let key = flag.key.clone();
+            commit(
+                store,
+                &env_hub,
+                ItemKind::Flag,
+                key,
+                Some(Stamped::Flag(flag)),
+            )
+        })
+        .await
     }
 
     /// Deletes a flag.
@@ -123,7 +156,10 @@ impl Control {
         env: String,
         key: String,
     ) -> Result<Selector, ControlError> {
-        self.commit(env, key, None).await
+        self.blocking(move |store, hub| {
+            commit(store, &*env_of(hub, &env)?, ItemKind::Flag, key, None)
+        })
+        .await
     }
 
     /// Turns a flag on or off. Toggling to the state it already has still commits a version,
@@ -135,32 +171,76 @@ impl Control {
         on: bool,
     ) -> Result<Selector, ControlError> {
         self.blocking(move |store, hub| {
-            let env_hub = hub
-                .env(&env)
-                .ok_or_else(|| StoreError::EnvNotFound(env.clone()))?;
+            let env_hub = env_of(hub, &env)?;
             let mut flag = env_hub
-                .with_history(|h| h.get(&key).map(|e| e.flag.clone()))
+                .with_history(|h| h.flag(&key).map(|e| e.compiled.flag().clone()))
                 .ok_or_else(|| StoreError::FlagNotFound(key.clone()))?;
             flag.on = on;
-            let selector = store.commit_flag(&env, &key, Some(&flag))?;
-            env_hub.apply(key, Some(flag), selector);
-            Ok(selector)
+            commit(
+                store,
+                &env_hub,
+                ItemKind::Flag,
+                key,
+                Some(Stamped::Flag(flag)),
+            )
         })
         .await
     }
 
-    async fn commit(
+    /// Creates or replaces a segment. Its references must exist and must not lead back to it.
+    pub async fn put_segment(
+        self: &Arc<Self>,
+        env: String,
+        segment: Segment,
+    ) -> Result<Selector, ControlError> {
+        self.blocking(move |store, hub| {
+            let env_hub = env_of(hub, &env)?;
+            env_hub.with_history(|h| {
+                check_segment_graph(Some(&segment.key), segment.segment_refs(), &|k| {
+                    segment_refs_in(h, k)
+                })
+            })?;
+            let key = segment.key.clone();
+            commit(
+                store,
+                &env_hub,
+                ItemKind::Segment,
+                key,
+                Some(Stamped::Segment(segment)),
+            )
+        })
+        .await
+    }
+
+    /// Deletes a segment that no flag or other segment uses.
+    pub async fn delete_segment(
         self: &Arc<Self>,
         env: String,
         key: String,
-        flag: Option<Flag>,
     ) -> Result<Selector, ControlError> {
         self.blocking(move |store, hub| {
-            let selector = store.commit_flag(&env, &key, flag.as_ref())?;
-            if let Some(env_hub) = hub.env(&env) {
-                env_hub.apply(key, flag, selector);
+            let env_hub = env_of(hub, &env)?;
+            let users = env_hub.with_history(|h| {
+                let flags = h
+                    .flags()
+                    .filter(|f| f.compiled.flag().segment_refs().any(|r| r == key))
+                    .map(|f| format!("flag {:?}", f.compiled.flag().key));
+                let segments = h
+                    .segments()
+                    .filter(|s| {
+                        s.compiled.segment().key != key
+                            && s.compiled.segment().segment_refs().any(|r| r == key)
+                    })
+                    .map(|s| format!("segment {:?}", s.compiled.segment().key));
+                flags.chain(segments).collect::<Vec<_>>()
+            });
+            if !users.is_empty() {
+                return Err(ControlError::InUse {
+                    segment: key,
+                    users: users.join(", "),
+                });
             }
-            Ok(selector)
+            commit(store, &env_hub, ItemKind::Segment, key, None)
         })
         .await
     }
@@ -216,4 +296,54 @@ impl Control {
     pub async fn close(self: &Arc<Self>) -> Result<(), ControlError> {
         self.blocking(|store, _| Ok(store.checkpoint()?)).await
     }
+}
+
+fn env_of(hub: &Hub, env: &str) -> Result<Arc<EnvHub>, ControlError> {
+    hub.env(env)
+        .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()).into())
+}
+
+/// A flag or segment about to be written; it gets the new version before it is compiled.
+enum Stamped {
+    Flag(Flag),
+    Segment(Segment),
+}
+
+/// Compiles, commits and applies one change, under the store lock.
+fn commit(
+    store: &mut Store,
+    env_hub: &EnvHub,
+    kind: ItemKind,
+    key: String,
+    value: Option<Stamped>,
+) -> Result<Selector, ControlError> {
+    // The store and the hub advance together under this lock, so the next version is known.
+    let version = env_hub.with_history(EnvHistory::next_version);
+    let item = match value {
+        Some(Stamped::Flag(mut f)) => {
+            f.version = version;
+            Some(Item::flag(f)?)
+        }
+        Some(Stamped::Segment(mut s)) => {
+            s.version = version;
+            Some(Item::segment(s)?)
+        }
+        None => None,
+    };
+    let body = match &item {
+        Some(Item::Flag(e)) => Some(serde_json::to_value(e.compiled.flag())),
+        Some(Item::Segment(e)) => Some(serde_json::to_value(e.compiled.segment())),
+        None => None,
+    }
+    .transpose()
+    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let committed = store.commit_item(env_hub.name(), kind, &key, body)?;
+    if committed.version != version {
+        return Err(ControlError::Internal(format!(
+            "store at version {} but the hub expected {version}; restart the server to reload",
+            committed.version
+        )));
+    }
+    env_hub.apply(kind, key, item, committed);
+    Ok(committed)
 }

@@ -29,8 +29,10 @@ fn flag(
             .map(|(n, v)| ((*n).to_owned(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
         off_variant: off.into(),
+        rules: Vec::new(),
         fallthrough: Serve::Variant(serve.into()),
         description: description.into(),
+        tags: Vec::new(),
         version: 0,
     }
 }

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use vane_core::model::Flag;
+use vane_core::eval::Context;
+use vane_core::model::{Flag, Segment};
 use vane_core::state::Selector;
 
 use crate::control::{Control, ControlError};
@@ -46,6 +47,15 @@ pub fn router(control: Arc<Control>, admin_token: String) -> Router {
             put(put_flag).get(get_flag).delete(delete_flag),
         )
         .route("/environments/{env}/flags/{flag}/toggle", post(toggle_flag))
+        .route(
+            "/environments/{env}/flags/{flag}/evaluate",
+            post(evaluate_flag),
+        )
+        .route("/environments/{env}/segments", get(list_segments))
+        .route(
+            "/environments/{env}/segments/{segment}",
+            put(put_segment).get(get_segment).delete(delete_segment),
+        )
         .route("/environments/{env}/keys", get(list_keys).post(create_key))
         .route(
             "/environments/{env}/keys/{id}",
@@ -103,9 +113,13 @@ impl From<ControlError> for ApiError {
             ControlError::Store(StoreError::KeyNotFound(_)) => {
                 (StatusCode::NOT_FOUND, "key_not_found")
             }
+            ControlError::Store(StoreError::SegmentNotFound(_)) => {
+                (StatusCode::NOT_FOUND, "segment_not_found")
+            }
             ControlError::Store(StoreError::EnvExists(_)) => {
                 (StatusCode::CONFLICT, "environment_exists")
             }
+            ControlError::InUse { .. } => (StatusCode::CONFLICT, "segment_in_use"),
             _ => {
                 tracing::error!(error = %e, "admin operation failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -288,7 +302,9 @@ async fn list_flags(State(state): State<AppState>, Path(env): Path<String>) -> A
     let env = env_hub(&state, &env)?;
     let (flags, s) = env.with_history(|h| {
         (
-            h.flags().map(|e| e.flag.clone()).collect::<Vec<_>>(),
+            h.flags()
+                .map(|e| e.compiled.flag().clone())
+                .collect::<Vec<_>>(),
             h.selector(),
         )
     });
@@ -303,7 +319,7 @@ async fn get_flag(
     Path((env, key)): Path<(String, String)>,
 ) -> ApiResult {
     let flag = env_hub(&state, &env)?
-        .with_history(|h| h.get(&key).map(|e| e.flag.clone()))
+        .with_history(|h| h.flag(&key).map(|e| e.compiled.flag().clone()))
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -314,12 +330,9 @@ async fn get_flag(
     ok(StatusCode::OK, json!(flag))
 }
 
-async fn put_flag(
-    State(state): State<AppState>,
-    Path((env, key)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    let mut value: Value = parse(&body)?;
+/// Parses a flag or segment body; its `key`, if present, must match the path.
+fn keyed_body<T: DeserializeOwned>(body: &Bytes, key: &str) -> Result<T, ApiError> {
+    let mut value: Value = parse(body)?;
     let Some(object) = value.as_object_mut() else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -329,24 +342,32 @@ async fn put_flag(
     };
     match object.get("key") {
         None => {
-            object.insert("key".into(), Value::String(key.clone()));
+            object.insert("key".into(), Value::String(key.to_owned()));
         }
-        Some(Value::String(k)) if *k == key => {}
+        Some(Value::String(k)) if k == key => {}
         Some(other) => {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid",
-                format!("invalid key: {other} does not match the flag in the path ({key:?})"),
+                format!("key: {other} does not match the path ({key:?})"),
             ));
         }
     }
-    let flag: Flag = serde_json::from_value(value).map_err(|e| {
+    serde_json::from_value(value).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_json",
             format!("request body: {e}"),
         )
-    })?;
+    })
+}
+
+async fn put_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let flag: Flag = keyed_body(&body, &key)?;
     let s = state.control.put_flag(env, flag).await?;
     ok(StatusCode::OK, version_json(s))
 }
@@ -406,4 +427,126 @@ async fn revoke_key(
 
 async fn propagation(State(state): State<AppState>, Path(env): Path<String>) -> ApiResult {
     ok(StatusCode::OK, json!(env_hub(&state, &env)?.propagation()))
+}
+
+async fn list_segments(State(state): State<AppState>, Path(env): Path<String>) -> ApiResult {
+    let env = env_hub(&state, &env)?;
+    let (segments, s) = env.with_history(|h| {
+        let segments: Vec<Segment> = h.segments().map(|e| e.compiled.segment().clone()).collect();
+        (segments, h.selector())
+    });
+    ok(
+        StatusCode::OK,
+        json!({"version": s.version, "epoch": s.epoch_hex(), "segments": segments}),
+    )
+}
+
+async fn get_segment(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+) -> ApiResult {
+    let segment = env_hub(&state, &env)?
+        .with_history(|h| h.segment_entry(&key).map(|e| e.compiled.segment().clone()))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "segment_not_found",
+                format!("segment {key:?} not found"),
+            )
+        })?;
+    ok(StatusCode::OK, json!(segment))
+}
+
+async fn put_segment(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let segment: Segment = keyed_body(&body, &key)?;
+    let s = state.control.put_segment(env, segment).await?;
+    ok(StatusCode::OK, version_json(s))
+}
+
+async fn delete_segment(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+) -> ApiResult {
+    let s = state.control.delete_segment(env, key).await?;
+    ok(StatusCode::OK, version_json(s))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvaluateRequest {
+    context: Value,
+}
+
+/// "Why does this user get B?": the value, variant and reason, and the rule or bucket that decided.
+async fn evaluate_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    use vane_core::eval::Reason;
+    let req: EvaluateRequest = parse(&body)?;
+    let ctx = Context::new(req.context).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_context",
+            e.to_string(),
+        )
+    })?;
+    let env = env_hub(&state, &env)?;
+    let answer = env.with_history(|h| {
+        let entry = h.flag(&key)?;
+        let e = entry.compiled.evaluate(&ctx, h);
+        let flag = entry.compiled.flag();
+        let rule = e.rule.map(|i| {
+            let r = &flag.rules[i];
+            json!({
+                "index": i,
+                "id": (!r.id.is_empty()).then_some(&r.id),
+                "description": (!r.description.is_empty()).then_some(&r.description),
+            })
+        });
+        let explanation = match (e.error, e.rule, e.bucket) {
+            (Some(code), _, _) => format!(
+                "evaluation failed ({}); the caller's default is served",
+                code.as_str()
+            ),
+            _ if e.reason == Reason::Disabled => {
+                "the flag is off, so it serves its off variant".to_owned()
+            }
+            (None, Some(i), Some(b)) => {
+                format!("rule {i} matched, and its rollout put the context in bucket {b} of 100000")
+            }
+            (None, Some(i), None) => format!("rule {i} matched"),
+            (None, None, Some(b)) => format!(
+                "no rule matched; the fallthrough rollout put the context in bucket {b} of 100000"
+            ),
+            _ if e.reason == Reason::Static => {
+                "the flag has no rules: everyone gets the fallthrough variant".to_owned()
+            }
+            _ => "no rule matched, so the fallthrough variant is served".to_owned(),
+        };
+        Some(json!({
+            "flag": key,
+            "value": e.value,
+            "variant": e.variant,
+            "reason": e.reason,
+            "error_code": e.error.map(|c| c.as_str()),
+            "rule": rule,
+            "bucket": e.bucket,
+            "explanation": explanation,
+            "version": h.selector().version,
+        }))
+    });
+    match answer {
+        Some(v) => ok(StatusCode::OK, v),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "flag_not_found",
+            format!("flag {key:?} not found"),
+        )),
+    }
 }

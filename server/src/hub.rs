@@ -17,8 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use vane_core::client::Transport;
-use vane_core::history::EnvHistory;
-use vane_core::model::Flag;
+use vane_core::history::{EnvHistory, Item, ItemKind};
 use vane_core::state::Selector;
 use vane_proto::codec;
 use vane_proto::v1 as pb;
@@ -111,9 +110,9 @@ impl EnvHub {
     }
 
     /// Applies a committed change (the store has already made it `version`) and publishes it.
-    pub fn apply(&self, key: String, flag: Option<Flag>, committed: Selector) {
+    pub fn apply(&self, kind: ItemKind, key: String, item: Option<Item>, committed: Selector) {
         let mut history = self.history.write();
-        let delta = history.apply(key, flag);
+        let delta = history.apply(kind, key, item);
         debug_assert_eq!(
             history.selector(),
             committed,
@@ -224,7 +223,7 @@ impl Hub {
         {
             let mut map = self.envs.write();
             for env in envs {
-                let history = EnvHistory::new(env.selector, env.flags, env.changes, self.window);
+                let history = EnvHistory::new(env.selector, env.items, env.changes, self.window);
                 map.insert(env.name.clone(), EnvHub::new(env.name, history));
             }
         }

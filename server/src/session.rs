@@ -6,6 +6,7 @@
 //! answered with an `Error` frame first. Writes are bounded by a timeout: a client that stops
 //! reading is dropped instead of holding memory.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use vane_core::client::Transport;
+use vane_core::eval::Context;
+use vane_core::history::EnvHistory;
 use vane_core::state::Selector;
 use vane_core::wire::{FrameReader, ReadError, write_encoded};
 use vane_proto::codec::{self, DecodeError};
@@ -160,6 +163,13 @@ where
         };
         self.env = Some(env.clone());
         let push = hello.push();
+        let mut mode = match hello.mode() {
+            pb::DeliveryMode::Evaluated => match Context::parse(&hello.context) {
+                Ok(ctx) => Mode::Evaluated(Evaluated::new(ctx)),
+                Err(e) => return End::Error(ErrorCode::InvalidContext, e.to_string()),
+            },
+            _ => Mode::Rules,
+        };
         debug!(session = self.id, env = env.name(), sdk = %hello.sdk_name, version = %hello.sdk_version, "hello");
 
         // Subscribe before catching up: a change committed in between is then either in the
@@ -178,8 +188,10 @@ where
         if let Err(end) = self.send(&codec::encode(&welcome)).await {
             return end;
         }
+        // What this client has been brought to (evaluated mode: the version at which its values
+        // were last brought current; changes that alter none of its values do not advance it).
         let mut sent = match self
-            .catch_up(&env, hello.selector.map(Selector::from))
+            .catch_up(&env, &mut mode, hello.selector.map(Selector::from))
             .await
         {
             Ok(s) => s,
@@ -208,13 +220,20 @@ where
                         return End::Error(ErrorCode::Internal, "environment closed".into());
                     }
                     let published = changes.borrow_and_update().clone();
-                    let result = match push {
-                        pb::PushMode::Delta => self.push(&env, &published, &mut sent).await,
-                        pb::PushMode::Notify if published.selector != announced => {
+                    let result = match (&mut mode, push) {
+                        (Mode::Evaluated(ev), pb::PushMode::Delta) => {
+                            let frame = env.with_history(|h| ev.push(h, sent));
+                            match frame {
+                                Some((frame, to)) => self.send(&codec::encode(&frame)).await.map(|()| sent = to),
+                                None => Ok(()),
+                            }
+                        }
+                        (Mode::Rules, pb::PushMode::Delta) => self.push(&env, &published, &mut sent).await,
+                        (_, pb::PushMode::Notify) if published.selector != announced => {
                             announced = published.selector;
                             self.send(&published.notice).await
                         }
-                        pb::PushMode::Notify => Ok(()),
+                        (_, pb::PushMode::Notify) => Ok(()),
                     };
                     if let Err(end) = result {
                         return end;
@@ -224,15 +243,19 @@ where
                     if last_heard.elapsed() > silence_limit {
                         return End::Error(ErrorCode::Timeout, format!("no frame from the client in {silence_limit:?}"));
                     }
-                    // Bring a lagging session current first, so the Ping never announces a
-                    // version whose delta is still to come on this stream.
-                    if push == pb::PushMode::Delta && env.selector() != sent {
+                    // Bring a lagging rules-mode session current first, so the Ping never
+                    // announces a version whose delta is still to come on this stream.
+                    if matches!(mode, Mode::Rules) && push == pb::PushMode::Delta && env.selector() != sent {
                         let published = changes.borrow_and_update().clone();
                         if let Err(end) = self.push(&env, &published, &mut sent).await {
                             return end;
                         }
                     }
-                    let frame: pb::Frame = pb::Ping { selector: Some(env.selector().into()) }.into();
+                    let at = match (&mode, push) {
+                        (Mode::Evaluated(_), pb::PushMode::Delta) => sent,
+                        _ => env.selector(),
+                    };
+                    let frame: pb::Frame = pb::Ping { selector: Some(at.into()) }.into();
                     if let Err(end) = self.send(&codec::encode(&frame)).await {
                         return end;
                     }
@@ -246,15 +269,30 @@ where
                                 env.ack(self.id, sel.version);
                             }
                         }
-                        Ok(Some(Kind::Fetch(f))) => match self.catch_up(&env, f.selector.map(Selector::from)).await {
+                        Ok(Some(Kind::Fetch(f))) => match self.catch_up(&env, &mut mode, f.selector.map(Selector::from)).await {
                             Ok(s) => {
                                 sent = s;
                                 announced = s;
                             }
                             Err(end) => return end,
                         },
+                        Ok(Some(Kind::Identify(i))) => {
+                            let Mode::Evaluated(ev) = &mut mode else {
+                                return End::Error(ErrorCode::ProtocolViolation, "Identify in rules mode".into());
+                            };
+                            let ctx = match Context::parse(&i.context) {
+                                Ok(ctx) => ctx,
+                                Err(e) => return End::Error(ErrorCode::InvalidContext, e.to_string()),
+                            };
+                            let (frame, to) = env.with_history(|h| ev.identify(h, ctx, sent, i.seq));
+                            if let Err(end) = self.send(&codec::encode(&frame)).await {
+                                return end;
+                            }
+                            sent = to;
+                            announced = to;
+                        }
                         Ok(None) => {} // a frame kind from a newer protocol: skipped
-                        Ok(other) => return violation(other.as_ref(), "Ack or Fetch"),
+                        Ok(other) => return violation(other.as_ref(), "Ack, Fetch or Identify"),
                         Err(end) => return end,
                     }
                 }
@@ -291,8 +329,16 @@ where
 
     /// Sends the cheapest frame that brings a client at `client` current; returns where it
     /// brings it.
-    async fn catch_up(&mut self, env: &EnvHub, client: Option<Selector>) -> Result<Selector, End> {
-        let (frame, selector) = env.catch_up(client);
+    async fn catch_up(
+        &mut self,
+        env: &EnvHub,
+        mode: &mut Mode,
+        client: Option<Selector>,
+    ) -> Result<Selector, End> {
+        let (frame, selector) = match mode {
+            Mode::Rules => env.catch_up(client),
+            Mode::Evaluated(ev) => env.with_history(|h| ev.catch_up(h, client)),
+        };
         self.send(&codec::encode(&frame)).await?;
         Ok(selector)
     }
@@ -317,7 +363,7 @@ where
             *sent = next;
             return Ok(());
         }
-        *sent = self.catch_up(env, Some(*sent)).await?;
+        *sent = self.catch_up(env, &mut Mode::Rules, Some(*sent)).await?;
         Ok(())
     }
 
@@ -383,12 +429,7 @@ fn authorize(hub: &Hub, hello: &pb::Hello) -> Result<(Arc<Grant>, Arc<EnvHub>), 
                 "a mobile key may not receive flag rules; use evaluated mode".into(),
             ));
         }
-        (_, pb::DeliveryMode::Evaluated) => {
-            return Err(End::Error(
-                ErrorCode::PermissionDenied,
-                "evaluated mode is not available on this server yet".into(),
-            ));
-        }
+        (_, pb::DeliveryMode::Evaluated) => {}
     }
     let env = hub.env(&grant.env).ok_or_else(|| {
         End::Error(
@@ -397,4 +438,169 @@ fn authorize(hub: &Hub, hello: &pb::Hello) -> Result<(Arc<Grant>, Arc<EnvHub>), 
         )
     })?;
     Ok((grant, env))
+}
+
+/// What a session delivers.
+enum Mode {
+    /// Flag definitions; the client evaluates.
+    Rules,
+    /// Values evaluated here for the client's context.
+    Evaluated(Evaluated),
+}
+
+/// An evaluated-mode session's state: its context, and a hash of what it was told per flag,
+/// so a change is pushed only to the sessions whose values it alters.
+struct Evaluated {
+    ctx: Context,
+    told: HashMap<String, u64>,
+}
+
+impl Evaluated {
+    fn new(ctx: Context) -> Evaluated {
+        Evaluated {
+            ctx,
+            told: HashMap::new(),
+        }
+    }
+
+    /// Evaluates `key` and records it as told; `None` if the flag does not exist.
+    fn tell(&mut self, h: &EnvHistory, key: &str) -> Option<(pb::EvaluatedFlag, u64)> {
+        let (wire, hash) = h.evaluated(h.flag(key)?, &self.ctx);
+        self.told.insert(key.to_owned(), hash);
+        Some((wire, hash))
+    }
+
+    /// Every flag's value, and the selector it is at.
+    fn snapshot(&mut self, h: &EnvHistory, reason: pb::SnapshotReason) -> (pb::Frame, Selector) {
+        self.told.clear();
+        let keys: Vec<String> = h.flags().map(|e| e.wire.key.clone()).collect();
+        let values = keys
+            .iter()
+            .filter_map(|k| self.tell(h, k).map(|(w, _)| w))
+            .collect();
+        let snapshot = pb::Snapshot {
+            selector: Some(h.selector().into()),
+            reason: reason.into(),
+            values,
+            ..Default::default()
+        };
+        (snapshot.into(), h.selector())
+    }
+
+    /// Brings a client that holds values for this context at `client` current.
+    fn catch_up(&mut self, h: &EnvHistory, client: Option<Selector>) -> (pb::Frame, Selector) {
+        let from = match h.resumable(client) {
+            Ok(from) => from,
+            Err(reason) => return self.snapshot(h, reason),
+        };
+        // Flags untouched since `from` evaluate now as they did then: what the client holds.
+        self.told.clear();
+        for e in h.flags() {
+            let (_, hash) = h.evaluated(e, &self.ctx);
+            self.told.insert(e.wire.key.clone(), hash);
+        }
+        let current = h.selector();
+        if from == current.version {
+            return (
+                pb::UpToDate {
+                    selector: Some(current.into()),
+                }
+                .into(),
+                current,
+            );
+        }
+        let changed = h
+            .changed_since(from)
+            .expect("resumable() checked the window");
+        let mut delta = pb::Delta {
+            epoch: current.epoch,
+            from_version: from,
+            to_version: current.version,
+            ..Default::default()
+        };
+        for key in h.affected_flags(&changed) {
+            match h.flag(&key) {
+                Some(e) => delta.values.push(h.evaluated(e, &self.ctx).0),
+                None => delta.deletes.push(key),
+            }
+        }
+        (delta.into(), current)
+    }
+
+    /// The values that differ from what the client was told, among `keys` (all flags, and all
+    /// told, when `None`), recorded as told; and the told flags that no longer exist.
+    fn diff(
+        &mut self,
+        h: &EnvHistory,
+        keys: Option<BTreeSet<String>>,
+    ) -> (Vec<pb::EvaluatedFlag>, Vec<String>) {
+        let keys = keys.unwrap_or_else(|| {
+            h.flags()
+                .map(|e| e.wire.key.clone())
+                .chain(self.told.keys().cloned())
+                .collect()
+        });
+        let (mut values, mut deletes) = (Vec::new(), Vec::new());
+        for key in keys {
+            let before = self.told.get(&key).copied();
+            match self.tell(h, &key) {
+                Some((wire, hash)) if before != Some(hash) => values.push(wire),
+                Some(_) => {}
+                None => {
+                    if self.told.remove(&key).is_some() {
+                        deletes.push(key);
+                    }
+                }
+            }
+        }
+        (values, deletes)
+    }
+
+    /// After a change: the delta of this context's values since `sent`, if any differ.
+    fn push(&mut self, h: &EnvHistory, sent: Selector) -> Option<(pb::Frame, Selector)> {
+        let current = h.selector();
+        if current == sent {
+            return None;
+        }
+        let affected = h
+            .changed_since(sent.version)
+            .filter(|_| sent.epoch == current.epoch)
+            .map(|c| h.affected_flags(&c));
+        let (values, deletes) = self.diff(h, affected);
+        if values.is_empty() && deletes.is_empty() {
+            return None;
+        }
+        let delta = pb::Delta {
+            epoch: current.epoch,
+            from_version: sent.version,
+            to_version: current.version,
+            values,
+            deletes,
+            ..Default::default()
+        };
+        Some((delta.into(), current))
+    }
+
+    /// Switches to `ctx`: the delta of values that differ, always sent, answering `seq`.
+    fn identify(
+        &mut self,
+        h: &EnvHistory,
+        ctx: Context,
+        sent: Selector,
+        seq: u32,
+    ) -> (pb::Frame, Selector) {
+        self.ctx = ctx;
+        let (values, deletes) = self.diff(h, None);
+        let current = h.selector();
+        let delta = pb::Delta {
+            epoch: current.epoch,
+            from_version: sent.version,
+            to_version: current.version,
+            values,
+            deletes,
+            identify_seq: seq,
+            ..Default::default()
+        };
+        (delta.into(), current)
+    }
 }

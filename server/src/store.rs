@@ -9,9 +9,8 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use vane_core::history::Change;
-use vane_core::history::Entry;
-use vane_core::model::Flag;
+use vane_core::history::{Change, Item, ItemKind};
+use vane_core::model::{Flag, Segment};
 use vane_core::state::Selector;
 
 /// Errors at the store's boundary.
@@ -27,6 +26,9 @@ pub enum StoreError {
     /// No flag with that key.
     #[error("flag {0:?} not found")]
     FlagNotFound(String),
+    /// No segment with that key.
+    #[error("segment {0:?} not found")]
+    SegmentNotFound(String),
     /// No SDK key with that id.
     #[error("SDK key {0:?} not found")]
     KeyNotFound(String),
@@ -92,8 +94,8 @@ pub struct LoadedEnv {
     pub name: String,
     /// Epoch and current version.
     pub selector: Selector,
-    /// Current flags.
-    pub flags: Vec<Flag>,
+    /// Current flags and segments, compiled.
+    pub items: Vec<Item>,
     /// The newest changes, oldest first.
     pub changes: Vec<Change>,
 }
@@ -118,9 +120,17 @@ CREATE TABLE IF NOT EXISTS flags (
     version INTEGER NOT NULL,
     PRIMARY KEY (env, key)
 );
+CREATE TABLE IF NOT EXISTS segments (
+    env TEXT NOT NULL REFERENCES environments(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (env, key)
+);
 CREATE TABLE IF NOT EXISTS changes (
     env TEXT NOT NULL REFERENCES environments(name) ON DELETE CASCADE,
     version INTEGER NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'flag',
     key TEXT NOT NULL,
     body TEXT,
     committed_at INTEGER NOT NULL,
@@ -151,8 +161,36 @@ fn from_sql(v: i64) -> u64 {
     v as u64
 }
 
-fn parse_flag(body: &str) -> Result<Flag, StoreError> {
-    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(format!("flag JSON: {e}")))
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+fn kind_str(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Flag => "flag",
+        ItemKind::Segment => "segment",
+    }
+}
+
+fn table(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Flag => "flags",
+        ItemKind::Segment => "segments",
+    }
+}
+
+/// Parses and compiles a stored body.
+fn parse_item(kind: ItemKind, body: &str) -> Result<Item, StoreError> {
+    let corrupt = |e: String| StoreError::Corrupt(format!("{} JSON: {e}", kind_str(kind)));
+    match kind {
+        ItemKind::Flag => {
+            let flag: Flag = serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
+            Item::flag(flag).map_err(|e| corrupt(e.to_string()))
+        }
+        ItemKind::Segment => {
+            let seg: Segment = serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
+            Item::segment(seg).map_err(|e| corrupt(e.to_string()))
+        }
+    }
 }
 
 impl Store {
@@ -163,7 +201,25 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "database schema {version} is newer than this server ({SCHEMA_VERSION}); upgrade vane"
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
+        // Databases from before segments: their change log has no `kind` column.
+        let has_kind: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('changes') WHERE name = 'kind'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_kind {
+            conn.execute_batch(
+                "ALTER TABLE changes ADD COLUMN kind TEXT NOT NULL DEFAULT 'flag';",
+            )?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn })
     }
 
@@ -182,7 +238,8 @@ impl Store {
         })?;
         for row in rows {
             let (name, epoch, version) = row?;
-            let flags = self.flags(&name)?;
+            let mut items = self.items(&name, ItemKind::Segment)?;
+            items.extend(self.items(&name, ItemKind::Flag)?);
             let changes = self.recent_changes(&name, window)?;
             envs.push(LoadedEnv {
                 name,
@@ -190,40 +247,49 @@ impl Store {
                     epoch: from_sql(epoch),
                     version: from_sql(version),
                 },
-                flags,
+                items,
                 changes,
             });
         }
         Ok(envs)
     }
 
-    fn flags(&self, env: &str) -> Result<Vec<Flag>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT body FROM flags WHERE env = ?1 ORDER BY key")?;
+    fn items(&self, env: &str, kind: ItemKind) -> Result<Vec<Item>, StoreError> {
+        let sql = format!(
+            "SELECT body FROM {} WHERE env = ?1 ORDER BY key",
+            table(kind)
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
         let bodies = stmt.query_map([env], |r| r.get::<_, String>(0))?;
-        bodies.map(|b| parse_flag(&b?)).collect()
+        bodies.map(|b| parse_item(kind, &b?)).collect()
     }
 
     fn recent_changes(&self, env: &str, window: usize) -> Result<Vec<Change>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT version, key, body FROM changes WHERE env = ?1 ORDER BY version DESC LIMIT ?2",
+            "SELECT version, kind, key, body FROM changes WHERE env = ?1 ORDER BY version DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![env, window as i64], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })?;
         let mut changes = Vec::new();
         for row in rows {
-            let (version, key, body) = row?;
-            let entry = body.map(|b| parse_flag(&b)).transpose()?.map(Entry::new);
+            let (version, kind, key, body) = row?;
+            let kind = match kind.as_str() {
+                "flag" => ItemKind::Flag,
+                "segment" => ItemKind::Segment,
+                other => return Err(StoreError::Corrupt(format!("change kind {other:?}"))),
+            };
+            let item = body.map(|b| parse_item(kind, &b)).transpose()?;
             changes.push(Change {
                 version: from_sql(version),
+                kind,
                 key,
-                entry,
+                item,
             });
         }
         changes.reverse();
@@ -320,49 +386,54 @@ impl Store {
         }
     }
 
-    /// Commits one change to `key` in `env` (`None` deletes it) as the next version. Deleting a
-    /// flag that does not exist is [`StoreError::FlagNotFound`] and changes nothing.
-    pub fn commit_flag(
+    /// Commits one change to the `kind` item `key` in `env` as the next version: `body` is its
+    /// JSON (the store sets `version` in it), `None` deletes it. Deleting an item that does not
+    /// exist is a not-found error and changes nothing.
+    pub fn commit_item(
         &mut self,
         env: &str,
+        kind: ItemKind,
         key: &str,
-        flag: Option<&Flag>,
+        body: Option<serde_json::Value>,
     ) -> Result<Selector, StoreError> {
         let tx = self.conn.transaction()?;
-        let current = {
-            let row = tx
-                .query_row(
-                    "SELECT epoch, version FROM environments WHERE name = ?1",
-                    [env],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-                )
-                .optional()?;
-            row.ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?
-        };
-        let version = from_sql(current.1) + 1;
-        let body = match flag {
-            Some(f) => {
-                let mut stored = f.clone();
-                stored.version = version;
-                let body = serde_json::to_string(&stored)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                tx.execute(
-                    "INSERT INTO flags (env, key, body, version) VALUES (?1, ?2, ?3, ?4)
+        let (epoch, current) = tx
+            .query_row(
+                "SELECT epoch, version FROM environments WHERE name = ?1",
+                [env],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?;
+        let version = from_sql(current) + 1;
+        let stored = match body {
+            Some(mut body) => {
+                if let Some(obj) = body.as_object_mut() {
+                    obj.insert("version".into(), version.into());
+                }
+                let text = body.to_string();
+                let sql = format!(
+                    "INSERT INTO {} (env, key, body, version) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (env, key) DO UPDATE SET body = excluded.body, version = excluded.version",
-                    params![env, key, body, to_sql(version)],
-                )?;
-                Some(body)
+                    table(kind)
+                );
+                tx.execute(&sql, params![env, key, text, to_sql(version)])?;
+                Some(text)
             }
             None => {
-                if tx.execute("DELETE FROM flags WHERE env = ?1 AND key = ?2", [env, key])? == 0 {
-                    return Err(StoreError::FlagNotFound(key.to_owned()));
+                let sql = format!("DELETE FROM {} WHERE env = ?1 AND key = ?2", table(kind));
+                if tx.execute(&sql, [env, key])? == 0 {
+                    return Err(match kind {
+                        ItemKind::Flag => StoreError::FlagNotFound(key.to_owned()),
+                        ItemKind::Segment => StoreError::SegmentNotFound(key.to_owned()),
+                    });
                 }
                 None
             }
         };
         tx.execute(
-            "INSERT INTO changes (env, version, key, body, committed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![env, to_sql(version), key, body, now_secs()],
+            "INSERT INTO changes (env, version, kind, key, body, committed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![env, to_sql(version), kind_str(kind), key, stored, now_secs()],
         )?;
         tx.execute(
             "UPDATE environments SET version = ?2 WHERE name = ?1",
@@ -370,9 +441,23 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(Selector {
-            epoch: from_sql(current.0),
+            epoch: from_sql(epoch),
             version,
         })
+    }
+
+    /// Commits a flag (or its deletion); see [`Store::commit_item`].
+    pub fn commit_flag(
+        &mut self,
+        env: &str,
+        key: &str,
+        flag: Option<&Flag>,
+    ) -> Result<Selector, StoreError> {
+        let body = flag
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.commit_item(env, ItemKind::Flag, key, body)
     }
 
     /// Stores a new SDK key (its hash; the secret is never stored).
@@ -448,8 +533,11 @@ mod tests {
         assert_eq!(envs.len(), 1);
         let env = &envs[0];
         assert_eq!(env.selector, Selector { epoch, version: 3 });
-        assert_eq!(env.flags.len(), 1);
-        assert_eq!(env.flags[0].version, 2);
+        assert_eq!(env.items.len(), 1);
+        let Item::Flag(b) = &env.items[0] else {
+            panic!("a flag")
+        };
+        assert_eq!(b.compiled.flag().version, 2);
         let versions: Vec<u64> = env.changes.iter().map(|c| c.version).collect();
         assert_eq!(
             versions,
@@ -457,7 +545,7 @@ mod tests {
             "the newest `window` changes, oldest first"
         );
         assert!(
-            env.changes[1].entry.is_none(),
+            env.changes[1].item.is_none(),
             "a delete is logged without a body"
         );
     }

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use vane_proto::codec::DEFAULT_MAX_FRAME_LEN;
 
 use super::connect::{Connected, Connector, Duplex};
-use super::{ConnectionState, Shared, Transport};
+use super::{Command, ConnectionState, Shared, Transport};
 use crate::sync::{DisconnectReason, Event, Output, SyncMachine};
 use crate::wire::{FrameReader, ReadError, write_frame};
 
@@ -19,6 +19,7 @@ pub(super) async fn run(
     mut machine: SyncMachine,
     mut connector: Connector,
     shared: Arc<Shared>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -32,6 +33,7 @@ pub(super) async fn run(
             };
             tokio::select! {
                 _ = sleep_until(at.into()) => machine.on_timeout(Instant::now()),
+                Some(command) = commands.recv() => handle(&mut machine, command),
                 _ = cancel.cancelled() => break,
             }
             continue;
@@ -47,7 +49,7 @@ pub(super) async fn run(
             Ok(conn) => {
                 debug!(transport = %conn.transport, "connected");
                 machine.on_connected(Instant::now());
-                session(&mut machine, conn, &shared, &cancel).await;
+                session(&mut machine, conn, &shared, &mut commands, &cancel).await;
             }
             Err(e) => machine.on_connect_failed(Instant::now(), e),
         }
@@ -59,10 +61,17 @@ pub(super) async fn run(
 }
 
 /// Runs one connection until the machine closes it, the transport fails, or the client is closed.
+fn handle(machine: &mut SyncMachine, command: Command) {
+    match command {
+        Command::Identify(context) => machine.identify(context),
+    }
+}
+
 async fn session(
     machine: &mut SyncMachine,
     conn: Connected,
     shared: &Shared,
+    commands: &mut tokio::sync::mpsc::UnboundedReceiver<Command>,
     cancel: &CancellationToken,
 ) {
     let transport = conn.transport;
@@ -101,6 +110,7 @@ async fn session(
             _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                 machine.on_timeout(Instant::now());
             }
+            Some(command) = commands.recv() => handle(machine, command),
             _ = cancel.cancelled() => break,
         }
     }

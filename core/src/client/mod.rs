@@ -27,13 +27,13 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use vane_proto::v1::PushMode;
+use vane_proto::v1::{DeliveryMode, PushMode};
 
-use crate::eval::{Reason, evaluate};
-use crate::model::FlagValue;
+use crate::eval::{Context, ErrorCode, Evaluation, Reason};
+use crate::model::{FlagValue, ValueType};
 use crate::state::{FlagSet, Selector};
 use crate::sync::{Fatal, SyncConfig, SyncMachine, Update};
 
@@ -170,23 +170,58 @@ impl ClientConfig {
         self.sync.push = PushMode::Notify;
         self
     }
+
+    /// Evaluated mode: the server evaluates every flag for `context` and sends only values
+    /// (no rules leave the server). Required for mobile keys.
+    pub fn evaluated(mut self, context: Context) -> Self {
+        self.sync.mode = DeliveryMode::Evaluated;
+        self.sync.context = context;
+        self
+    }
+
+    /// Rules mode: the context the getters evaluate for (default: empty).
+    pub fn context(mut self, context: Context) -> Self {
+        self.sync.context = context;
+        self
+    }
+}
+
+/// Requests from the handle to the driver task.
+#[derive(Debug)]
+enum Command {
+    Identify(Context),
 }
 
 /// A flag's value with the variant and reason that produced it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Details {
-    /// The value served.
-    pub value: FlagValue,
+    /// The value served; `None` when the caller's default applies (see `error_code`).
+    pub value: Option<FlagValue>,
     /// The variant's name.
-    pub variant: String,
+    pub variant: Option<String>,
     /// Why it was served.
     pub reason: Reason,
+    /// What went wrong, with reason `ERROR`.
+    pub error_code: Option<ErrorCode>,
+}
+
+impl From<Evaluation<'_>> for Details {
+    fn from(e: Evaluation<'_>) -> Details {
+        Details {
+            value: e.value.cloned(),
+            variant: e.variant.map(str::to_owned),
+            reason: e.reason,
+            error_code: e.error,
+        }
+    }
 }
 
 /// State shared between the handle and the driver task.
 #[derive(Debug)]
 struct Shared {
     flags: RwLock<Arc<FlagSet>>,
+    /// The context getters evaluate for in rules mode.
+    context: RwLock<Arc<Context>>,
     status: watch::Sender<Status>,
     updates: broadcast::Sender<Update>,
 }
@@ -197,6 +232,7 @@ struct Shared {
 pub struct Client {
     shared: Arc<Shared>,
     cancel: CancellationToken,
+    commands: mpsc::UnboundedSender<Command>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Subscribed at start, handed to the first `subscribe` call, so it misses nothing.
     first_updates: Mutex<Option<broadcast::Receiver<Update>>>,
@@ -207,7 +243,8 @@ impl Client {
     /// runtime.
     pub fn start(config: ClientConfig) -> Result<Client, ClientError> {
         let connector = connect::Connector::new(&config)?;
-        let machine = SyncMachine::new(config.sync, FlagSet::default(), rand::random());
+        let context = Arc::new(config.sync.context.clone());
+        let machine = SyncMachine::new(config.sync, FlagSet::default(), None, rand::random());
         let (status, _) = watch::channel(Status {
             state: ConnectionState::Connecting,
             transport: None,
@@ -219,19 +256,23 @@ impl Client {
         let (updates, first_updates) = broadcast::channel(256);
         let shared = Arc::new(Shared {
             flags: RwLock::new(machine.flags().clone()),
+            context: RwLock::new(context),
             status,
             updates,
         });
         let cancel = CancellationToken::new();
+        let (commands, command_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(driver::run(
             machine,
             connector,
             shared.clone(),
+            command_rx,
             cancel.clone(),
         ));
         Ok(Client {
             shared,
             cancel,
+            commands,
             task: Mutex::new(Some(task)),
             first_updates: Mutex::new(Some(first_updates)),
         })
@@ -260,25 +301,40 @@ impl Client {
         self.shared.flags.read().clone()
     }
 
-    /// Evaluates `key`; `None` if there is no such flag.
-    pub fn details(&self, key: &str) -> Option<Details> {
-        let flags = self.shared.flags.read();
-        let e = evaluate(flags.get(key)?)?;
-        Some(Details {
-            value: e.value.clone(),
-            variant: e.variant.to_owned(),
-            reason: e.reason,
-        })
+    /// Evaluates `key` for the client's context, with the variant and reason.
+    pub fn details(&self, key: &str) -> Details {
+        let context = self.shared.context.read().clone();
+        self.details_for(key, &context)
     }
 
-    fn typed<T>(&self, key: &str, pick: impl FnOnce(&FlagValue) -> Option<T>) -> Option<T> {
+    /// Rules mode: evaluates `key` for `context` (a backend service evaluates per request).
+    /// In evaluated mode the server's answer for the session's context is returned.
+    pub fn details_for(&self, key: &str, context: &Context) -> Details {
+        self.shared.flags.read().evaluate(key, context).into()
+    }
+
+    /// Switches the client to another context. Rules mode: getters evaluate for it from now on.
+    /// Evaluated mode: the server is told and sends the values that differ; until they arrive
+    /// the getters serve the previous context's values.
+    pub fn identify(&self, context: Context) {
+        *self.shared.context.write() = Arc::new(context.clone());
+        let _ = self.commands.send(Command::Identify(context));
+    }
+
+    fn typed<T>(
+        &self,
+        key: &str,
+        want: ValueType,
+        pick: impl FnOnce(&FlagValue) -> Option<T>,
+    ) -> Option<T> {
+        let context = self.shared.context.read().clone();
         let flags = self.shared.flags.read();
-        pick(evaluate(flags.get(key)?)?.value)
+        pick(flags.evaluate(key, &context).typed(want).value?)
     }
 
     /// The boolean value of `key`, or `default` if it is missing or not a boolean.
     pub fn bool_value(&self, key: &str, default: bool) -> bool {
-        self.typed(key, |v| match v {
+        self.typed(key, ValueType::Bool, |v| match v {
             FlagValue::Bool(b) => Some(*b),
             _ => None,
         })
@@ -287,7 +343,7 @@ impl Client {
 
     /// The string value of `key`, or `default`.
     pub fn string_value(&self, key: &str, default: &str) -> String {
-        self.typed(key, |v| match v {
+        self.typed(key, ValueType::String, |v| match v {
             FlagValue::String(s) => Some(s.clone()),
             _ => None,
         })
@@ -296,7 +352,7 @@ impl Client {
 
     /// The numeric value of `key`, or `default`.
     pub fn number_value(&self, key: &str, default: f64) -> f64 {
-        self.typed(key, |v| match v {
+        self.typed(key, ValueType::Number, |v| match v {
             FlagValue::Number(n) => Some(*n),
             _ => None,
         })
@@ -305,7 +361,7 @@ impl Client {
 
     /// The JSON value of `key`, or `default`.
     pub fn json_value(&self, key: &str, default: serde_json::Value) -> serde_json::Value {
-        self.typed(key, |v| match v {
+        self.typed(key, ValueType::Json, |v| match v {
             FlagValue::Json(j) => Some(j.clone()),
             _ => None,
         })

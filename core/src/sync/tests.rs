@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vane_proto::v1::{self as pb, frame::Kind};
 
 use super::*;
-use crate::history::EnvHistory;
+use crate::history::{EnvHistory, Item, ItemKind};
 use crate::model::Flag;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -53,11 +53,11 @@ impl Pair {
             window,
         );
         for f in flags {
-            server.apply(f.key.clone(), Some(f.clone()));
+            put(&mut server, f.clone());
         }
         Pair {
             now: Instant::now(),
-            client: SyncMachine::new(config, FlagSet::default(), 7),
+            client: SyncMachine::new(config, FlagSet::default(), None, 7),
             server,
             link: None,
             events: Vec::new(),
@@ -144,7 +144,7 @@ impl Pair {
 
     /// A change committed on the server, pushed to the connected client (unless lost).
     fn change(&mut self, flag: Flag) {
-        let delta = self.server.apply(flag.key.clone(), Some(flag));
+        let delta = put(&mut self.server, flag);
         self.push(delta.into());
     }
 
@@ -203,12 +203,21 @@ impl Pair {
 
     fn client_value(&self, key: &str) -> Option<bool> {
         let flags = self.client.flags();
-        let eval = crate::eval::evaluate(flags.get(key)?)?;
-        match eval.value {
+        match flags
+            .evaluate(key, &crate::eval::Context::default())
+            .value?
+        {
             crate::model::FlagValue::Bool(b) => Some(*b),
             _ => None,
         }
     }
+}
+
+/// Commits a flag to the in-memory server; returns the single-change delta.
+fn put(server: &mut EnvHistory, mut flag: Flag) -> pb::Delta {
+    flag.version = server.next_version();
+    let key = flag.key.clone();
+    server.apply(ItemKind::Flag, key, Some(Item::flag(flag).unwrap()))
 }
 
 fn flag(key: &str, on: bool) -> Flag {
@@ -283,7 +292,7 @@ fn unknown_epoch_gets_a_snapshot() {
         [],
         100,
     );
-    p.server.apply("z".into(), Some(flag("z", true)));
+    put(&mut p.server, flag("z", true));
     p.fire_timer();
     p.connect();
     let u = p.last_update();
@@ -314,7 +323,7 @@ fn a_delta_with_a_gap_is_not_applied_and_triggers_fetch() {
     p.lossy = true;
     p.change(flag("a", false)); // v2, lost
     p.lossy = false;
-    let gap = p.server.apply("b".into(), Some(flag("b", true))); // v3: from 2, client is at 1
+    let gap = put(&mut p.server, flag("b", true)); // v3: from 2, client is at 1
     p.push(gap.into());
     let u = p.last_update();
     assert_eq!((u.kind, u.selector.version), (UpdateKind::Delta, 3));
@@ -511,7 +520,7 @@ fn notify_mode_fetches_after_a_notice() {
     config.push = pb::PushMode::Notify;
     let mut p = Pair::with(&[flag("a", true)], 10, config);
     p.connect();
-    p.server.apply("a".into(), Some(flag("a", false)));
+    put(&mut p.server, flag("a", false));
     let selector = Some(p.server.selector().into());
     p.push(pb::Notice { selector }.into());
     assert_eq!(p.last_update().kind, UpdateKind::Delta);
