@@ -157,6 +157,30 @@ impl Context {
     pub fn to_json(&self) -> Json {
         Json::Object(self.value.clone())
     }
+
+    /// The attribute at a path already split into its parts (see [`Path`]).
+    fn get_path(&self, path: &Path) -> Option<&Json> {
+        let (first, rest) = path.0.split_first()?;
+        let mut current = self.value.get(first)?;
+        for part in rest {
+            current = current.as_object()?.get(part)?;
+        }
+        Some(current)
+    }
+}
+
+/// A dotted attribute path, split once when a flag is compiled.
+#[derive(Debug, Clone)]
+struct Path(Box<[String]>);
+
+impl Path {
+    fn new(dotted: &str) -> Path {
+        Path(dotted.split('.').map(str::to_owned).collect())
+    }
+
+    fn is_targeting_key(&self) -> bool {
+        self.0.len() == 1 && self.0[0] == "key"
+    }
 }
 
 /// Where evaluation finds segments by key.
@@ -256,15 +280,17 @@ enum CompiledServe {
 
 #[derive(Debug)]
 struct CompiledRollout {
-    bucket_by: String,
-    salt: Option<String>,
+    bucket_by: Path,
+    /// The hash state after `salt ‖ ":"` (the salt defaults to the flag key, known at compile
+    /// time): only the attribute's bytes are hashed per evaluation.
+    salted: u64,
     /// (exclusive upper bound of the bucket range, variant index), in order.
     ranges: Vec<(u32, usize)>,
 }
 
 #[derive(Debug)]
 struct CompiledClause {
-    attribute: String,
+    attribute: Path,
     negate: bool,
     op: Op,
 }
@@ -449,7 +475,7 @@ fn compile_clause(field: &str, clause: &Clause) -> Result<CompiledClause, Valida
         Operator::InSegment => Op::Segment(strings()?),
     };
     Ok(CompiledClause {
-        attribute: clause.attribute.clone(),
+        attribute: Path::new(&clause.attribute),
         negate: clause.negate,
         op,
     })
@@ -525,9 +551,12 @@ impl CompiledFlag {
         let serve = |field: &str, s: &Serve| -> Result<CompiledServe, ValidationError> {
             Ok(match s {
                 Serve::Variant(v) => CompiledServe::Variant(index(&format!("{field}.variant"), v)?),
-                Serve::Rollout(r) => {
-                    CompiledServe::Rollout(compile_rollout(&format!("{field}.rollout"), r, &index)?)
-                }
+                Serve::Rollout(r) => CompiledServe::Rollout(compile_rollout(
+                    &format!("{field}.rollout"),
+                    r,
+                    &flag.key,
+                    &index,
+                )?),
             })
         };
         let off = index("off_variant", &flag.off_variant)?;
@@ -582,7 +611,7 @@ impl CompiledFlag {
     ) -> Evaluation<'a> {
         match serve {
             CompiledServe::Variant(i) => self.served(*i, reason, rule, None),
-            CompiledServe::Rollout(r) => match r.bucket_for(ctx, &self.flag.key) {
+            CompiledServe::Rollout(r) => match r.bucket_for(ctx) {
                 Ok(bucket) => {
                     let variant = r
                         .ranges
@@ -618,6 +647,7 @@ impl CompiledFlag {
 fn compile_rollout(
     field: &str,
     r: &Rollout,
+    flag_key: &str,
     index: &dyn Fn(&str, &str) -> Result<usize, ValidationError>,
 ) -> Result<CompiledRollout, ValidationError> {
     let mut ranges = Vec::with_capacity(r.variants.len());
@@ -635,25 +665,25 @@ fn compile_rollout(
             format!("weights sum to {upper}, not {TOTAL_WEIGHT}"),
         ));
     }
+    let salt = r.salt.as_deref().unwrap_or(flag_key);
     Ok(CompiledRollout {
-        bucket_by: r.bucket_by.clone(),
-        salt: r.salt.clone(),
+        bucket_by: Path::new(&r.bucket_by),
+        salted: fnv1a(fnv1a(FNV_OFFSET, salt.as_bytes()), b":"),
         ranges,
     })
 }
 
 impl CompiledRollout {
-    fn bucket_for(&self, ctx: &Context, flag_key: &str) -> Result<u32, ErrorCode> {
-        let salt = self.salt.as_deref().unwrap_or(flag_key);
+    fn bucket_for(&self, ctx: &Context) -> Result<u32, ErrorCode> {
         let missing = || {
-            if self.bucket_by == "key" {
+            if self.bucket_by.is_targeting_key() {
                 ErrorCode::TargetingKeyMissing
             } else {
                 ErrorCode::General
             }
         };
-        match ctx.get(&self.bucket_by) {
-            Some(Json::String(s)) => Ok(bucket(salt, s)),
+        match ctx.get_path(&self.bucket_by) {
+            Some(Json::String(s)) => Ok(finish(fnv1a(self.salted, s.as_bytes()))),
             Some(Json::Number(n)) => {
                 let mut buf = [0u8; 20];
                 let digits = if let Some(i) = n.as_i64() {
@@ -663,7 +693,7 @@ impl CompiledRollout {
                 } else {
                     return Err(missing());
                 };
-                Ok(bucket(salt, digits))
+                Ok(finish(fnv1a(self.salted, digits.as_bytes())))
             }
             _ => Err(missing()),
         }
@@ -688,26 +718,35 @@ fn format_int(mut n: u64, negative: bool, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[i..]).unwrap_or("")
 }
 
-/// The rollout bucket (0 to 99 999) of `value` under `salt`. See the module docs.
-pub fn bucket(salt: &str, value: &str) -> u32 {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = FNV_OFFSET;
-    for b in salt
-        .bytes()
-        .chain(std::iter::once(b':'))
-        .chain(value.bytes())
-    {
-        h ^= u64::from(b);
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// Continues a 64-bit FNV-1a hash over `bytes`.
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
         h = h.wrapping_mul(FNV_PRIME);
     }
-    // MurmurHash3 fmix64: FNV-1a alone mixes its last bytes poorly into the low digits.
+    h
+}
+
+/// MurmurHash3's fmix64 (FNV-1a alone mixes its last bytes poorly into the low digits), then
+/// the bucket.
+fn finish(mut h: u64) -> u32 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^= h >> 33;
     (h % u64::from(TOTAL_WEIGHT)) as u32
+}
+
+/// The rollout bucket (0 to 99 999) of `value` under `salt`. See the module docs.
+pub fn bucket(salt: &str, value: &str) -> u32 {
+    finish(fnv1a(
+        fnv1a(fnv1a(FNV_OFFSET, salt.as_bytes()), b":"),
+        value.as_bytes(),
+    ))
 }
 
 fn all_hold(
@@ -742,7 +781,7 @@ fn clause_holds(
         return Ok(member != clause.negate);
     }
     // A missing attribute never matches, negated or not.
-    let Some(value) = ctx.get(&clause.attribute) else {
+    let Some(value) = ctx.get_path(&clause.attribute) else {
         return Ok(false);
     };
     let matched = match value {

@@ -178,6 +178,32 @@ impl TestServer {
         v["version"].as_u64().expect("version")
     }
 
+    /// Puts a flag from its JSON; returns the version.
+    pub async fn put_flag(&self, env: &str, key: &str, flag: Value) -> u64 {
+        let (s, v) = self
+            .admin(
+                Method::PUT,
+                &format!("/environments/{env}/flags/{key}"),
+                Some(flag),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["version"].as_u64().expect("version")
+    }
+
+    /// Puts a segment from its JSON; returns the version.
+    pub async fn put_segment(&self, env: &str, key: &str, segment: Value) -> u64 {
+        let (s, v) = self
+            .admin(
+                Method::PUT,
+                &format!("/environments/{env}/segments/{key}"),
+                Some(segment),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["version"].as_u64().expect("version")
+    }
+
     pub async fn toggle(&self, env: &str, key: &str, on: bool) -> u64 {
         let (s, v) = self
             .admin(

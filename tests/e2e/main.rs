@@ -9,3 +9,4 @@ mod delivery;
 mod faults;
 mod harness;
 mod resume;
+mod targeting;

@@ -1,0 +1,81 @@
+//! Evaluation speed, and proof that the hot path does not allocate.
+//!
+//! `cargo bench -p vane-benches --bench eval`. Before measuring, each case is evaluated 10,000
+//! times under a counting global allocator and the number of allocations is printed (and must be
+//! zero, or the bench stops).
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::json;
+use vane_benches::{
+    CountingAllocator, big_segment, bool_flag, one_rule_rollout_flag, ten_rules_flag,
+};
+use vane_core::eval::{CompiledFlag, CompiledSegment, Context, NoSegments, SegmentSource};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator::new();
+
+fn compile(flag: serde_json::Value) -> CompiledFlag {
+    CompiledFlag::new(serde_json::from_value(flag).expect("flag JSON")).expect("valid flag")
+}
+
+/// Evaluates 10,000 times and returns the allocations made.
+fn allocations(flag: &CompiledFlag, ctx: &Context, segments: &dyn SegmentSource) -> u64 {
+    let before = ALLOC.count();
+    for _ in 0..10_000 {
+        black_box(flag.evaluate(black_box(ctx), segments));
+    }
+    ALLOC.count() - before
+}
+
+fn bench(c: &mut Criterion) {
+    let plain = compile(bool_flag());
+    let rollout = compile(one_rule_rollout_flag());
+    let big = compile(ten_rules_flag());
+    let segment =
+        CompiledSegment::new(serde_json::from_value(big_segment(10_000)).expect("segment JSON"))
+            .expect("valid segment");
+    let segments: HashMap<String, Arc<CompiledSegment>> =
+        HashMap::from([("beta".to_owned(), Arc::new(segment))]);
+    let ctx = Context::new(
+        json!({"key": "user-4711", "country": "de", "plan": "free", "app": {"version": "2.3.1"}}),
+    )
+    .expect("context");
+
+    for (name, flag, segs) in [
+        ("bool, no rules", &plain, &NoSegments as &dyn SegmentSource),
+        ("1 rule + rollout", &rollout, &NoSegments),
+        ("10 rules + 10k-key segment", &big, &segments),
+    ] {
+        let n = allocations(flag, &ctx, segs);
+        println!("allocations in 10,000 evaluations of {name}: {n}");
+        assert_eq!(n, 0, "{name}: the hot path allocated");
+    }
+    assert_eq!(
+        big.evaluate(&ctx, &segments).variant,
+        Some("b"),
+        "the segment rule decides"
+    );
+    assert!(
+        rollout.evaluate(&ctx, &NoSegments).bucket.is_some(),
+        "the rollout decides"
+    );
+
+    let mut group = c.benchmark_group("evaluate");
+    group.bench_function("bool, no rules", |b| {
+        b.iter(|| black_box(plain.evaluate(black_box(&ctx), &NoSegments)))
+    });
+    group.bench_function("1 rule + rollout", |b| {
+        b.iter(|| black_box(rollout.evaluate(black_box(&ctx), &NoSegments)))
+    });
+    group.bench_function("10 rules + 10k-key segment", |b| {
+        b.iter(|| black_box(big.evaluate(black_box(&ctx), &segments)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
