@@ -639,16 +639,7 @@ async fn flag_cmd(a: Admin, cmd: FlagCmd) -> Result<(), Failure> {
                     serde_json::to_value(vane_core::model::Flag::boolean(flag.clone(), true, b))
                         .map_err(|e| Failure::refused(e.to_string()))?
                 }
-                (None, Some(path)) => {
-                    let text = if path == Path::new("-") {
-                        std::io::read_to_string(std::io::stdin())
-                    } else {
-                        std::fs::read_to_string(&path)
-                    }
-                    .map_err(|e| Failure::refused(format!("{}: {e}", path.display())))?;
-                    serde_json::from_str(&text)
-                        .map_err(|e| Failure::refused(format!("{}: {e}", path.display())))?
-                }
+                (None, Some(path)) => read_json(&path)?,
                 (None, None) => unreachable!("clap requires one source"),
             };
             let v = a

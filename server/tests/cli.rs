@@ -294,3 +294,106 @@ fn watch_exits_on_a_wrong_key() {
         "{out:?}"
     );
 }
+
+#[test]
+fn segments_eval_and_evaluated_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_server, protocol, http) = serve(data);
+    let admin = |args: &[&str]| {
+        let mut cmd = vane(data);
+        cmd.args(args).args(["--server", &http]);
+        run(&mut cmd)
+    };
+    assert!(admin(&["env", "create", "prod"]).status.success());
+    let segment = data.join("staff.json");
+    std::fs::write(&segment, r#"{"included": ["u-boss"]}"#).unwrap();
+    let out = admin(&[
+        "segment",
+        "set",
+        "prod",
+        "staff",
+        "--file",
+        segment.to_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&out), "version 1", "{out:?}");
+    let flag = data.join("checkout.json");
+    std::fs::write(
+        &flag,
+        r#"{"on": true, "variants": {"new": "new-flow", "old": "legacy"}, "off_variant": "old",
+            "rules": [{"id": "staff", "clauses": [{"op": "in_segment", "values": ["staff"]}], "serve": {"variant": "new"}},
+                      {"id": "germany", "clauses": [{"attribute": "country", "op": "in", "values": ["de"]}],
+                       "serve": {"rollout": {"variants": [{"variant": "new", "weight": 30000}, {"variant": "old", "weight": 70000}]}}}],
+            "fallthrough": {"variant": "old"}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        stdout(&admin(&[
+            "flag",
+            "set",
+            "prod",
+            "checkout",
+            "--file",
+            flag.to_str().unwrap()
+        ])),
+        "version 2"
+    );
+
+    // The README's example: user-1 in Germany lands in bucket 21999 of the germany rule.
+    let out = admin(&[
+        "eval",
+        "prod",
+        "checkout",
+        "--context",
+        r#"{"key": "user-1", "country": "de"}"#,
+    ]);
+    let text = stdout(&out);
+    assert!(text.contains("value:   \"new-flow\""), "{text}");
+    assert!(text.contains("reason:  SPLIT"), "{text}");
+    assert!(text.contains("rule:    1 (germany)"), "{text}");
+    assert!(text.contains("bucket:  21999 of 100000"), "{text}");
+    let out = admin(&["eval", "prod", "checkout", "--context", "not json"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // Deleting a segment in use is refused, naming the flag.
+    let out = admin(&["segment", "delete", "prod", "staff"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("flag \"checkout\""),
+        "{out:?}"
+    );
+
+    // A phone's view: evaluated mode with a mobile key.
+    let key = stdout(&admin(&["key", "create", "prod", "--kind", "mobile"]));
+    let mut cmd = vane(data);
+    cmd.args([
+        "watch",
+        "--endpoint",
+        &protocol,
+        "--sdk-key",
+        &key,
+        "--json",
+        "--context",
+        r#"{"key": "u-boss"}"#,
+    ]);
+    let watch = Running::spawn(cmd);
+    let first: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(first["kind"], "snapshot");
+    assert_eq!(first["values"]["checkout"], "new-flow");
+    std::fs::write(&segment, r#"{"included": []}"#).unwrap();
+    assert_eq!(
+        stdout(&admin(&[
+            "segment",
+            "set",
+            "prod",
+            "staff",
+            "--file",
+            segment.to_str().unwrap()
+        ])),
+        "version 3"
+    );
+    let update: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(update["kind"], "delta");
+    assert_eq!(update["changed"], serde_json::json!(["checkout"]));
+    assert_eq!(update["values"]["checkout"], "legacy");
+}

@@ -550,3 +550,168 @@ fn unknown_frame_kinds_are_skipped() {
     p.push(pb::Frame { kind: None });
     assert!(p.link.is_some());
 }
+
+/// Evaluated mode, driven frame by frame: the bookkeeping that decides whether the held values
+/// may be resumed, and which delta answers an Identify.
+mod evaluated {
+    use super::*;
+    use crate::eval::Context;
+
+    fn machine(ctx: &str) -> SyncMachine {
+        let mut config = SyncConfig::new("vane_mob_k");
+        config.mode = pb::DeliveryMode::Evaluated;
+        config.context = Context::parse(ctx).unwrap();
+        SyncMachine::new(config, FlagSet::default(), None, 3)
+    }
+
+    fn sent(m: &mut SyncMachine) -> Vec<pb::Frame> {
+        let mut frames = Vec::new();
+        while let Some(out) = m.poll_output() {
+            if let Output::Transmit(f) = out {
+                frames.push(f);
+            }
+        }
+        frames
+    }
+
+    fn hello_of(frames: &[pb::Frame]) -> pb::Hello {
+        frames
+            .iter()
+            .find_map(|f| match &f.kind {
+                Some(Kind::Hello(h)) => Some(h.clone()),
+                _ => None,
+            })
+            .expect("a Hello")
+    }
+
+    fn value(key: &str, variant: &str) -> pb::EvaluatedFlag {
+        pb::EvaluatedFlag {
+            key: key.into(),
+            value: Some(pb::Value {
+                kind: Some(pb::value::Kind::String(variant.into())),
+            }),
+            variant: variant.into(),
+            reason: pb::Reason::TargetingMatch.into(),
+            ..Default::default()
+        }
+    }
+
+    fn welcome_and_snapshot(m: &mut SyncMachine, now: Instant) {
+        m.on_frame(
+            now,
+            pb::Welcome {
+                heartbeat_interval_ms: 10_000,
+                ..Default::default()
+            }
+            .into(),
+        );
+        m.on_frame(
+            now,
+            pb::Snapshot {
+                selector: Some(pb::Selector {
+                    epoch: 1,
+                    version: 5,
+                }),
+                values: vec![value("f", "a")],
+                ..Default::default()
+            }
+            .into(),
+        );
+    }
+
+    fn reconnect(m: &mut SyncMachine, now: &mut Instant) -> pb::Hello {
+        m.on_disconnected(*now, DisconnectReason::Transport("cut".into()));
+        *now = m.poll_timeout().unwrap();
+        m.on_timeout(*now);
+        m.on_connected(*now);
+        hello_of(&sent(m))
+    }
+
+    #[test]
+    fn the_selector_is_sent_only_for_values_of_the_same_context() {
+        let mut now = Instant::now();
+        let mut m = machine(r#"{"key": "u1"}"#);
+        m.on_connected(now);
+        let hello = hello_of(&sent(&mut m));
+        assert_eq!(hello.mode(), pb::DeliveryMode::Evaluated);
+        assert_eq!(hello.context, r#"{"key":"u1"}"#);
+        assert!(hello.selector.is_none(), "nothing held yet");
+        welcome_and_snapshot(&mut m, now);
+        assert_eq!(m.values_context(), Some(r#"{"key":"u1"}"#));
+
+        let hello = reconnect(&mut m, &mut now);
+        assert_eq!(
+            hello.selector.map(|s| s.version),
+            Some(5),
+            "same context: resume"
+        );
+
+        // Switched while offline: the held values are for u1, so no selector for u2.
+        m.identify(Context::parse(r#"{"key": "u2"}"#).unwrap());
+        assert!(sent(&mut m).is_empty(), "nothing to send while offline");
+        let hello = reconnect(&mut m, &mut now);
+        assert_eq!(hello.context, r#"{"key":"u2"}"#);
+        assert!(
+            hello.selector.is_none(),
+            "values for another context are not resumed"
+        );
+    }
+
+    #[test]
+    fn only_the_answering_delta_moves_the_values_to_the_new_context() {
+        let now = Instant::now();
+        let mut m = machine(r#"{"key": "u1"}"#);
+        m.on_connected(now);
+        sent(&mut m);
+        welcome_and_snapshot(&mut m, now);
+        sent(&mut m);
+
+        m.identify(Context::parse(r#"{"key": "u2"}"#).unwrap());
+        let frames = sent(&mut m);
+        let Some(Kind::Identify(i)) = &frames[0].kind else {
+            panic!("an Identify")
+        };
+        assert_eq!(i.context, r#"{"key":"u2"}"#);
+
+        // A push computed for u1 crosses the Identify: the values are still u1's.
+        let push = pb::Delta {
+            epoch: 1,
+            from_version: 5,
+            to_version: 6,
+            values: vec![value("f", "b")],
+            ..Default::default()
+        };
+        m.on_frame(now, push.into());
+        assert_eq!(m.values_context(), Some(r#"{"key":"u1"}"#));
+        // The answer.
+        let answer = pb::Delta {
+            epoch: 1,
+            from_version: 6,
+            to_version: 6,
+            values: vec![value("f", "c")],
+            identify_seq: i.seq,
+            ..Default::default()
+        };
+        m.on_frame(now, answer.into());
+        assert_eq!(m.values_context(), Some(r#"{"key":"u2"}"#));
+        let f = m.flags().value("f").unwrap();
+        assert_eq!(f.variant, "c");
+    }
+
+    #[test]
+    fn an_invalid_context_stops_the_client() {
+        let now = Instant::now();
+        let mut m = machine(r#"{"key": "u1"}"#);
+        m.on_connected(now);
+        m.on_frame(
+            now,
+            pb::Error {
+                code: pb::ErrorCode::InvalidContext.into(),
+                message: "bad".into(),
+                retry_after_ms: 0,
+            }
+            .into(),
+        );
+        assert!(m.is_stopped());
+    }
+}
