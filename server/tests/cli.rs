@@ -84,6 +84,13 @@ fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run vane")
 }
 
+/// Runs an admin command against the server at `http`.
+fn admin(data: &Path, http: &str, args: &[&str]) -> Output {
+    let mut cmd = vane(data);
+    cmd.args(args).args(["--server", http]);
+    run(&mut cmd)
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -147,11 +154,7 @@ fn quick_start_serve_watch_toggle() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    let admin = |args: &[&str]| {
-        let mut cmd = vane(data);
-        cmd.args(args).args(["--server", &http]);
-        run(&mut cmd)
-    };
+    let admin = |args: &[&str]| admin(data, &http, args);
     let out = admin(&["env", "create", "prod"]);
     assert!(out.status.success(), "{out:?}");
     let out = admin(&["key", "create", "prod", "--kind", "server"]);
@@ -225,11 +228,7 @@ fn exit_codes_are_dependable() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     let (_server, _, http) = serve(data);
-    let admin = |args: &[&str]| {
-        let mut cmd = vane(data);
-        cmd.args(args).args(["--server", &http]);
-        run(&mut cmd)
-    };
+    let admin = |args: &[&str]| admin(data, &http, args);
     assert!(admin(&["env", "create", "prod"]).status.success());
 
     let out = admin(&["flag", "toggle", "prod", "nope", "--off"]);
@@ -300,11 +299,7 @@ fn segments_eval_and_evaluated_watch() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     let (_server, protocol, http) = serve(data);
-    let admin = |args: &[&str]| {
-        let mut cmd = vane(data);
-        cmd.args(args).args(["--server", &http]);
-        run(&mut cmd)
-    };
+    let admin = |args: &[&str]| admin(data, &http, args);
     assert!(admin(&["env", "create", "prod"]).status.success());
     let segment = data.join("staff.json");
     std::fs::write(&segment, r#"{"included": ["u-boss"]}"#).unwrap();

@@ -159,6 +159,13 @@ impl TestServer {
         v["secret"].as_str().expect("secret").to_owned()
     }
 
+    /// An admin write that must succeed; returns the version it committed.
+    pub async fn write(&self, method: Method, path: &str, body: Value) -> u64 {
+        let (s, v) = self.admin(method, path, Some(body)).await;
+        assert_eq!(s, 200, "{path}: {v}");
+        v["version"].as_u64().expect("version")
+    }
+
     /// Puts a boolean flag that is on and serves `value`; returns the version.
     pub async fn put_bool(&self, env: &str, key: &str, value: bool) -> u64 {
         let flag = json!({
@@ -167,53 +174,36 @@ impl TestServer {
             "off_variant": "false",
             "fallthrough": {"variant": value.to_string()},
         });
-        let (s, v) = self
-            .admin(
-                Method::PUT,
-                &format!("/environments/{env}/flags/{key}"),
-                Some(flag),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        v["version"].as_u64().expect("version")
+        self.put_flag(env, key, flag).await
     }
 
     /// Puts a flag from its JSON; returns the version.
     pub async fn put_flag(&self, env: &str, key: &str, flag: Value) -> u64 {
-        let (s, v) = self
-            .admin(
-                Method::PUT,
-                &format!("/environments/{env}/flags/{key}"),
-                Some(flag),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        v["version"].as_u64().expect("version")
+        self.write(
+            Method::PUT,
+            &format!("/environments/{env}/flags/{key}"),
+            flag,
+        )
+        .await
     }
 
     /// Puts a segment from its JSON; returns the version.
     pub async fn put_segment(&self, env: &str, key: &str, segment: Value) -> u64 {
-        let (s, v) = self
-            .admin(
-                Method::PUT,
-                &format!("/environments/{env}/segments/{key}"),
-                Some(segment),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        v["version"].as_u64().expect("version")
+        self.write(
+            Method::PUT,
+            &format!("/environments/{env}/segments/{key}"),
+            segment,
+        )
+        .await
     }
 
     pub async fn toggle(&self, env: &str, key: &str, on: bool) -> u64 {
-        let (s, v) = self
-            .admin(
-                Method::POST,
-                &format!("/environments/{env}/flags/{key}/toggle"),
-                Some(json!({ "on": on })),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        v["version"].as_u64().expect("version")
+        self.write(
+            Method::POST,
+            &format!("/environments/{env}/flags/{key}/toggle"),
+            json!({ "on": on }),
+        )
+        .await
     }
 
     /// A client configuration for this server with quick reconnects.
