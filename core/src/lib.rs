@@ -12,5 +12,6 @@ pub mod state;
 pub mod sync;
 pub mod wire;
 
+pub mod cache;
 pub mod client;
 pub mod convert;

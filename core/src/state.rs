@@ -3,7 +3,7 @@
 //! selector they are at. Applying a snapshot or delta reports which flag keys changed (including
 //! flags whose result may change because a segment they use changed): that is what listeners get.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
@@ -54,7 +54,7 @@ impl From<Selector> for pb::Selector {
 }
 
 /// A flag as the server evaluated it for this client's context (evaluated mode).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvaluatedValue {
     /// The value; `None` if evaluation failed (serve the caller's default).
     pub value: Option<FlagValue>,
@@ -102,6 +102,9 @@ pub struct FlagSet {
     flags: HashMap<String, Arc<CompiledFlag>>,
     segments: HashMap<String, Arc<CompiledSegment>>,
     values: HashMap<String, Arc<EvaluatedValue>>,
+    /// Loaded from the offline cache and not yet confirmed by a live connection: evaluations
+    /// report reason `CACHED`.
+    cached: bool,
 }
 
 impl FlagSet {
@@ -117,6 +120,47 @@ impl FlagSet {
         }
     }
 
+    /// The set as stored in the offline cache: definitions (rules mode) or values (evaluated).
+    pub(crate) fn to_cached(&self) -> (Vec<Flag>, Vec<Segment>, BTreeMap<String, EvaluatedValue>) {
+        (
+            self.flags.values().map(|f| f.flag().clone()).collect(),
+            self.segments
+                .values()
+                .map(|s| s.segment().clone())
+                .collect(),
+            self.values
+                .iter()
+                .map(|(k, v)| (k.clone(), (**v).clone()))
+                .collect(),
+        )
+    }
+
+    /// A set loaded from the offline cache: served with reason `CACHED` until confirmed live.
+    pub(crate) fn from_cached(
+        selector: Option<Selector>,
+        flags: Vec<Flag>,
+        segments: Vec<Segment>,
+        values: BTreeMap<String, EvaluatedValue>,
+    ) -> Result<FlagSet, String> {
+        let mut set = FlagSet {
+            selector,
+            cached: true,
+            ..FlagSet::default()
+        };
+        for seg in segments {
+            let key = seg.key.clone();
+            let seg = CompiledSegment::new(seg).map_err(|e| format!("segment {key:?}: {e}"))?;
+            set.segments.insert(key, Arc::new(seg));
+        }
+        for flag in flags {
+            let key = flag.key.clone();
+            let flag = CompiledFlag::new(flag).map_err(|e| format!("flag {key:?}: {e}"))?;
+            set.flags.insert(key, Arc::new(flag));
+        }
+        set.values = values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        Ok(set)
+    }
+
     /// Where this set stands; `None` before the first snapshot.
     pub fn selector(&self) -> Option<Selector> {
         self.selector
@@ -125,13 +169,27 @@ impl FlagSet {
     /// Evaluates `key` for `ctx`: locally in rules mode; in evaluated mode the server's answer
     /// for the session's context is returned and `ctx` is not used.
     pub fn evaluate(&self, key: &str, ctx: &Context) -> Evaluation<'_> {
-        if let Some(flag) = self.flags.get(key) {
+        let mut e = if let Some(flag) = self.flags.get(key) {
             flag.evaluate(ctx, &self.segments)
         } else if let Some(value) = self.values.get(key) {
             value.as_evaluation()
         } else {
-            Evaluation::not_found()
+            return Evaluation::not_found();
+        };
+        if self.cached && e.value.is_some() {
+            e.reason = Reason::Cached;
         }
+        e
+    }
+
+    /// Whether these flags came from the offline cache and no live connection confirmed them yet.
+    pub fn is_cached(&self) -> bool {
+        self.cached
+    }
+
+    /// A live connection confirmed the cached state.
+    pub(crate) fn confirm_live(&mut self) {
+        self.cached = false;
     }
 
     /// The flag definition with this key (rules mode).
@@ -277,6 +335,7 @@ impl FlagSet {
             epoch: delta.epoch,
             version: delta.to_version,
         });
+        self.cached = false;
         Ok(self
             .affected(changed_flags, changed_segments)
             .into_iter()

@@ -127,6 +127,8 @@ pub enum DisconnectReason {
     },
     /// The server broke the protocol (bad frame, frame out of place).
     Protocol(String),
+    /// The application suspended the client (background, or no network).
+    Suspended,
 }
 
 impl std::fmt::Display for DisconnectReason {
@@ -140,6 +142,7 @@ impl std::fmt::Display for DisconnectReason {
                 write!(f, "server error {}: {message}", code.as_str_name())
             }
             DisconnectReason::Protocol(e) => write!(f, "protocol error: {e}"),
+            DisconnectReason::Suspended => f.write_str("suspended by the application"),
         }
     }
 }
@@ -194,6 +197,8 @@ enum Phase {
         last_heard: Instant,
         heartbeat: Duration,
     },
+    /// Suspended by the application: no connection, no attempts, until resumed.
+    Suspended,
     /// Stopped for good.
     Stopped,
 }
@@ -306,8 +311,36 @@ impl SyncMachine {
                 last_heard,
                 heartbeat,
             } => Some(last_heard + heartbeat * MISSED_HEARTBEATS),
-            Phase::Idle | Phase::Stopped => None,
+            Phase::Idle | Phase::Suspended | Phase::Stopped => None,
         }
+    }
+
+    /// The application went to the background or lost the network: close the connection and
+    /// make no attempts until [`SyncMachine::resume`].
+    pub fn suspend(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Stopped | Phase::Suspended => {}
+            Phase::Handshaking { .. } | Phase::Live { .. } => {
+                self.disconnect(now, DisconnectReason::Suspended, Some(Duration::ZERO));
+                self.out.push_back(Output::Close);
+                self.phase = Phase::Suspended;
+            }
+            Phase::Idle | Phase::Backoff { .. } => self.phase = Phase::Suspended,
+        }
+    }
+
+    /// The application is back in the foreground with a network: connect now (skipping any
+    /// backoff; the selector makes it a small delta).
+    pub fn resume(&mut self) {
+        if matches!(self.phase, Phase::Suspended | Phase::Backoff { .. }) {
+            self.phase = Phase::Idle;
+            self.failures = 0;
+        }
+    }
+
+    /// Whether the application has suspended the machine.
+    pub fn is_suspended(&self) -> bool {
+        self.phase == Phase::Suspended
     }
 
     /// The next thing for the driver to do.
@@ -389,7 +422,7 @@ impl SyncMachine {
             Phase::Handshaking { .. } => None,
             Phase::Live { heartbeat, .. } => Some(heartbeat),
             // A frame after we closed: the driver will drop the connection; ignore it.
-            Phase::Idle | Phase::Backoff { .. } | Phase::Stopped => return,
+            Phase::Idle | Phase::Backoff { .. } | Phase::Suspended | Phase::Stopped => return,
         };
         if let Some(heartbeat) = heartbeat {
             self.phase = Phase::Live {
@@ -435,6 +468,9 @@ impl SyncMachine {
                 self.fetching = false;
                 let selector = u.selector.map(Selector::from);
                 if selector.is_some() && selector == self.flags.selector() {
+                    if self.flags.is_cached() {
+                        Arc::make_mut(&mut self.flags).confirm_live();
+                    }
                     self.applied(UpdateKind::UpToDate, selector, Vec::new());
                 } else {
                     self.fetch();

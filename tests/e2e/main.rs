@@ -8,5 +8,6 @@ mod backpressure;
 mod delivery;
 mod faults;
 mod harness;
+mod mobile;
 mod resume;
 mod targeting;

@@ -12,33 +12,51 @@ use vane_proto::codec::DEFAULT_MAX_FRAME_LEN;
 
 use super::connect::{Connected, Connector, Duplex};
 use super::{Command, ConnectionState, Shared, Transport};
+use crate::cache::Cache;
+use crate::state::FlagSet;
 use crate::sync::{DisconnectReason, Event, Output, SyncMachine};
 use crate::wire::{FrameReader, ReadError, write_frame};
+use tokio::sync::watch;
 
 pub(super) async fn run(
     mut machine: SyncMachine,
     mut connector: Connector,
     shared: Arc<Shared>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    cache: Option<Cache>,
     cancel: CancellationToken,
 ) {
+    // The cache is written by its own task from the latest state, so a slow disk never delays
+    // a frame, and a burst of updates costs one write.
+    let (cache_tx, cache_task) = match cache {
+        Some(cache) => {
+            let (tx, rx) = watch::channel(None);
+            (Some(tx), Some(tokio::spawn(write_cache(cache, rx))))
+        }
+        None => (None, None),
+    };
+    let shared = Published {
+        shared: &shared,
+        cache: cache_tx.as_ref(),
+    };
     loop {
         drain_offline(&mut machine, &shared);
         if machine.is_stopped() || cancel.is_cancelled() {
             break;
         }
         if !machine.wants_connect(Instant::now()) {
-            let Some(at) = machine.poll_timeout() else {
-                break;
-            };
+            let deadline = machine.poll_timeout().map(tokio::time::Instant::from);
             tokio::select! {
-                _ = sleep_until(at.into()) => machine.on_timeout(Instant::now()),
-                Some(command) = commands.recv() => handle(&mut machine, command),
+                _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    machine.on_timeout(Instant::now());
+                }
+                Some(command) = commands.recv() => handle(&mut machine, command, shared.shared),
                 _ = cancel.cancelled() => break,
             }
             continue;
         }
         shared
+            .shared
             .status
             .send_modify(|s| s.state = ConnectionState::Connecting);
         let conn = tokio::select! {
@@ -54,23 +72,58 @@ pub(super) async fn run(
             Err(e) => machine.on_connect_failed(Instant::now(), e),
         }
     }
-    shared.status.send_modify(|s| {
+    shared.shared.status.send_modify(|s| {
         s.state = ConnectionState::Stopped;
         s.transport = None;
     });
+    drop(cache_tx);
+    if let Some(task) = cache_task {
+        let _ = task.await; // the last state is on disk before close() returns
+    }
+}
+
+/// What the cache writer persists: the flags, and the context (JSON) they were evaluated for.
+type CacheState = Option<(Arc<FlagSet>, Option<String>)>;
+
+/// Where the driver publishes: the handle's shared state, and the cache writer.
+struct Published<'a> {
+    shared: &'a Shared,
+    cache: Option<&'a watch::Sender<CacheState>>,
+}
+
+async fn write_cache(cache: Cache, mut rx: watch::Receiver<CacheState>) {
+    while rx.changed().await.is_ok() {
+        let Some((flags, context)) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let cache = cache.clone();
+        let written =
+            tokio::task::spawn_blocking(move || cache.save(&flags, context.as_deref())).await;
+        if let Ok(Err(e)) = written {
+            warn!(error = %e, "could not write the flag cache");
+        }
+    }
 }
 
 /// Runs one connection until the machine closes it, the transport fails, or the client is closed.
-fn handle(machine: &mut SyncMachine, command: Command) {
+fn handle(machine: &mut SyncMachine, command: Command, shared: &Shared) {
     match command {
         Command::Identify(context) => machine.identify(context),
+        Command::SetActive(true) => machine.resume(),
+        Command::SetActive(false) => {
+            machine.suspend(Instant::now());
+            shared.status.send_modify(|s| {
+                s.state = ConnectionState::Suspended;
+                s.transport = None;
+            });
+        }
     }
 }
 
 async fn session(
     machine: &mut SyncMachine,
     conn: Connected,
-    shared: &Shared,
+    shared: &Published<'_>,
     commands: &mut tokio::sync::mpsc::UnboundedReceiver<Command>,
     cancel: &CancellationToken,
 ) {
@@ -110,7 +163,7 @@ async fn session(
             _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                 machine.on_timeout(Instant::now());
             }
-            Some(command) = commands.recv() => handle(machine, command),
+                        Some(command) = commands.recv() => handle(machine, command, shared.shared),
             _ = cancel.cancelled() => break,
         }
     }
@@ -134,7 +187,7 @@ fn far_future() -> tokio::time::Instant {
 }
 
 /// Publishes events that arrive while no connection is up (backoff expiry, connect failures).
-fn drain_offline(machine: &mut SyncMachine, shared: &Shared) {
+fn drain_offline(machine: &mut SyncMachine, shared: &Published<'_>) {
     while let Some(out) = machine.poll_output() {
         if let Output::Event(event) = out {
             publish(shared, event, None, machine);
@@ -142,7 +195,13 @@ fn drain_offline(machine: &mut SyncMachine, shared: &Shared) {
     }
 }
 
-fn publish(shared: &Shared, event: Event, transport: Option<Transport>, machine: &SyncMachine) {
+fn publish(
+    published: &Published<'_>,
+    event: Event,
+    transport: Option<Transport>,
+    machine: &SyncMachine,
+) {
+    let shared = published.shared;
     match event {
         Event::Welcomed {
             session_id,
@@ -158,12 +217,22 @@ fn publish(shared: &Shared, event: Event, transport: Option<Transport>, machine:
         Event::Updated(update) => {
             // Flags first, so a listener woken by the update reads the new values.
             *shared.flags.write() = machine.flags().clone();
+            if let Some(cache) = published.cache {
+                cache.send_replace(Some((
+                    machine.flags().clone(),
+                    machine.values_context().map(str::to_owned),
+                )));
+            }
             shared.status.send_modify(|s| {
                 s.initialized = true;
                 s.selector = Some(update.selector);
             });
             let _ = shared.updates.send(update);
         }
+        Event::Disconnected {
+            reason: DisconnectReason::Suspended,
+            ..
+        } => {}
         Event::Disconnected {
             reason,
             reconnect_in,

@@ -80,6 +80,8 @@ pub enum ConnectionState {
     Connected,
     /// Waiting to reconnect.
     Disconnected,
+    /// Not connecting: the application is in the background or has no network.
+    Suspended,
     /// Stopped: closed by the application, or rejected by the server (see [`Status::fatal`]).
     Stopped,
 }
@@ -144,6 +146,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Key, SDK identity, push mode and backoff.
     pub sync: SyncConfig,
+    /// Where to persist the last applied state, so a cold start has flags without a network.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl ClientConfig {
@@ -162,6 +166,7 @@ impl ClientConfig {
             quic_retry_after: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             sync: SyncConfig::new(sdk_key),
+            cache_dir: None,
         }
     }
 
@@ -190,6 +195,8 @@ impl ClientConfig {
 #[derive(Debug)]
 enum Command {
     Identify(Context),
+    /// Connect (true) or stay disconnected (false).
+    SetActive(bool),
 }
 
 /// A flag's value with the variant and reason that produced it.
@@ -226,6 +233,12 @@ struct Shared {
     updates: broadcast::Sender<Update>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Lifecycle {
+    network: bool,
+    foreground: bool,
+}
+
 /// A connected client. Cheap reads; the connection lives in a background task that stops when
 /// the client is closed or dropped.
 #[derive(Debug)]
@@ -233,6 +246,8 @@ pub struct Client {
     shared: Arc<Shared>,
     cancel: CancellationToken,
     commands: mpsc::UnboundedSender<Command>,
+    /// Lifecycle inputs; the client connects only while both hold.
+    lifecycle: Mutex<Lifecycle>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Subscribed at start, handed to the first `subscribe` call, so it misses nothing.
     first_updates: Mutex<Option<broadcast::Receiver<Update>>>,
@@ -244,7 +259,19 @@ impl Client {
     pub fn start(config: ClientConfig) -> Result<Client, ClientError> {
         let connector = connect::Connector::new(&config)?;
         let context = Arc::new(config.sync.context.clone());
-        let machine = SyncMachine::new(config.sync, FlagSet::default(), None, rand::random());
+        let evaluated = config.sync.mode == DeliveryMode::Evaluated;
+        let cache = config
+            .cache_dir
+            .as_ref()
+            .map(|dir| crate::cache::Cache::new(dir, &config.sync.sdk_key, evaluated));
+        let context_key = evaluated
+            .then(|| context.key().map(str::to_owned))
+            .flatten();
+        let (flags, flags_context) = cache
+            .as_ref()
+            .and_then(|c| c.load(context_key.as_deref()))
+            .unwrap_or_default();
+        let machine = SyncMachine::new(config.sync, flags, flags_context, rand::random());
         let (status, _) = watch::channel(Status {
             state: ConnectionState::Connecting,
             transport: None,
@@ -267,12 +294,17 @@ impl Client {
             connector,
             shared.clone(),
             command_rx,
+            cache,
             cancel.clone(),
         ));
         Ok(Client {
             shared,
             cancel,
             commands,
+            lifecycle: Mutex::new(Lifecycle {
+                network: true,
+                foreground: true,
+            }),
             task: Mutex::new(Some(task)),
             first_updates: Mutex::new(Some(first_updates)),
         })
@@ -319,6 +351,26 @@ impl Client {
     pub fn identify(&self, context: Context) {
         *self.shared.context.write() = Arc::new(context.clone());
         let _ = self.commands.send(Command::Identify(context));
+    }
+
+    /// Tells the client whether the device has a network. Without one the client stops trying
+    /// to connect (saving battery); when it returns, it reconnects at once and resumes by delta.
+    pub fn set_network_available(&self, available: bool) {
+        self.set_lifecycle(|l| l.network = available);
+    }
+
+    /// Tells the client whether the app is in the foreground. In the background the connection
+    /// is closed; back in the foreground it reconnects at once and resumes by delta.
+    pub fn set_foreground(&self, foreground: bool) {
+        self.set_lifecycle(|l| l.foreground = foreground);
+    }
+
+    fn set_lifecycle(&self, change: impl FnOnce(&mut Lifecycle)) {
+        let mut lifecycle = self.lifecycle.lock();
+        change(&mut lifecycle);
+        let _ = self.commands.send(Command::SetActive(
+            lifecycle.network && lifecycle.foreground,
+        ));
     }
 
     fn typed<T>(

@@ -551,6 +551,25 @@ fn unknown_frame_kinds_are_skipped() {
     assert!(p.link.is_some());
 }
 
+#[test]
+fn suspend_closes_and_waits_and_resume_reconnects_at_once() {
+    let mut p = Pair::new(&[flag("a", true)]);
+    p.connect();
+    p.client.suspend(p.now);
+    p.run();
+    assert!(p.link.is_none(), "the connection was closed");
+    assert!(p.client.is_suspended());
+    assert_eq!(p.client.poll_timeout(), None, "no timers while suspended");
+    p.now += Duration::from_secs(3600);
+    assert!(!p.client.wants_connect(p.now));
+    p.change(flag("a", false));
+    p.client.resume();
+    assert!(p.client.wants_connect(p.now), "no backoff after a resume");
+    p.connect();
+    assert_eq!(p.last_update().kind, UpdateKind::Delta);
+    assert_eq!(p.client_value("a"), Some(false));
+}
+
 /// Evaluated mode, driven frame by frame: the bookkeeping that decides whether the held values
 /// may be resumed, and which delta answers an Identify.
 mod evaluated {
