@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use regex::Regex;
+use regex_lite::Regex;
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -426,9 +426,8 @@ fn compile_clause(field: &str, clause: &Clause) -> Result<CompiledClause, Valida
                         format!("regular expression longer than {MAX_REGEX_LEN} characters"),
                     ));
                 }
-                let re = regex::RegexBuilder::new(&pattern)
+                let re = regex_lite::RegexBuilder::new(&pattern)
                     .size_limit(REGEX_SIZE_LIMIT)
-                    .dfa_size_limit(REGEX_SIZE_LIMIT)
                     .build()
                     .map_err(|e| err(i, format!("invalid regular expression: {e}")))?;
                 regexes.push(re);

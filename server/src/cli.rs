@@ -727,8 +727,8 @@ async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
     }
     let stop = shutdown_signal()?;
     tokio::pin!(stop);
-    let client = Client::start(config).map_err(|e| Failure::refused(e.to_string()))?;
-    let mut updates = client.subscribe();
+    let (client, mut updates) =
+        Client::start_with_updates(config).map_err(|e| Failure::refused(e.to_string()))?;
     let mut status = client.watch_status();
     let mut last_state = None;
     loop {

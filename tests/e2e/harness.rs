@@ -233,8 +233,7 @@ impl Drop for TestServer {
 
 /// Starts a client and waits for its first update.
 pub async fn start_client(config: ClientConfig) -> (Client, broadcast::Receiver<Update>) {
-    let client = Client::start(config).expect("valid client config");
-    let updates = client.subscribe();
+    let (client, updates) = Client::start_with_updates(config).expect("valid client config");
     client
         .wait_for_initialization(PATIENCE)
         .await

@@ -215,7 +215,9 @@ fn publish(
             });
         }
         Event::Updated(update) => {
-            // Flags first, so a listener woken by the update reads the new values.
+            // Order matters. Flags first, so a listener woken by the update reads the new values.
+            // The broadcast before the status: whoever sees `initialized` (and then subscribes)
+            // must not receive this update as if it were a later one.
             *shared.flags.write() = machine.flags().clone();
             if let Some(cache) = published.cache {
                 cache.send_replace(Some((
@@ -223,11 +225,12 @@ fn publish(
                     machine.values_context().map(str::to_owned),
                 )));
             }
+            let selector = update.selector;
+            let _ = shared.updates.send(update);
             shared.status.send_modify(|s| {
                 s.initialized = true;
-                s.selector = Some(update.selector);
+                s.selector = Some(selector);
             });
-            let _ = shared.updates.send(update);
         }
         Event::Disconnected {
             reason: DisconnectReason::Suspended,

@@ -249,14 +249,20 @@ pub struct Client {
     /// Lifecycle inputs; the client connects only while both hold.
     lifecycle: Mutex<Lifecycle>,
     task: Mutex<Option<JoinHandle<()>>>,
-    /// Subscribed at start, handed to the first `subscribe` call, so it misses nothing.
-    first_updates: Mutex<Option<broadcast::Receiver<Update>>>,
 }
 
 impl Client {
     /// Validates `config` and starts connecting in the background. Must be called inside a tokio
     /// runtime.
     pub fn start(config: ClientConfig) -> Result<Client, ClientError> {
+        Client::start_with_updates(config).map(|(client, _)| client)
+    }
+
+    /// Like [`Client::start`], with a receiver subscribed before the connection starts, so it
+    /// holds every update from the first one (the initial snapshot) on.
+    pub fn start_with_updates(
+        config: ClientConfig,
+    ) -> Result<(Client, broadcast::Receiver<Update>), ClientError> {
         let connector = connect::Connector::new(&config)?;
         let context = Arc::new(config.sync.context.clone());
         let evaluated = config.sync.mode == DeliveryMode::Evaluated;
@@ -297,7 +303,7 @@ impl Client {
             cache,
             cancel.clone(),
         ));
-        Ok(Client {
+        let client = Client {
             shared,
             cancel,
             commands,
@@ -306,8 +312,8 @@ impl Client {
                 foreground: true,
             }),
             task: Mutex::new(Some(task)),
-            first_updates: Mutex::new(Some(first_updates)),
-        })
+        };
+        Ok((client, first_updates))
     }
 
     /// Waits until flags have arrived, the server rejected the client, or `timeout` passed.
@@ -420,14 +426,11 @@ impl Client {
         .unwrap_or(default)
     }
 
-    /// Applied updates. The first call's receiver has every update since [`Client::start`];
-    /// later calls see updates from the moment they subscribe. A receiver that falls more than
-    /// 256 updates behind gets `Lagged` and should re-read [`Client::flags`].
+    /// Updates applied from now on (see [`Client::start_with_updates`] for every update since
+    /// the start). A receiver that falls more than 256 updates behind gets `Lagged` and should
+    /// re-read [`Client::flags`].
     pub fn subscribe(&self) -> broadcast::Receiver<Update> {
-        self.first_updates
-            .lock()
-            .take()
-            .unwrap_or_else(|| self.shared.updates.subscribe())
+        self.shared.updates.subscribe()
     }
 
     /// The current connection state, transport and selector.

@@ -1,0 +1,304 @@
+// Tests of the Kotlin SDK against a real `vane serve` (started by bindings/kotlin/run-tests):
+// that calls, values, errors and callbacks cross the FFI boundary intact. Behaviour itself is
+// tested in Rust. Prints one line per test and ends with "N passed, M failed".
+package dev.vane.sdk.test
+
+import dev.vane.sdk.Vane
+import dev.vane.sdk.ffi.ConnectionState
+import dev.vane.sdk.ffi.FlagType
+import dev.vane.sdk.ffi.Reason
+import dev.vane.sdk.ffi.TransportPreference
+import dev.vane.sdk.ffi.VaneEvaluator
+import dev.vane.sdk.ffi.VaneException
+import java.io.File
+import java.net.URI
+import java.net.http.HttpClient
+import java.net.http.HttpRequest
+import java.net.http.HttpResponse
+import java.util.concurrent.CountDownLatch
+import java.util.concurrent.LinkedBlockingQueue
+import java.util.concurrent.TimeUnit
+import kotlin.system.exitProcess
+
+private fun env(name: String): String = System.getenv(name) ?: error("$name is not set (run bindings/kotlin/run-tests)")
+
+private val endpoint = env("VANE_ENDPOINT")
+private val httpBase = env("VANE_HTTP")
+private val token = env("VANE_TOKEN")
+private val ca = File(env("VANE_CA")).readText()
+private val http = HttpClient.newHttpClient()
+private lateinit var mobileKey: String
+
+private fun admin(method: String, path: String, body: String? = null): String {
+    val request = HttpRequest.newBuilder(URI.create("$httpBase/api/v1$path"))
+        .header("Authorization", "Bearer $token")
+        .header("Content-Type", "application/json")
+        .method(method, if (body == null) HttpRequest.BodyPublishers.noBody() else HttpRequest.BodyPublishers.ofString(body))
+        .build()
+    val response = http.send(request, HttpResponse.BodyHandlers.ofString())
+    check(response.statusCode() in 200..299) { "$method $path: ${response.statusCode()} ${response.body()}" }
+    return response.body()
+}
+
+private fun setUp() {
+    admin("POST", "/environments", """{"name": "mobile"}""")
+    mobileKey = Json.parse(admin("POST", "/environments/mobile/keys", """{"kind": "mobile"}"""))
+        .let { (it as Map<*, *>)["secret"] as String }
+    val flags = mapOf(
+        "new-checkout" to """{"on": true, "variants": {"on": true, "off": false}, "off_variant": "off", "fallthrough": {"variant": "on"}}""",
+        "banner" to """{"on": true, "variants": {"hi": "Hello", "none": ""}, "off_variant": "none", "fallthrough": {"variant": "hi"}}""",
+        "limit" to """{"on": true, "variants": {"v": 42}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
+        "ratio" to """{"on": true, "variants": {"v": 0.25}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
+        "theme" to """{"on": true, "variants": {"v": {"dark": true}}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
+        "beta" to """{"on": true, "variants": {"yes": true, "no": false}, "off_variant": "no",
+                      "rules": [{"id": "de", "clauses": [{"attribute": "country", "op": "in", "values": ["de"]}], "serve": {"variant": "yes"}}],
+                      "fallthrough": {"variant": "no"}}""",
+    )
+    for ((key, body) in flags) admin("PUT", "/environments/mobile/flags/$key", body)
+}
+
+private fun client(context: String = """{"key": "user-1", "country": "de"}""", key: String = mobileKey, endpoint: String = dev.vane.sdk.test.endpoint, cacheDir: String? = null): Vane {
+    val builder = Vane.builder(endpoint, key).caPem(ca).context(context).transport(TransportPreference.TCP)
+    if (cacheDir != null) builder.cacheDir(cacheDir)
+    return builder.build()
+}
+
+private fun assertEq(expected: Any?, actual: Any?, what: String) {
+    if (expected != actual) throw AssertionError("$what: expected <$expected>, got <$actual>")
+}
+
+private fun initializationAndTypedGetters() {
+    client().use { vane ->
+        vane.waitForInitialization(20_000)
+        assertEq(ConnectionState.CONNECTED, vane.connectionState, "state")
+        assertEq(true, vane.boolValue("new-checkout", false), "bool")
+        assertEq("Hello", vane.stringValue("banner", "x"), "string")
+        assertEq(42L, vane.intValue("limit", 0), "int")
+        assertEq(0.25, vane.doubleValue("ratio", 0.0), "double")
+        assertEq(mapOf("dark" to true), Json.parse(vane.jsonValue("theme", "{}")), "json")
+        val beta = vane.boolDetails("beta", false)
+        assertEq(true, beta.value, "beta value")
+        assertEq(Reason.TARGETING_MATCH, beta.reason, "beta reason")
+        assertEq("yes", beta.variant, "beta variant")
+        val wrongType = vane.stringDetails("new-checkout", "fallback")
+        assertEq("fallback", wrongType.value, "wrong type value")
+        assertEq("TYPE_MISMATCH", wrongType.errorCode, "wrong type code")
+        val missing = vane.boolDetails("nope", true)
+        assertEq(Pair(true, "FLAG_NOT_FOUND"), Pair(missing.value, missing.errorCode), "missing flag")
+        assertEq(6, vane.allFlags().size, "allFlags")
+    }
+}
+
+private fun aToggleReachesAListener() {
+    client().use { vane ->
+        vane.waitForInitialization(20_000)
+        val seen = LinkedBlockingQueue<List<String>>()
+        val handle = vane.addListener { keys -> seen.add(keys) }
+        admin("POST", "/environments/mobile/flags/new-checkout/toggle", """{"on": false}""")
+        val keys = seen.poll(20, TimeUnit.SECONDS) ?: throw AssertionError("no callback")
+        assertEq(listOf("new-checkout"), keys, "changed keys")
+        assertEq(false, vane.boolValue("new-checkout", true), "new value")
+        handle.cancel()
+        admin("POST", "/environments/mobile/flags/new-checkout/toggle", """{"on": true}""")
+    }
+}
+
+private fun identifySwitchesUser() {
+    client().use { vane ->
+        vane.waitForInitialization(20_000)
+        assertEq(true, vane.boolValue("beta", false), "beta for de")
+        val changed = CountDownLatch(1)
+        val handle = vane.addListener { keys -> if ("beta" in keys) changed.countDown() }
+        vane.identify("""{"key": "user-2", "country": "fr"}""")
+        if (!changed.await(20, TimeUnit.SECONDS)) throw AssertionError("no callback after identify")
+        assertEq(false, vane.boolValue("beta", true), "beta for fr")
+        handle.close() // releasing the handle unregisters too
+        try {
+            vane.identify("[1, 2]")
+            throw AssertionError("a non-object context was accepted")
+        } catch (e: VaneException.Config) {
+        }
+    }
+}
+
+private fun aBadKeyIsAnAuthException() {
+    client(key = "vane_mob_00000000000000000000000000000000").use { vane ->
+        try {
+            vane.waitForInitialization(20_000)
+            throw AssertionError("initialized with a bad key")
+        } catch (e: VaneException.Auth) {
+            check(e.reason.contains("authentication")) { e.reason }
+        }
+    }
+}
+
+private fun theCacheServesWhenTheServerIsDown() {
+    val dir = File(env("VANE_CACHE_DIR"), "cache-${System.nanoTime()}").apply { mkdirs() }
+    client(cacheDir = dir.path).use { vane -> vane.waitForInitialization(20_000) }
+    // Same key and user, a server that is not there (nothing listens on port 1).
+    client(endpoint = "127.0.0.1:1", cacheDir = dir.path).use { offline ->
+        val d = offline.stringDetails("banner", "default")
+        assertEq("Hello", d.value, "cached value")
+        assertEq(Reason.CACHED, d.reason, "reason")
+    }
+    // A corrupt cache is ignored, not fatal.
+    dir.listFiles()!!.forEach { it.writeText("{ not json") }
+    client(endpoint = "127.0.0.1:1", cacheDir = dir.path).use { offline ->
+        assertEq("default", offline.stringValue("banner", "default"), "no cache")
+    }
+}
+
+private fun closeStopsCallbacks() {
+    val vane = client()
+    vane.waitForInitialization(20_000)
+    val cancelled = LinkedBlockingQueue<List<String>>()
+    val live = LinkedBlockingQueue<List<String>>()
+    vane.addListener { cancelled.add(it) }.cancel()
+    vane.addListener { live.add(it) }
+    // Two changes reach the live listener; the cancelled one, registered first, got neither.
+    for (on in listOf(false, true)) {
+        admin("POST", "/environments/mobile/flags/banner/toggle", """{"on": $on}""")
+        live.poll(20, TimeUnit.SECONDS) ?: throw AssertionError("the live listener got nothing")
+    }
+    assertEq(0, cancelled.size, "callbacks after cancel()")
+    vane.close()
+    admin("POST", "/environments/mobile/flags/banner/toggle", """{"on": false}""")
+    // A third listener registered on a live client would see this change within milliseconds.
+    client().use { other ->
+        other.waitForInitialization(20_000)
+        val seen = LinkedBlockingQueue<List<String>>()
+        other.addListener { seen.add(it) }
+        admin("POST", "/environments/mobile/flags/banner/toggle", """{"on": true}""")
+        seen.poll(20, TimeUnit.SECONDS) ?: throw AssertionError("the control listener got nothing")
+    }
+    assertEq(0, live.size, "callbacks after close()")
+}
+
+private fun sharedEvaluationVectors() {
+    val files = File(env("VANE_VECTORS")).listFiles { f -> f.name.endsWith(".json") }!!.sorted()
+    check(files.size >= 4) { "vectors found: ${files.size}" }
+    var cases = 0
+    for (file in files) {
+        val doc = Json.parse(file.readText()) as Map<*, *>
+        val evaluator = VaneEvaluator(Json.write(doc["flags"]), Json.write(doc["segments"]))
+        for (case in doc["cases"] as List<*>) {
+            case as Map<*, *>
+            val name = "${file.name}: ${case["name"]}"
+            val want = when (case["type"]) {
+                "bool" -> FlagType.BOOL; "number" -> FlagType.NUMBER; "string" -> FlagType.STRING; "json" -> FlagType.JSON
+                else -> null
+            }
+            val e = evaluator.evaluate(case["flag"] as String, Json.write(case["context"]), want)
+            val expect = case["expect"] as Map<*, *>
+            assertEq(expect["value"], e.valueJson?.let { Json.parse(it) }, "$name: value")
+            assertEq(expect["variant"], e.variant, "$name: variant")
+            assertEq(expect["reason"], e.reason.name, "$name: reason")
+            assertEq(expect["error_code"], e.errorCode, "$name: error code")
+            if ("rule" in expect) assertEq((expect["rule"] as Double).toInt().toUInt(), e.ruleIndex, "$name: rule")
+            if ("bucket" in expect) assertEq((expect["bucket"] as Double).toInt().toUInt(), e.bucket, "$name: bucket")
+            cases++
+        }
+    }
+    check(cases >= 50) { "only $cases cases" }
+}
+
+/** Not a test: how long one boolValue takes through the bindings (docs/BENCHMARKS.md). */
+private fun measureBoolValue() {
+    client().use { vane ->
+        vane.waitForInitialization(20_000)
+        repeat(200_000) { vane.boolValue("new-checkout", false) } // warm up the JIT
+        val n = 1_000_000
+        val start = System.nanoTime()
+        var yes = 0
+        repeat(n) { if (vane.boolValue("new-checkout", false)) yes++ }
+        val ns = (System.nanoTime() - start).toDouble() / n
+        println("measure: Vane.boolValue (Kotlin snapshot): %.0f ns per call (%d calls)".format(ns, n))
+        check(yes == n)
+        val m = 20_000
+        val directStart = System.nanoTime()
+        repeat(m) { if (vane.boolValueDirect("new-checkout", false)) yes++ }
+        val direct = (System.nanoTime() - directStart).toDouble() / m
+        println("measure: one FFI crossing (boolValueDirect, JNA): %.0f ns per call (%d calls)".format(direct, m))
+    }
+}
+
+fun main() {
+    setUp()
+    val tests = listOf(
+        "initialization and typed getters" to ::initializationAndTypedGetters,
+        "a toggle reaches a listener" to ::aToggleReachesAListener,
+        "identify switches user" to ::identifySwitchesUser,
+        "a bad key is VaneException.Auth" to ::aBadKeyIsAnAuthException,
+        "the cache serves when the server is down" to ::theCacheServesWhenTheServerIsDown,
+        "close() stops callbacks" to ::closeStopsCallbacks,
+        "shared evaluation vectors" to ::sharedEvaluationVectors,
+    )
+    var passed = 0
+    var failed = 0
+    for ((name, test) in tests) {
+        try {
+            test()
+            println("PASS $name")
+            passed++
+        } catch (e: Throwable) {
+            println("FAIL $name: $e")
+            e.printStackTrace()
+            failed++
+        }
+    }
+    if (failed == 0) measureBoolValue()
+    println("$passed passed, $failed failed")
+    exitProcess(if (failed == 0) 0 else 1)
+}
+
+/** Just enough JSON for the tests: objects, arrays, strings, numbers (as Double), booleans, null. */
+object Json {
+    fun parse(text: String): Any? = Parser(text).run { val v = value(); skip(); check(i == s.length) { "trailing text at $i" }; v }
+
+    fun write(v: Any?): String = when (v) {
+        null -> "null"
+        is String -> "\"" + v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n") + "\""
+        is Double -> if (v == Math.floor(v) && Math.abs(v) < 1e15) v.toLong().toString() else v.toString()
+        is Boolean -> v.toString()
+        is Map<*, *> -> v.entries.joinToString(",", "{", "}") { write(it.key as String) + ":" + write(it.value) }
+        is List<*> -> v.joinToString(",", "[", "]") { write(it) }
+        else -> error("cannot write $v")
+    }
+
+    private class Parser(val s: String) {
+        var i = 0
+        fun skip() { while (i < s.length && s[i].isWhitespace()) i++ }
+        fun value(): Any? {
+            skip()
+            return when (s[i]) {
+                '{' -> { i++; val m = LinkedHashMap<String, Any?>(); skip()
+                    if (s[i] == '}') { i++; return m }
+                    while (true) { skip(); val k = string(); skip(); check(s[i++] == ':'); m[k] = value(); skip()
+                        if (s[i++] == '}') return m }
+                    @Suppress("UNREACHABLE_CODE") m }
+                '[' -> { i++; val l = ArrayList<Any?>(); skip()
+                    if (s[i] == ']') { i++; return l }
+                    while (true) { l.add(value()); skip(); if (s[i++] == ']') return l }
+                    @Suppress("UNREACHABLE_CODE") l }
+                '"' -> string()
+                't' -> { i += 4; true }
+                'f' -> { i += 5; false }
+                'n' -> { i += 4; null }
+                else -> { val start = i; while (i < s.length && s[i] in "+-0123456789.eE") i++; s.substring(start, i).toDouble() }
+            }
+        }
+        fun string(): String {
+            check(s[i++] == '"')
+            val b = StringBuilder()
+            while (s[i] != '"') {
+                if (s[i] == '\\') { i++
+                    when (s[i]) { 'n' -> b.append('\n'); 't' -> b.append('\t'); 'u' -> { b.append(s.substring(i + 1, i + 5).toInt(16).toChar()); i += 4 }
+                        else -> b.append(s[i]) }
+                } else b.append(s[i])
+                i++
+            }
+            i++
+            return b.toString()
+        }
+    }
+}

@@ -1,0 +1,723 @@
+//! `vane-ffi`: the UniFFI layer that gives Kotlin and Swift the same client core as Rust services.
+//!
+//! Thin on purpose: each exported object wraps an `Arc` of a `vane-core` type and delegates in a
+//! line; records mirror core types through `From`; errors cross as one small enum converted in
+//! one place ([`VaneError`]); listeners are foreign traits, and registering one hands back a
+//! handle that unregisters on `close()` or when dropped. Behaviour is tested in Rust, in
+//! `vane-core` and the end-to-end tests; the Kotlin and Swift tests check that calls, errors and
+//! callbacks cross the boundary intact.
+//!
+//! # Threading
+//!
+//! - The SDK runs its connection on one background thread of its own (`vane-sdk`), shared by
+//!   every client in the process; the app needs no async runtime.
+//! - Getters (`boolValue`, `…Details`, `allFlags`, `connectionState`) never block on the network:
+//!   they read memory under a short lock. Call them from any thread, the UI thread included.
+//! - `waitForInitialization` and `close` block the calling thread (up to the timeout, or until the
+//!   connection is shut). Do not call them on the UI thread.
+//! - Listener callbacks arrive on the `vane-sdk` thread, one at a time; hop to the UI thread
+//!   yourself, and return quickly (a slow callback delays the next ones, not the connection).
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::runtime::Runtime;
+use tokio::sync::broadcast::error::RecvError;
+use vane_core::client::{self, Client, ClientConfig, ClientError, Details};
+use vane_core::eval::{self, CompiledFlag, CompiledSegment, Context};
+use vane_core::model::{Flag, FlagValue, Segment, ValueType};
+use vane_core::sync::Fatal;
+
+uniffi::setup_scaffolding!();
+
+/// Errors that cross to Kotlin (`VaneException`) and Swift (`VaneError`).
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+pub enum VaneError {
+    /// The server could not be reached, or not in time.
+    #[error("network: {reason}")]
+    Network {
+        /// What happened.
+        reason: String,
+    },
+    /// The server rejected the key (unknown, revoked, or not allowed this mode).
+    #[error("auth: {reason}")]
+    Auth {
+        /// What the server said.
+        reason: String,
+    },
+    /// The server and SDK disagree about the protocol, or the context was refused.
+    #[error("protocol: {reason}")]
+    Protocol {
+        /// What happened.
+        reason: String,
+    },
+    /// The configuration cannot work (endpoint, CA, context JSON).
+    #[error("config: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Anything else, e.g. the client was closed.
+    #[error("{reason}")]
+    Other {
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl From<ClientError> for VaneError {
+    fn from(e: ClientError) -> Self {
+        let reason = e.to_string();
+        match e {
+            ClientError::Config(_) => VaneError::Config { reason },
+            ClientError::Rejected(Fatal::Unauthenticated(_) | Fatal::PermissionDenied(_)) => {
+                VaneError::Auth { reason }
+            }
+            ClientError::Rejected(_) => VaneError::Protocol { reason },
+            ClientError::Timeout { .. } => VaneError::Network { reason },
+            _ => VaneError::Other { reason },
+        }
+    }
+}
+
+fn config_error(reason: impl ToString) -> VaneError {
+    VaneError::Config {
+        reason: reason.to_string(),
+    }
+}
+
+/// The one runtime every client of the process runs on: a single background thread.
+fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vane-sdk")
+            .enable_all()
+            .build()
+            .expect("the SDK's runtime thread can start")
+    })
+}
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, uniffi::Enum)]
+pub enum TransportPreference {
+    /// QUIC first, TCP+TLS raced after a short head start (the default).
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TCP+TLS only.
+    Tcp,
+}
+
+/// The transport of the live connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum Transport {
+    /// QUIC over UDP.
+    Quic,
+    /// TLS over TCP.
+    Tcp,
+}
+
+/// Where the connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum ConnectionState {
+    /// Dialling or handshaking.
+    Connecting,
+    /// Live.
+    Connected,
+    /// Waiting to reconnect.
+    Disconnected,
+    /// In the background or without network: not connecting.
+    Suspended,
+    /// Closed, or rejected by the server.
+    Stopped,
+}
+
+/// Why a value was served (OpenFeature's reasons, plus `Cached`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum Reason {
+    /// On, no rules.
+    Static,
+    /// A rule matched.
+    TargetingMatch,
+    /// A percentage rollout chose.
+    Split,
+    /// No rule matched: the fallthrough.
+    Default,
+    /// The flag is off.
+    Disabled,
+    /// Evaluation failed; the caller's default was returned (see `errorCode`).
+    Error,
+    /// From the offline cache; no live connection has confirmed it yet.
+    Cached,
+}
+
+impl From<eval::Reason> for Reason {
+    fn from(r: eval::Reason) -> Self {
+        match r {
+            eval::Reason::Static => Reason::Static,
+            eval::Reason::TargetingMatch => Reason::TargetingMatch,
+            eval::Reason::Split => Reason::Split,
+            eval::Reason::Default => Reason::Default,
+            eval::Reason::Disabled => Reason::Disabled,
+            eval::Reason::Cached => Reason::Cached,
+            _ => Reason::Error,
+        }
+    }
+}
+
+impl From<client::ConnectionState> for ConnectionState {
+    fn from(s: client::ConnectionState) -> Self {
+        match s {
+            client::ConnectionState::Connecting => ConnectionState::Connecting,
+            client::ConnectionState::Connected => ConnectionState::Connected,
+            client::ConnectionState::Disconnected => ConnectionState::Disconnected,
+            client::ConnectionState::Suspended => ConnectionState::Suspended,
+            client::ConnectionState::Stopped => ConnectionState::Stopped,
+        }
+    }
+}
+
+impl From<client::Transport> for Transport {
+    fn from(t: client::Transport) -> Self {
+        match t {
+            client::Transport::Quic => Transport::Quic,
+            client::Transport::Tcp => Transport::Tcp,
+        }
+    }
+}
+
+/// How to build a client.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct VaneConfig {
+    /// `host:port` of the server's protocol port.
+    pub endpoint: String,
+    /// A mobile (or server) SDK key.
+    pub sdk_key: String,
+    /// PEM of the CA to trust (the server's `tls/ca.pem`).
+    pub ca_pem: String,
+    /// The evaluation context, a JSON object: `{"key": "user-1", "country": "de"}`.
+    pub context_json: String,
+    /// A directory for the offline cache; `null` for none.
+    #[uniffi(default = None)]
+    pub cache_dir: Option<String>,
+    /// `null` means `Auto`.
+    #[uniffi(default = None)]
+    pub transport: Option<TransportPreference>,
+    /// The name to verify the certificate against; default: the endpoint's host.
+    #[uniffi(default = None)]
+    pub server_name: Option<String>,
+}
+
+/// A value with how it was decided.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct BoolDetails {
+    /// The value, or the caller's default.
+    pub value: bool,
+    /// The variant served, if any.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+}
+
+/// A value with how it was decided.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct StringDetails {
+    /// The value, or the caller's default.
+    pub value: String,
+    /// The variant served, if any.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+}
+
+/// A value with how it was decided.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct IntDetails {
+    /// The value, or the caller's default.
+    pub value: i64,
+    /// The variant served, if any.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+}
+
+/// A value with how it was decided.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct DoubleDetails {
+    /// The value, or the caller's default.
+    pub value: f64,
+    /// The variant served, if any.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+}
+
+/// A JSON value (as text) with how it was decided.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct JsonDetails {
+    /// The value as JSON text, or the caller's default.
+    pub value: String,
+    /// The variant served, if any.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+}
+
+/// A flag's current value, typed, with how it was decided: what `allValues()` returns, so a
+/// host-language layer can hold a snapshot and answer getters without crossing the FFI.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct FlagSnapshot {
+    /// The flag key.
+    pub key: String,
+    /// The value's type; `null` when there is no value (evaluation failed).
+    pub kind: Option<FlagType>,
+    /// Set when `kind` is `Bool`.
+    pub bool_value: Option<bool>,
+    /// Set when `kind` is `Number`.
+    pub number_value: Option<f64>,
+    /// Set when `kind` is `String`; for `Json`, the JSON text.
+    pub string_value: Option<String>,
+    /// The variant served.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+}
+
+impl FlagSnapshot {
+    fn new(key: &str, d: Details) -> FlagSnapshot {
+        let mut s = FlagSnapshot {
+            key: key.to_owned(),
+            kind: None,
+            bool_value: None,
+            number_value: None,
+            string_value: None,
+            variant: d.variant,
+            reason: d.reason.into(),
+            error_code: d.error_code.map(|c| c.as_str().to_owned()),
+        };
+        match d.value {
+            Some(FlagValue::Bool(b)) => (s.kind, s.bool_value) = (Some(FlagType::Bool), Some(b)),
+            Some(FlagValue::Number(n)) => {
+                (s.kind, s.number_value) = (Some(FlagType::Number), Some(n))
+            }
+            Some(FlagValue::String(v)) => {
+                (s.kind, s.string_value) = (Some(FlagType::String), Some(v))
+            }
+            Some(FlagValue::Json(j)) => {
+                (s.kind, s.string_value) = (Some(FlagType::Json), Some(j.to_string()))
+            }
+            None => {}
+        }
+        s
+    }
+}
+
+/// Receives the keys of flags whose values changed.
+#[uniffi::export(foreign)]
+pub trait FlagListener: Send + Sync {
+    /// Called on the SDK's thread after the flags changed; read the new values with the getters.
+    fn on_flags_changed(&self, keys: Vec<String>);
+}
+
+/// A registered listener. `cancel()` unregisters it; so does releasing the handle (`close()` in
+/// Kotlin, which every UniFFI object has, or the last reference going away in Swift).
+#[derive(Debug, uniffi::Object)]
+pub struct ListenerHandle {
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[uniffi::export]
+impl ListenerHandle {
+    /// Stops the callbacks.
+    pub fn cancel(&self) {
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for ListenerHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// A client: a live connection to Vane for one context.
+#[derive(Debug, uniffi::Object)]
+pub struct VaneClient {
+    inner: Arc<Client>,
+}
+
+/// Applies a typed read and fills the details record `R`; one place for every getter.
+macro_rules! details {
+    ($self:ident, $key:ident, $default:ident, $want:expr, $record:ident, $pick:expr) => {{
+        let d: Details = $self.inner.details(&$key);
+        let typed_ok = d.value.as_ref().map(|v| v.value_type() == $want);
+        let pick: fn(&FlagValue) -> Option<_> = $pick;
+        match d.value.as_ref().and_then(pick) {
+            Some(value) => $record {
+                value,
+                variant: d.variant,
+                reason: d.reason.into(),
+                error_code: None,
+            },
+            None => $record {
+                value: $default,
+                variant: None,
+                reason: Reason::Error,
+                error_code: Some(
+                    match (typed_ok, d.error_code) {
+                        (_, Some(code)) => code.as_str(),
+                        (Some(_), None) => "TYPE_MISMATCH",
+                        (None, None) => "GENERAL",
+                    }
+                    .to_owned(),
+                ),
+            },
+        }
+    }};
+}
+
+fn as_int(v: &FlagValue) -> Option<i64> {
+    match v {
+        FlagValue::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => Some(*n as i64),
+        _ => None,
+    }
+}
+
+#[uniffi::export]
+impl VaneClient {
+    /// Starts connecting in the background. With a cache directory, the last known values are
+    /// available at once, with reason `CACHED`.
+    #[uniffi::constructor]
+    pub fn new(config: VaneConfig) -> Result<Arc<Self>, VaneError> {
+        let context = Context::parse(&config.context_json).map_err(config_error)?;
+        let mut core =
+            ClientConfig::new(config.endpoint, config.sdk_key, config.ca_pem.into_bytes())
+                .evaluated(context);
+        core.cache_dir = config.cache_dir.map(Into::into);
+        core.server_name = config.server_name;
+        core.transport = match config.transport.unwrap_or(TransportPreference::Auto) {
+            TransportPreference::Auto => client::TransportPreference::Auto,
+            TransportPreference::Quic => client::TransportPreference::Quic,
+            TransportPreference::Tcp => client::TransportPreference::Tcp,
+        };
+        core.sync.sdk_name = "vane-mobile".into();
+        let _entered = runtime().enter();
+        Ok(Arc::new(VaneClient {
+            inner: Arc::new(Client::start(core)?),
+        }))
+    }
+
+    /// Blocks until live flags arrived (or the server rejected the client, or the timeout
+    /// passed). Not on the UI thread.
+    pub fn wait_for_initialization(&self, timeout_ms: u64) -> Result<(), VaneError> {
+        let inner = self.inner.clone();
+        Ok(runtime().block_on(async move {
+            inner
+                .wait_for_initialization(Duration::from_millis(timeout_ms))
+                .await
+        })?)
+    }
+
+    /// A boolean flag's value, or `default`.
+    pub fn bool_value(&self, key: String, default_value: bool) -> bool {
+        self.inner.bool_value(&key, default_value)
+    }
+
+    /// A string flag's value, or `default`.
+    pub fn string_value(&self, key: String, default_value: String) -> String {
+        self.inner.string_value(&key, &default_value)
+    }
+
+    /// An integral number flag's value, or `default` (also for a number with a fraction).
+    pub fn int_value(&self, key: String, default_value: i64) -> i64 {
+        self.int_details(key, default_value).value
+    }
+
+    /// A number flag's value, or `default`.
+    pub fn double_value(&self, key: String, default_value: f64) -> f64 {
+        self.inner.number_value(&key, default_value)
+    }
+
+    /// A JSON flag's value as JSON text, or `default`.
+    pub fn json_value(&self, key: String, default_value: String) -> String {
+        self.json_details(key, default_value).value
+    }
+
+    /// A boolean value with variant, reason and error code.
+    pub fn bool_details(&self, key: String, default_value: bool) -> BoolDetails {
+        details!(
+            self,
+            key,
+            default_value,
+            ValueType::Bool,
+            BoolDetails,
+            |v| match v {
+                FlagValue::Bool(b) => Some(*b),
+                _ => None,
+            }
+        )
+    }
+
+    /// A string value with variant, reason and error code.
+    pub fn string_details(&self, key: String, default_value: String) -> StringDetails {
+        details!(
+            self,
+            key,
+            default_value,
+            ValueType::String,
+            StringDetails,
+            |v| match v {
+                FlagValue::String(s) => Some(s.clone()),
+                _ => None,
+            }
+        )
+    }
+
+    /// An integral value with variant, reason and error code.
+    pub fn int_details(&self, key: String, default_value: i64) -> IntDetails {
+        details!(
+            self,
+            key,
+            default_value,
+            ValueType::Number,
+            IntDetails,
+            as_int
+        )
+    }
+
+    /// A number value with variant, reason and error code.
+    pub fn double_details(&self, key: String, default_value: f64) -> DoubleDetails {
+        details!(
+            self,
+            key,
+            default_value,
+            ValueType::Number,
+            DoubleDetails,
+            |v| match v {
+                FlagValue::Number(n) => Some(*n),
+                _ => None,
+            }
+        )
+    }
+
+    /// A JSON value (as text) with variant, reason and error code.
+    pub fn json_details(&self, key: String, default_value: String) -> JsonDetails {
+        details!(
+            self,
+            key,
+            default_value,
+            ValueType::Json,
+            JsonDetails,
+            |v| match v {
+                FlagValue::Json(j) => Some(j.to_string()),
+                _ => None,
+            }
+        )
+    }
+
+    /// Every flag with a value: key → the value as JSON text (`true`, `"text"`, `3`, `{…}`).
+    pub fn all_flags(&self) -> HashMap<String, String> {
+        let flags = self.inner.flags();
+        flags
+            .keys()
+            .into_iter()
+            .filter_map(|k| {
+                Some((
+                    k.to_owned(),
+                    serde_json::to_string(self.inner.details(k).value.as_ref()?).ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Every flag's value, typed, with variant and reason: one crossing for a whole snapshot.
+    pub fn all_values(&self) -> Vec<FlagSnapshot> {
+        let flags = self.inner.flags();
+        flags
+            .keys()
+            .into_iter()
+            .map(|k| FlagSnapshot::new(k, self.inner.details(k)))
+            .collect()
+    }
+
+    /// Switches to another user or context; the values that differ arrive shortly (listeners
+    /// are told).
+    pub fn identify(&self, context_json: String) -> Result<(), VaneError> {
+        self.inner
+            .identify(Context::parse(&context_json).map_err(config_error)?);
+        Ok(())
+    }
+
+    /// Registers a listener; keep the handle, and `close()` it to unregister.
+    pub fn add_listener(&self, listener: Arc<dyn FlagListener>) -> Arc<ListenerHandle> {
+        let inner = self.inner.clone();
+        let mut updates = inner.subscribe();
+        let task = runtime().spawn(async move {
+            loop {
+                match updates.recv().await {
+                    Ok(update) if update.changed.is_empty() => {}
+                    Ok(update) => listener.on_flags_changed(update.changed),
+                    // Fell behind: say everything may have changed.
+                    Err(RecvError::Lagged(_)) => {
+                        let keys = inner
+                            .flags()
+                            .keys()
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect();
+                        listener.on_flags_changed(keys);
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+        Arc::new(ListenerHandle {
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Where the connection stands.
+    pub fn connection_state(&self) -> ConnectionState {
+        self.inner.status().state.into()
+    }
+
+    /// The live connection's transport, if any.
+    pub fn transport(&self) -> Option<Transport> {
+        self.inner.status().transport.map(Into::into)
+    }
+
+    /// Tell the SDK whether the device has a network (stops reconnect attempts while it has none).
+    pub fn set_network_available(&self, available: bool) {
+        self.inner.set_network_available(available);
+    }
+
+    /// Tell the SDK whether the app is in the foreground (background closes the connection).
+    pub fn set_foreground(&self, foreground: bool) {
+        self.inner.set_foreground(foreground);
+    }
+
+    /// Closes the connection; listeners stop. Blocks briefly. Not on the UI thread. (Named so
+    /// as not to clash with the `close()` that releases every UniFFI object in Kotlin.)
+    pub fn shutdown(&self) {
+        let inner = self.inner.clone();
+        runtime().block_on(async move { inner.close().await });
+    }
+}
+
+/// One evaluation, for the offline evaluator.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct EvaluationDetails {
+    /// The value as JSON text; `null` when the caller's default applies.
+    pub value_json: Option<String>,
+    /// The variant served.
+    pub variant: Option<String>,
+    /// Why.
+    pub reason: Reason,
+    /// OpenFeature error code when `reason` is `ERROR`.
+    pub error_code: Option<String>,
+    /// The rule that decided, if one did.
+    pub rule_index: Option<u32>,
+    /// The rollout bucket (0–99999), if a rollout decided.
+    pub bucket: Option<u32>,
+}
+
+/// The value type a typed getter asks for.
+#[derive(Debug, Clone, Copy, uniffi::Enum)]
+pub enum FlagType {
+    /// Boolean.
+    Bool,
+    /// Number.
+    Number,
+    /// String.
+    String,
+    /// JSON object or array.
+    Json,
+}
+
+/// Evaluates flag definitions locally with the same engine as the server (for bootstrap data,
+/// tools, and the shared test vectors).
+#[derive(Debug, uniffi::Object)]
+pub struct VaneEvaluator {
+    flags: HashMap<String, Arc<CompiledFlag>>,
+    segments: HashMap<String, Arc<CompiledSegment>>,
+}
+
+#[uniffi::export]
+impl VaneEvaluator {
+    /// From JSON arrays of flag and segment definitions (docs/FLAGS.md).
+    #[uniffi::constructor]
+    pub fn new(flags_json: String, segments_json: String) -> Result<Arc<Self>, VaneError> {
+        let flags: Vec<Flag> = serde_json::from_str(&flags_json).map_err(config_error)?;
+        let segments: Vec<Segment> = serde_json::from_str(&segments_json).map_err(config_error)?;
+        let compile_flag = |f: Flag| {
+            Ok::<_, VaneError>((
+                f.key.clone(),
+                Arc::new(CompiledFlag::new(f).map_err(config_error)?),
+            ))
+        };
+        let compile_segment = |s: Segment| {
+            Ok::<_, VaneError>((
+                s.key.clone(),
+                Arc::new(CompiledSegment::new(s).map_err(config_error)?),
+            ))
+        };
+        Ok(Arc::new(VaneEvaluator {
+            flags: flags
+                .into_iter()
+                .map(compile_flag)
+                .collect::<Result<_, _>>()?,
+            segments: segments
+                .into_iter()
+                .map(compile_segment)
+                .collect::<Result<_, _>>()?,
+        }))
+    }
+
+    /// Evaluates `key` for a context; `want` applies a typed getter's check.
+    pub fn evaluate(
+        &self,
+        key: String,
+        context_json: String,
+        want: Option<FlagType>,
+    ) -> Result<EvaluationDetails, VaneError> {
+        let ctx = Context::parse(&context_json).map_err(config_error)?;
+        let mut e = match self.flags.get(&key) {
+            Some(flag) => flag.evaluate(&ctx, &self.segments),
+            None => eval::Evaluation::not_found(),
+        };
+        if let Some(want) = want {
+            e = e.typed(match want {
+                FlagType::Bool => ValueType::Bool,
+                FlagType::Number => ValueType::Number,
+                FlagType::String => ValueType::String,
+                FlagType::Json => ValueType::Json,
+            });
+        }
+        Ok(EvaluationDetails {
+            value_json: e.value.and_then(|v| serde_json::to_string(v).ok()),
+            variant: e.variant.map(str::to_owned),
+            reason: e.reason.into(),
+            error_code: e.error.map(|c| c.as_str().to_owned()),
+            rule_index: e.rule.map(|r| r as u32),
+            bucket: e.bucket,
+        })
+    }
+}
