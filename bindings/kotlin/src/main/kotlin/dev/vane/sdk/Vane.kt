@@ -19,7 +19,6 @@ import dev.vane.sdk.ffi.TransportPreference
 import dev.vane.sdk.ffi.VaneClient
 import dev.vane.sdk.ffi.VaneConfig
 import dev.vane.sdk.ffi.VaneException
-import java.util.concurrent.CopyOnWriteArrayList
 import kotlinx.coroutines.channels.awaitClose
 import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.callbackFlow
@@ -43,14 +42,12 @@ import kotlinx.coroutines.flow.callbackFlow
 class Vane private constructor(private val client: VaneClient) : AutoCloseable {
 
     // Getters read this immutable snapshot instead of crossing JNA on every call (a JNA crossing
-    // costs tens of microseconds; see docs/BENCHMARKS.md). One internal listener replaces it after
-    // every change, before the app's listeners run, so they read the new values.
+    // costs tens of microseconds; see docs/BENCHMARKS.md). It is replaced after every change: by
+    // this internal listener, and by each app listener before it runs, so the app reads new values.
     @Volatile private var snapshot: Map<String, FlagSnapshot> = load()
-    private val listeners = CopyOnWriteArrayList<(List<String>) -> Unit>()
     private val internal: ListenerHandle = client.addListener(object : FlagListener {
         override fun onFlagsChanged(keys: List<String>) {
             snapshot = load()
-            for (listener in listeners) listener(keys)
         }
     })
 
@@ -137,22 +134,20 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
     @Throws(VaneException::class)
     fun identify(contextJson: String) = client.identify(contextJson)
 
-    /** A registered listener; `cancel()` or `close()` it to stop. */
-    inner class Subscription internal constructor(private val listener: (List<String>) -> Unit) : AutoCloseable {
-        fun cancel() { listeners.remove(listener) }
-        override fun close() = cancel()
-    }
-
-    /** Calls `onChange` with the keys of changed flags, on the SDK's thread. */
-    fun addListener(onChange: (List<String>) -> Unit): Subscription {
-        listeners.add(onChange)
-        return Subscription(onChange)
-    }
+    /** Calls `onChange` with the keys of flags changed from now on, on the SDK's thread;
+     *  `cancel()` (or `close()`) the handle to stop. */
+    fun addListener(onChange: (List<String>) -> Unit): ListenerHandle =
+        client.addListener(object : FlagListener {
+            override fun onFlagsChanged(keys: List<String>) {
+                snapshot = load()
+                onChange(keys)
+            }
+        })
 
     /** The keys of changed flags as a cold Flow; collecting registers a listener. */
     fun changes(): Flow<List<String>> = callbackFlow {
-        val subscription = addListener { keys -> trySend(keys) }
-        awaitClose { subscription.cancel() }
+        val handle = addListener { keys -> trySend(keys) }
+        awaitClose { handle.cancel() }
     }
 
     val connectionState: ConnectionState get() = client.connectionState()
@@ -166,7 +161,6 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
 
     /** Closes the connection, stops listeners and releases the native client. Blocks briefly. */
     override fun close() {
-        listeners.clear()
         internal.close()
         client.shutdown()
         client.close()
