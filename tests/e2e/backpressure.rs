@@ -31,19 +31,6 @@ async fn put_big(server: &TestServer, i: usize) -> u64 {
     v["version"].as_u64().unwrap()
 }
 
-async fn tcp_sessions(server: &TestServer) -> u64 {
-    let text = reqwest::get(format!("http://{}/metrics", server.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("vane_sessions{transport=\"tcp\"} "))
-        .and_then(|n| n.parse().ok())
-        .expect("tcp session gauge")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_gets_one_merged_delta_instead_of_a_queue() {
     let server =
@@ -104,7 +91,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     raw.write_all(&codec::encode(&hello(&key))).await.unwrap();
     raw.flush().await.unwrap();
     tokio::time::timeout(PATIENCE, async {
-        while tcp_sessions(&server).await != 1 {
+        while server.sessions("tcp").await != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -115,12 +102,12 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     let mut last = 0;
     for i in 0..1000 {
         last = put_big(&server, i).await;
-        if i % 20 == 19 && tcp_sessions(&server).await == 0 {
+        if i % 20 == 19 && server.sessions("tcp").await == 0 {
             break;
         }
     }
     tokio::time::timeout(PATIENCE, async {
-        while tcp_sessions(&server).await != 0 {
+        while server.sessions("tcp").await != 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

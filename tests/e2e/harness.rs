@@ -206,6 +206,24 @@ impl TestServer {
         .await
     }
 
+    /// Live sessions on `transport` ("quic" or "tcp"), from the server's /metrics.
+    pub async fn sessions(&self, transport: &str) -> u64 {
+        let text = self
+            .http_client
+            .get(format!("http://{}/metrics", self.http))
+            .send()
+            .await
+            .expect("metrics reachable")
+            .text()
+            .await
+            .expect("metrics body");
+        let prefix = format!("vane_sessions{{transport=\"{transport}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.parse().ok())
+            .expect("session gauge")
+    }
+
     /// A client configuration for this server with quick reconnects.
     pub fn client_config(&self, sdk_key: &str, transport: TransportPreference) -> ClientConfig {
         let mut config = ClientConfig::new(self.protocol.to_string(), sdk_key, self.ca.clone());

@@ -71,20 +71,8 @@ async fn background_closes_the_connection_and_foreground_resumes_by_delta() {
     .await
     .unwrap()
     .unwrap();
-    let sessions = || async {
-        let text = reqwest::get(format!("http://{}/metrics", server.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("vane_sessions{transport=\"quic\"} "))
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap()
-    };
     tokio::time::timeout(PATIENCE, async {
-        while sessions().await != 0 {
+        while server.sessions("quic").await != 0 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })
