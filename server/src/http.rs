@@ -550,3 +550,32 @@ async fn evaluate_flag(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn readyz_is_503_until_the_state_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = Control::new(
+            Store::open(&dir.path().join("vane.db")).unwrap(),
+            Arc::new(crate::hub::Hub::new(10)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, router(control.clone(), "t".into())).into_future());
+        let status = |path: &'static str| async move {
+            reqwest::get(format!("http://{addr}{path}"))
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        };
+        assert_eq!(status("/readyz").await, 503);
+        assert_eq!(status("/healthz").await, 200);
+        control.load().await.unwrap();
+        assert_eq!(status("/readyz").await, 200);
+    }
+}

@@ -604,3 +604,44 @@ impl Evaluated {
         (delta.into(), current)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            heartbeat: Duration::from_secs(15),
+            hello_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            goaway_window: Duration::from_secs(5),
+            max_client_frame_len: codec::DEFAULT_MAX_CLIENT_FRAME_LEN,
+        }
+    }
+
+    #[tokio::test]
+    async fn before_the_state_is_loaded_sessions_are_told_to_retry() {
+        let hub = Hub::new(10); // never loaded
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let hello: pb::Frame = pb::Hello {
+            protocol_version: 1,
+            sdk_key: "vane_srv_any".into(),
+            ..Default::default()
+        }
+        .into();
+        client.write_all(&codec::encode(&hello)).await.unwrap();
+        let shutdown = CancellationToken::new();
+        run(&mut server, Transport::Tcp, &hub, &config(), &shutdown).await;
+        let frame = FrameReader::new(codec::DEFAULT_MAX_FRAME_LEN)
+            .read(&mut client)
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(Kind::Error(e)) = frame.kind else {
+            panic!("expected an Error, got {}", frame.kind_name())
+        };
+        assert_eq!(e.code(), ErrorCode::Initializing);
+        assert_eq!(e.retry_after_ms, 1000);
+    }
+}
