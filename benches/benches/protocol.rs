@@ -107,7 +107,7 @@ fn fanout_benches(c: &mut Criterion) {
     group.sample_size(20);
     for sessions in [1_000usize, 10_000] {
         let hub = Hub::new(100);
-        let mut env = history(100, 100);
+        let env = history(100, 100);
         let selector = env.selector();
         let items: Vec<Item> = env.flags().map(|e| Item::Flag(e.clone())).collect();
         hub.load(
@@ -141,16 +141,13 @@ fn fanout_benches(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let next = env.next_version();
-                        let mut f = flag(0, next.is_multiple_of(2));
-                        f.version = next;
-                        let item = Item::flag(f.clone()).expect("valid");
-                        env.apply(
-                            ItemKind::Flag,
-                            f.key.clone(),
-                            Some(Item::flag(f).expect("valid")),
-                        );
-                        let committed = env.selector();
+                        let committed = Selector {
+                            epoch: selector.epoch,
+                            version: env_hub.selector().version + 1,
+                        };
+                        let mut f = flag(0, committed.version.is_multiple_of(2));
+                        f.version = committed.version;
+                        let item = Item::flag(f).expect("valid");
                         let start = Instant::now();
                         env_hub.apply(ItemKind::Flag, "flag-0000".into(), Some(item), committed);
                         runtime.block_on(async {
