@@ -364,34 +364,25 @@ pub struct VaneClient {
     inner: Arc<Client>,
 }
 
-/// Applies a typed read and fills the details record `R`; one place for every getter.
-macro_rules! details {
-    ($self:ident, $key:ident, $default:ident, $want:expr, $record:ident, $pick:expr) => {{
-        let d: Details = $self.inner.details(&$key);
-        let typed_ok = d.value.as_ref().map(|v| v.value_type() == $want);
-        let pick: fn(&FlagValue) -> Option<_> = $pick;
-        match d.value.as_ref().and_then(pick) {
-            Some(value) => $record {
-                value,
-                variant: d.variant,
-                reason: d.reason.into(),
-                error_code: None,
-            },
-            None => $record {
-                value: $default,
-                variant: None,
-                reason: Reason::Error,
-                error_code: Some(
-                    match (typed_ok, d.error_code) {
-                        (_, Some(code)) => code.as_str(),
-                        (Some(_), None) => "TYPE_MISMATCH",
-                        (None, None) => "GENERAL",
-                    }
-                    .to_owned(),
-                ),
-            },
+/// A typed read of `d`: the value if `pick` accepts it, else `default` with the reason and the
+/// error code (the engine's, or `TYPE_MISMATCH` when a value of another type exists). One place
+/// for every `…Details` getter.
+fn typed<T>(
+    d: Details,
+    default: T,
+    pick: impl Fn(&FlagValue) -> Option<T>,
+) -> (T, Option<String>, Reason, Option<String>) {
+    match d.value.as_ref().map(&pick) {
+        Some(Some(value)) => (value, d.variant, d.reason.into(), None),
+        had_value => {
+            let code = match (d.error_code, had_value) {
+                (Some(code), _) => code.as_str(),
+                (None, Some(None)) => "TYPE_MISMATCH",
+                (None, _) => "GENERAL",
+            };
+            (default, None, Reason::Error, Some(code.to_owned()))
         }
-    }};
+    }
 }
 
 fn as_int(v: &FlagValue) -> Option<i64> {
@@ -463,74 +454,78 @@ impl VaneClient {
 
     /// A boolean value with variant, reason and error code.
     pub fn bool_details(&self, key: String, default_value: bool) -> BoolDetails {
-        details!(
-            self,
-            key,
-            default_value,
-            ValueType::Bool,
-            BoolDetails,
-            |v| match v {
-                FlagValue::Bool(b) => Some(*b),
-                _ => None,
-            }
-        )
+        let pick = |v: &FlagValue| match v {
+            FlagValue::Bool(b) => Some(*b),
+            _ => None,
+        };
+        let (value, variant, reason, error_code) =
+            typed(self.inner.details(&key), default_value, pick);
+        BoolDetails {
+            value,
+            variant,
+            reason,
+            error_code,
+        }
     }
 
     /// A string value with variant, reason and error code.
     pub fn string_details(&self, key: String, default_value: String) -> StringDetails {
-        details!(
-            self,
-            key,
-            default_value,
-            ValueType::String,
-            StringDetails,
-            |v| match v {
-                FlagValue::String(s) => Some(s.clone()),
-                _ => None,
-            }
-        )
+        let pick = |v: &FlagValue| match v {
+            FlagValue::String(s) => Some(s.clone()),
+            _ => None,
+        };
+        let (value, variant, reason, error_code) =
+            typed(self.inner.details(&key), default_value, pick);
+        StringDetails {
+            value,
+            variant,
+            reason,
+            error_code,
+        }
     }
 
     /// An integral value with variant, reason and error code.
     pub fn int_details(&self, key: String, default_value: i64) -> IntDetails {
-        details!(
-            self,
-            key,
-            default_value,
-            ValueType::Number,
-            IntDetails,
-            as_int
-        )
+        let (value, variant, reason, error_code) =
+            typed(self.inner.details(&key), default_value, as_int);
+        IntDetails {
+            value,
+            variant,
+            reason,
+            error_code,
+        }
     }
 
     /// A number value with variant, reason and error code.
     pub fn double_details(&self, key: String, default_value: f64) -> DoubleDetails {
-        details!(
-            self,
-            key,
-            default_value,
-            ValueType::Number,
-            DoubleDetails,
-            |v| match v {
-                FlagValue::Number(n) => Some(*n),
-                _ => None,
-            }
-        )
+        let pick = |v: &FlagValue| match v {
+            FlagValue::Number(n) => Some(*n),
+            _ => None,
+        };
+        let (value, variant, reason, error_code) =
+            typed(self.inner.details(&key), default_value, pick);
+        DoubleDetails {
+            value,
+            variant,
+            reason,
+            error_code,
+        }
     }
 
     /// A JSON value (as text) with variant, reason and error code.
     pub fn json_details(&self, key: String, default_value: String) -> JsonDetails {
-        details!(
-            self,
-            key,
-            default_value,
-            ValueType::Json,
-            JsonDetails,
-            |v| match v {
-                FlagValue::Json(j) => Some(j.to_string()),
-                _ => None,
-            }
-        )
+        let pick = |v: &FlagValue| match v {
+            FlagValue::Json(j) => Some(j.to_string()),
+            _ => None,
+        };
+        let (value, variant, reason, error_code) =
+            typed(self.inner.details(&key), default_value, pick);
+        JsonDetails {
+            value,
+            variant,
+            reason,
+            error_code,
+        }
     }
 
     /// Every flag with a value: key → the value as JSON text (`true`, `"text"`, `3`, `{…}`).
