@@ -1,5 +1,7 @@
-//! Shared pieces of Vane's benches: a counting allocator that proves a code path allocates
-//! nothing, and the flags the evaluation bench measures.
+//! Vane's measuring instruments: the [`load`] engine behind `vane-load`, a counting allocator that
+//! proves a code path allocates nothing, and the flags the evaluation bench measures.
+
+pub mod load;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -49,6 +49,16 @@ pub struct NewKey {
     pub secret: String,
 }
 
+/// A committed change: where it put the environment, and when (Unix nanoseconds, taken after
+/// the store committed and before any session could see it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The environment's selector after the change.
+    pub selector: Selector,
+    /// When the store committed it.
+    pub at_unix_ns: u128,
+}
+
 /// Store and hub, written together.
 #[derive(Debug)]
 pub struct Control {
@@ -132,7 +142,7 @@ impl Control {
         self: &Arc<Self>,
         env: String,
         flag: Flag,
-    ) -> Result<Selector, ControlError> {
+    ) -> Result<Committed, ControlError> {
         self.blocking(move |store, hub| {
             let env_hub = env_of(hub, &env)?;
             env_hub.with_history(|h| {
@@ -155,7 +165,7 @@ impl Control {
         self: &Arc<Self>,
         env: String,
         key: String,
-    ) -> Result<Selector, ControlError> {
+    ) -> Result<Committed, ControlError> {
         self.blocking(move |store, hub| {
             commit(store, &*env_of(hub, &env)?, ItemKind::Flag, key, None)
         })
@@ -169,7 +179,7 @@ impl Control {
         env: String,
         key: String,
         on: bool,
-    ) -> Result<Selector, ControlError> {
+    ) -> Result<Committed, ControlError> {
         self.blocking(move |store, hub| {
             let env_hub = env_of(hub, &env)?;
             let mut flag = env_hub
@@ -192,7 +202,7 @@ impl Control {
         self: &Arc<Self>,
         env: String,
         segment: Segment,
-    ) -> Result<Selector, ControlError> {
+    ) -> Result<Committed, ControlError> {
         self.blocking(move |store, hub| {
             let env_hub = env_of(hub, &env)?;
             env_hub.with_history(|h| {
@@ -217,7 +227,7 @@ impl Control {
         self: &Arc<Self>,
         env: String,
         key: String,
-    ) -> Result<Selector, ControlError> {
+    ) -> Result<Committed, ControlError> {
         self.blocking(move |store, hub| {
             let env_hub = env_of(hub, &env)?;
             let users = env_hub.with_history(|h| {
@@ -316,7 +326,7 @@ fn commit(
     kind: ItemKind,
     key: String,
     value: Option<Stamped>,
-) -> Result<Selector, ControlError> {
+) -> Result<Committed, ControlError> {
     // The store and the hub advance together under this lock, so the next version is known.
     let version = env_hub.with_history(EnvHistory::next_version);
     let item = match value {
@@ -344,6 +354,12 @@ fn commit(
             committed.version
         )));
     }
+    let at_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     env_hub.apply(kind, key, item, committed);
-    Ok(committed)
+    Ok(Committed {
+        selector: committed,
+        at_unix_ns,
+    })
 }

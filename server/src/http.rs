@@ -18,9 +18,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use vane_core::eval::Context;
 use vane_core::model::{Flag, Segment};
-use vane_core::state::Selector;
 
-use crate::control::{Control, ControlError};
+use crate::control::{Committed, Control, ControlError};
 use crate::hub::EnvHub;
 use crate::store::{KeyKind, StoreError};
 
@@ -201,8 +200,9 @@ fn env_hub(state: &AppState, env: &str) -> Result<Arc<EnvHub>, ApiError> {
     })
 }
 
-fn version_json(s: Selector) -> Value {
-    json!({"version": s.version, "epoch": s.epoch_hex()})
+fn version_json(c: Committed) -> Value {
+    let s = c.selector;
+    json!({"version": s.version, "epoch": s.epoch_hex(), "committed_at_ns": c.at_unix_ns.to_string()})
 }
 
 fn env_json(env: &EnvHub) -> Value {

@@ -8,6 +8,7 @@ mod backpressure;
 mod delivery;
 mod faults;
 mod harness;
+mod load;
 mod mobile;
 mod resume;
 mod targeting;
