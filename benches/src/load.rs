@@ -403,7 +403,12 @@ fn quic_endpoint(
     }
     .parse()
     .map_err(|e| format!("{e}"))?;
-    let mut ep = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    // All sessions share this socket: give it the largest receive buffer the kernel allows.
+    let udp = std::net::UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    let _ = socket2::SockRef::from(&udp).set_recv_buffer_size(8 * 1024 * 1024);
+    let runtime = quinn::default_runtime().ok_or("no async runtime")?;
+    let mut ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp, runtime)
+        .map_err(|e| e.to_string())?;
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     Ok(ep)
 }

@@ -272,6 +272,7 @@ fn bind_protocol(
         };
         match UdpSocket::bind(SocketAddr::new(addr.ip(), port)) {
             Ok(udp) => {
+                grow_receive_buffer(&udp);
                 let endpoint = quic_endpoint(udp, tls.clone(), session)?;
                 return Ok((TcpListener::from_std(std_tcp)?, Some(endpoint)));
             }
@@ -280,6 +281,24 @@ fn bind_protocol(
     }
     Err(last_err.map_or_else(|| anyhow::anyhow!("no port"), anyhow::Error::from))
         .with_context(|| format!("binding UDP for QUIC on {addr}"))
+}
+
+/// Every QUIC connection shares one UDP socket, so a burst (a change fanned out, a reconnect
+/// storm) arrives faster than the default receive buffer (~208 KB) holds. Ask for 8 MiB; the
+/// kernel caps it at `net.core.rmem_max`, which operators of large fleets should raise.
+fn grow_receive_buffer(udp: &UdpSocket) {
+    let sock = socket2::SockRef::from(udp);
+    let _ = sock.set_recv_buffer_size(8 * 1024 * 1024);
+    match sock.recv_buffer_size() {
+        Ok(size) if size < 4 * 1024 * 1024 => {
+            warn!(
+                bytes = size,
+                "UDP receive buffer is small for many QUIC clients; raise net.core.rmem_max"
+            )
+        }
+        Ok(size) => debug!(bytes = size, "UDP receive buffer"),
+        Err(e) => warn!(error = %e, "cannot read the UDP receive buffer size"),
+    }
 }
 
 fn quic_endpoint(
