@@ -35,11 +35,10 @@ pub fn reason_from_wire(r: i32) -> Reason {
         .map_or(Reason::Default, |(m, _)| *m)
 }
 
-/// Why a protobuf flag or segment could not be turned into the model.
+/// Why a protobuf flag could not be turned into the model.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{item} {key:?}: {message}")]
+#[error("flag {key:?}: {message}")]
 pub struct WireError {
-    item: &'static str,
     key: String,
     message: String,
 }
@@ -128,25 +127,21 @@ fn clause_to_wire(c: &Clause) -> pb::Clause {
 
 /// An operator this client does not know (from a newer server) becomes a clause that never
 /// matches, as the protocol specifies: `in` with no operands, not negated.
-fn clause_from_wire(c: &pb::Clause) -> Result<Clause, String> {
-    let Some(op) = OPERATORS
-        .iter()
-        .find(|(_, w)| *w as i32 == c.op)
-        .map(|(m, _)| *m)
-    else {
-        return Ok(Clause {
+fn clause_from_wire(c: &pb::Clause) -> Clause {
+    match OPERATORS.iter().find(|(_, w)| *w as i32 == c.op) {
+        Some((op, _)) => Clause {
+            attribute: c.attribute.clone(),
+            op: *op,
+            values: c.values.iter().map(operand_from_wire).collect(),
+            negate: c.negate,
+        },
+        None => Clause {
             attribute: c.attribute.clone(),
             op: Operator::In,
             values: Vec::new(),
             negate: false,
-        });
-    };
-    Ok(Clause {
-        attribute: c.attribute.clone(),
-        op,
-        values: c.values.iter().map(operand_from_wire).collect(),
-        negate: c.negate,
-    })
+        },
+    }
 }
 
 fn rollout_to_wire(r: &Rollout) -> pb::Rollout {
@@ -230,7 +225,6 @@ impl TryFrom<pb::Flag> for Flag {
         use pb::flag::Fallthrough;
         use pb::rule::Serve as WireServe;
         let err = |message: String| WireError {
-            item: "flag",
             key: wire.key.clone(),
             message,
         };
@@ -252,12 +246,7 @@ impl TryFrom<pb::Flag> for Flag {
                 Some(WireServe::Rollout(ro)) => Serve::Rollout(rollout_from_wire(ro)),
                 None => return Err(err(format!("rule {i} serves nothing"))),
             };
-            let clauses = r
-                .clauses
-                .iter()
-                .map(clause_from_wire)
-                .collect::<Result<_, _>>()
-                .map_err(|e| err(format!("rule {i}: {e}")))?;
+            let clauses = r.clauses.iter().map(clause_from_wire).collect();
             rules.push(Rule {
                 id: r.id.clone(),
                 description: r.description.clone(),
@@ -299,34 +288,22 @@ impl From<&Segment> for pb::Segment {
     }
 }
 
-impl TryFrom<pb::Segment> for Segment {
-    type Error = WireError;
-
-    fn try_from(wire: pb::Segment) -> Result<Segment, WireError> {
-        let err = |message: String| WireError {
-            item: "segment",
-            key: wire.key.clone(),
-            message,
-        };
-        let mut rules = Vec::with_capacity(wire.rules.len());
-        for (i, r) in wire.rules.iter().enumerate() {
-            let clauses = r
-                .clauses
-                .iter()
-                .map(clause_from_wire)
-                .collect::<Result<_, _>>()
-                .map_err(|e| err(format!("rule {i}: {e}")))?;
-            rules.push(SegmentRule { clauses });
-        }
-        let segment = Segment {
-            key: wire.key.clone(),
+impl From<pb::Segment> for Segment {
+    fn from(wire: pb::Segment) -> Segment {
+        Segment {
+            key: wire.key,
             included: wire.included,
             excluded: wire.excluded,
-            rules,
+            rules: wire
+                .rules
+                .iter()
+                .map(|r| SegmentRule {
+                    clauses: r.clauses.iter().map(clause_from_wire).collect(),
+                })
+                .collect(),
             description: wire.description,
             version: wire.version,
-        };
-        Ok(segment)
+        }
     }
 }
 
@@ -376,7 +353,7 @@ mod tests {
             "version": 3
         }))
         .unwrap();
-        assert_eq!(Segment::try_from(pb::Segment::from(&seg)).unwrap(), seg);
+        assert_eq!(Segment::from(pb::Segment::from(&seg)), seg);
     }
 
     #[test]

@@ -359,7 +359,7 @@ fn compile_flag(wire: pb::Flag) -> Result<CompiledFlag, String> {
 }
 
 fn compile_segment(wire: pb::Segment) -> Result<CompiledSegment, String> {
-    let seg = Segment::try_from(wire).map_err(|e| e.to_string())?;
+    let seg = Segment::from(wire);
     let key = seg.key.clone();
     CompiledSegment::new(seg).map_err(|e| format!("segment {key:?}: {e}"))
 }

@@ -148,14 +148,7 @@ impl Control {
             env_hub.with_history(|h| {
                 check_segment_graph(None, flag.segment_refs(), &|k| segment_refs_in(h, k))
             })?;
-            let key = flag.key.clone();
-            commit(
-                store,
-                &env_hub,
-                ItemKind::Flag,
-                key,
-                Some(Stamped::Flag(flag)),
-            )
+            commit(store, &env_hub, Change::Flag(flag))
         })
         .await
     }
@@ -167,7 +160,11 @@ impl Control {
         key: String,
     ) -> Result<Committed, ControlError> {
         self.blocking(move |store, hub| {
-            commit(store, &*env_of(hub, &env)?, ItemKind::Flag, key, None)
+            commit(
+                store,
+                &*env_of(hub, &env)?,
+                Change::Delete(ItemKind::Flag, key),
+            )
         })
         .await
     }
@@ -186,13 +183,7 @@ impl Control {
                 .with_history(|h| h.flag(&key).map(|e| e.compiled.flag().clone()))
                 .ok_or_else(|| StoreError::FlagNotFound(key.clone()))?;
             flag.on = on;
-            commit(
-                store,
-                &env_hub,
-                ItemKind::Flag,
-                key,
-                Some(Stamped::Flag(flag)),
-            )
+            commit(store, &env_hub, Change::Flag(flag))
         })
         .await
     }
@@ -210,14 +201,7 @@ impl Control {
                     segment_refs_in(h, k)
                 })
             })?;
-            let key = segment.key.clone();
-            commit(
-                store,
-                &env_hub,
-                ItemKind::Segment,
-                key,
-                Some(Stamped::Segment(segment)),
-            )
+            commit(store, &env_hub, Change::Segment(segment))
         })
         .await
     }
@@ -250,7 +234,7 @@ impl Control {
                     users: users.join(", "),
                 });
             }
-            commit(store, &env_hub, ItemKind::Segment, key, None)
+            commit(store, &env_hub, Change::Delete(ItemKind::Segment, key))
         })
         .await
     }
@@ -313,32 +297,27 @@ fn env_of(hub: &Hub, env: &str) -> Result<Arc<EnvHub>, ControlError> {
         .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()).into())
 }
 
-/// A flag or segment about to be written; it gets the new version before it is compiled.
-enum Stamped {
+/// One change to commit. A written flag or segment gets the new version before it is compiled.
+enum Change {
     Flag(Flag),
     Segment(Segment),
+    Delete(ItemKind, String),
 }
 
 /// Compiles, commits and applies one change, under the store lock.
-fn commit(
-    store: &mut Store,
-    env_hub: &EnvHub,
-    kind: ItemKind,
-    key: String,
-    value: Option<Stamped>,
-) -> Result<Committed, ControlError> {
+fn commit(store: &mut Store, env_hub: &EnvHub, change: Change) -> Result<Committed, ControlError> {
     // The store and the hub advance together under this lock, so the next version is known.
     let version = env_hub.with_history(EnvHistory::next_version);
-    let item = match value {
-        Some(Stamped::Flag(mut f)) => {
+    let (kind, key, item) = match change {
+        Change::Flag(mut f) => {
             f.version = version;
-            Some(Item::flag(f)?)
+            (ItemKind::Flag, f.key.clone(), Some(Item::flag(f)?))
         }
-        Some(Stamped::Segment(mut s)) => {
+        Change::Segment(mut s) => {
             s.version = version;
-            Some(Item::segment(s)?)
+            (ItemKind::Segment, s.key.clone(), Some(Item::segment(s)?))
         }
-        None => None,
+        Change::Delete(kind, key) => (kind, key, None),
     };
     let body = match &item {
         Some(Item::Flag(e)) => Some(serde_json::to_value(e.compiled.flag())),

@@ -473,11 +473,12 @@ impl Evaluated {
     /// Every flag's value, and the selector it is at.
     fn snapshot(&mut self, h: &EnvHistory, reason: pb::SnapshotReason) -> (pb::Frame, Selector) {
         self.told.clear();
-        let keys: Vec<String> = h.flags().map(|e| e.wire.key.clone()).collect();
-        let values = keys
-            .iter()
-            .filter_map(|k| self.tell(h, k).map(|(w, _)| w))
-            .collect();
+        let mut values = Vec::new();
+        for e in h.flags() {
+            let (wire, hash) = h.evaluated(e, &self.ctx);
+            self.told.insert(e.wire.key.clone(), hash);
+            values.push(wire);
+        }
         let snapshot = pb::Snapshot {
             selector: Some(h.selector().into()),
             reason: reason.into(),
@@ -493,13 +494,22 @@ impl Evaluated {
             Ok(from) => from,
             Err(reason) => return self.snapshot(h, reason),
         };
-        // Flags untouched since `from` evaluate now as they did then: what the client holds.
-        self.told.clear();
-        for e in h.flags() {
-            let (_, hash) = h.evaluated(e, &self.ctx);
-            self.told.insert(e.wire.key.clone(), hash);
-        }
         let current = h.selector();
+        let affected = h
+            .changed_since(from)
+            .map(|changed| h.affected_flags(&changed))
+            .expect("resumable() checked the window");
+        // Flags untouched since `from` evaluate now as they did then: what the client holds.
+        // One evaluation per flag: its hash is recorded, its value sent if it may have changed.
+        self.told.clear();
+        let mut values = Vec::new();
+        for e in h.flags() {
+            let (wire, hash) = h.evaluated(e, &self.ctx);
+            self.told.insert(e.wire.key.clone(), hash);
+            if affected.contains(&e.wire.key) {
+                values.push(wire);
+            }
+        }
         if from == current.version {
             return (
                 pb::UpToDate {
@@ -509,21 +519,17 @@ impl Evaluated {
                 current,
             );
         }
-        let changed = h
-            .changed_since(from)
-            .expect("resumable() checked the window");
-        let mut delta = pb::Delta {
+        let delta = pb::Delta {
             epoch: current.epoch,
             from_version: from,
             to_version: current.version,
+            values,
+            deletes: affected
+                .into_iter()
+                .filter(|k| h.flag(k).is_none())
+                .collect(),
             ..Default::default()
         };
-        for key in h.affected_flags(&changed) {
-            match h.flag(&key) {
-                Some(e) => delta.values.push(h.evaluated(e, &self.ctx).0),
-                None => delta.deletes.push(key),
-            }
-        }
         (delta.into(), current)
     }
 

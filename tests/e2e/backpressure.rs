@@ -12,7 +12,7 @@ use vane_core::client::TransportPreference;
 use vane_proto::codec;
 use vane_proto::v1::frame::Kind;
 
-use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls};
+use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls, status_until};
 
 /// A flag whose every delta is about 30 KB, so a few hundred changes overflow any socket buffer
 /// (loopback send buffers are capped at 4 MiB here).
@@ -117,12 +117,6 @@ async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     // The QUIC client kept up throughout (its own updates are not drained here, so watch the
     // selector rather than every update).
     let mut status = client.watch_status();
-    tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.selector.map(|s| s.version) == Some(last)),
-    )
-    .await
-    .expect("the QUIC client reached the last version")
-    .unwrap();
+    status_until(&mut status, |s| s.selector.map(|s| s.version) == Some(last)).await;
     client.close().await;
 }

@@ -7,7 +7,9 @@ use vane_core::sync::{Fatal, UpdateKind};
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
-use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls, read_to_end, update_at};
+use crate::harness::{
+    PATIENCE, TestServer, hello, next_update, raw_tls, read_to_end, status_until, update_at,
+};
 
 fn error_code(frames: &[pb::Frame]) -> Option<ErrorCode> {
     frames.iter().find_map(|f| match &f.kind {
@@ -134,11 +136,7 @@ async fn revoking_a_key_ends_its_sessions() {
         .await;
     assert_eq!(s, 200);
     let mut status = client.watch_status();
-    let s = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.fatal.is_some()))
-        .await
-        .expect("the client was cut off")
-        .unwrap()
-        .clone();
+    let s = status_until(&mut status, |s| s.fatal.is_some()).await;
     assert!(matches!(s.fatal, Some(Fatal::Unauthenticated(_))), "{s:?}");
 }
 

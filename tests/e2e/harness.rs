@@ -259,6 +259,18 @@ pub async fn start_client(config: ClientConfig) -> (Client, broadcast::Receiver<
     (client, updates)
 }
 
+/// Waits (within [`PATIENCE`]) until the client's status satisfies `done`; returns that status.
+pub async fn status_until(
+    status: &mut tokio::sync::watch::Receiver<vane_core::client::Status>,
+    done: impl FnMut(&vane_core::client::Status) -> bool,
+) -> vane_core::client::Status {
+    tokio::time::timeout(PATIENCE, status.wait_for(done))
+        .await
+        .expect("the client reached the expected status in time")
+        .expect("the client is alive")
+        .clone()
+}
+
 /// The next update, within [`PATIENCE`].
 pub async fn next_update(rx: &mut broadcast::Receiver<Update>) -> Update {
     tokio::time::timeout(PATIENCE, rx.recv())

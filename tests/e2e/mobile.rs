@@ -7,7 +7,7 @@ use vane_core::eval::{Context, Reason};
 use vane_core::model::FlagValue;
 use vane_core::sync::UpdateKind;
 
-use crate::harness::{PATIENCE, TestServer, next_update, start_client, update_at};
+use crate::harness::{PATIENCE, TestServer, next_update, start_client, status_until, update_at};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_without_the_server_serves_cached_values() {
@@ -64,13 +64,7 @@ async fn background_closes_the_connection_and_foreground_resumes_by_delta() {
     let mut status = client.watch_status();
 
     client.set_foreground(false);
-    tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.state == ConnectionState::Suspended),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    status_until(&mut status, |s| s.state == ConnectionState::Suspended).await;
     tokio::time::timeout(PATIENCE, async {
         while server.sessions("quic").await != 0 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -94,20 +88,8 @@ async fn background_closes_the_connection_and_foreground_resumes_by_delta() {
 
     // No network: the same, without the app going anywhere.
     client.set_network_available(false);
-    tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.state == ConnectionState::Suspended),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    status_until(&mut status, |s| s.state == ConnectionState::Suspended).await;
     client.set_network_available(true);
-    tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.state == ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    status_until(&mut status, |s| s.state == ConnectionState::Connected).await;
     client.close().await;
 }

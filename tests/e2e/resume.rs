@@ -10,7 +10,8 @@ use vane_proto::codec;
 use vane_proto::v1::{self as pb, frame::Kind};
 
 use crate::harness::{
-    PATIENCE, Proxy, TestServer, hello, next_update, raw_tls, read_to_end, start_client, update_at,
+    Proxy, TestServer, hello, next_update, raw_tls, read_to_end, start_client, status_until,
+    update_at,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,13 +28,7 @@ async fn a_cut_connection_resumes_by_delta() {
 
     let mut status = client.watch_status();
     proxy.cut();
-    tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.state != ConnectionState::Connected),
-    )
-    .await
-    .expect("the client noticed the cut")
-    .unwrap();
+    status_until(&mut status, |s| s.state != ConnectionState::Connected).await;
     // Committed while the client is away (the proxy refuses its reconnects until restored).
     let version = server.toggle("prod", "a", false).await;
     proxy.restore();
@@ -143,13 +138,6 @@ async fn deleting_an_environment_stops_its_clients() {
         .await;
     assert_eq!(s, 204);
     let mut status = client.watch_status();
-    let stopped = tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.state == ConnectionState::Stopped),
-    )
-    .await
-    .expect("the client stopped")
-    .unwrap()
-    .clone();
+    let stopped = status_until(&mut status, |s| s.state == ConnectionState::Stopped).await;
     assert!(stopped.fatal.is_some(), "{stopped:?}");
 }

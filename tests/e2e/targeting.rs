@@ -13,7 +13,9 @@ use vane_core::wire::FrameReader;
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, frame::Kind};
 
-use crate::harness::{PATIENCE, Proxy, TestServer, next_update, raw_tls, start_client, update_at};
+use crate::harness::{
+    PATIENCE, Proxy, TestServer, next_update, raw_tls, start_client, status_until, update_at,
+};
 
 async fn next_frame<S: tokio::io::AsyncRead + Unpin>(
     reader: &mut FrameReader,
@@ -273,13 +275,10 @@ async fn an_evaluated_session_resumes_with_the_values_that_changed() {
 
     let mut status = client.watch_status();
     proxy.cut();
-    tokio::time::timeout(
-        PATIENCE,
-        status.wait_for(|s| s.state != vane_core::client::ConnectionState::Connected),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    status_until(&mut status, |s| {
+        s.state != vane_core::client::ConnectionState::Connected
+    })
+    .await;
     let version = server
         .put_segment("prod", "staff", json!({"included": ["u3"]}))
         .await;
