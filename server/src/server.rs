@@ -312,6 +312,11 @@ fn quic_endpoint(
     // One bidirectional stream carries the session; the client opens nothing else.
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // With segmentation offload, quinn batches up to ten datagrams per send and keeps a send
+    // buffer of that size per connection for good (~12 KB, the largest single cost of an idle
+    // QUIC connection). Vane's sends are a delta or a Ping, one datagram each; only a snapshot
+    // spans several, and it is sent once per connect.
+    transport.enable_segmentation_offload(false);
     let idle = session.heartbeat * (vane_core::sync::MISSED_HEARTBEATS + 1);
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle)?));
     config.transport_config(Arc::new(transport));
