@@ -26,3 +26,4 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tls;
+mod tls_stream;

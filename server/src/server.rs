@@ -21,7 +21,7 @@ use crate::control::Control;
 use crate::hub::Hub;
 use crate::session::{self, SessionConfig};
 use crate::store::Store;
-use crate::{http, tls};
+use crate::{http, tls, tls_stream};
 
 /// Everything `vane serve` can be told.
 #[derive(Debug, Clone)]
@@ -177,11 +177,7 @@ impl Server {
             tracker: TaskTracker::new(),
         });
         let acceptors = TaskTracker::new();
-        acceptors.spawn(accept_tcp(
-            tcp,
-            tokio_rustls::TlsAcceptor::from(tls),
-            ctx.clone(),
-        ));
+        acceptors.spawn(accept_tcp(tcp, tls, ctx.clone()));
         if let Some(endpoint) = quic.clone() {
             acceptors.spawn(accept_quic(endpoint, ctx.clone()));
         }
@@ -329,7 +325,7 @@ fn quic_endpoint(
     )?)
 }
 
-async fn accept_tcp(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ctx: Arc<Ctx>) {
+async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -353,22 +349,17 @@ async fn accept_tcp(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, 
             debug!(%peer, "connection limit reached; refusing");
             continue;
         };
-        let (acceptor, c) = (acceptor.clone(), ctx.clone());
+        let (tls, c) = (tls.clone(), ctx.clone());
         ctx.tracker.spawn(async move {
             let _slot = slot;
-            serve_tcp(sock, peer, acceptor, &c).await;
+            serve_tcp(sock, peer, tls, &c).await;
         });
     }
 }
 
-async fn serve_tcp(
-    sock: TcpStream,
-    peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    ctx: &Ctx,
-) {
+async fn serve_tcp(sock: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerConfig>, ctx: &Ctx) {
     let _ = sock.set_nodelay(true);
-    let mut stream = match timeout(ctx.session.hello_timeout, acceptor.accept(sock)).await {
+    let mut stream = match timeout(ctx.session.hello_timeout, tls_stream::accept(sock, tls)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
