@@ -205,14 +205,19 @@ where
         let mut last_heard = Instant::now();
         let silence_limit = self.config.heartbeat * vane_core::sync::MISSED_HEARTBEATS;
 
+        // Made once: recreated on every pass they would re-register with tokens that every
+        // session of the server (or of the environment) waits on, at each push.
+        let mut stopping = std::pin::pin!(shutdown.cancelled());
+        let mut revoked = std::pin::pin!(grant.revoked.cancelled());
+        let mut deleted = std::pin::pin!(env.deleted().cancelled());
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return self.go_away().await,
-                _ = grant.revoked.cancelled() => {
+                _ = &mut stopping => return self.go_away().await,
+                _ = &mut revoked => {
                     return End::Error(ErrorCode::Unauthenticated, "SDK key revoked".into());
                 }
-                _ = env.deleted().cancelled() => {
+                _ = &mut deleted => {
                     return End::Error(ErrorCode::Unauthenticated, "environment deleted".into());
                 }
                 r = changes.changed() => {

@@ -52,6 +52,10 @@ struct Args {
     /// using a running one; the storm scenario needs this to restart it.
     #[arg(long)]
     spawn: Option<PathBuf>,
+    /// An extra argument for the spawned `vane serve` (repeat for several), e.g.
+    /// `--server-arg=--goaway-window --server-arg=2`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
     /// Internal: run one worker's sessions, driven over stdin and stdout.
     #[arg(long, hide = true)]
     worker: bool,
@@ -251,7 +255,7 @@ impl Spawned {
             .trim_end_matches('/')
             .to_owned();
         std::fs::create_dir_all(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
-        let serve = vec![
+        let mut serve = vec![
             "--data".into(),
             args.data.display().to_string(),
             "serve".into(),
@@ -260,6 +264,7 @@ impl Spawned {
             "--http".into(),
             http,
         ];
+        serve.extend(args.server_args.iter().cloned());
         let ready_url = format!("{}/readyz", args.http.trim_end_matches('/'));
         if reqwest::get(&ready_url).await.is_ok() {
             return Err(format!(
