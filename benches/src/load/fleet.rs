@@ -268,7 +268,11 @@ async fn session(
                 failures = 0;
                 window.mul_f64(rand::random::<f64>())
             }
-            Leave::RetryAfter(after) => after,
+            Leave::RetryAfter(after) if failures < MAX_ATTEMPTS => {
+                failures += 1;
+                after
+            }
+            Leave::RetryAfter(_) => return Err("the server kept asking to retry later".into()),
             Leave::Dropped(e) => {
                 // The first connection must work: the server is up when a run starts.
                 if selector.is_none() || failures >= MAX_ATTEMPTS {
