@@ -57,12 +57,23 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
+/// What to put on the wire once application data may be sent.
+#[derive(Debug, Clone, Copy)]
+enum Output<'a> {
+    /// Nothing: only process what was received.
+    Nothing,
+    /// Application data (at most one record's worth is taken).
+    Data(&'a [u8]),
+    /// The close_notify alert.
+    CloseNotify,
+}
+
 /// Where rustls stands after processing what was received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// The handshake needs more bytes from the peer.
     Handshaking,
-    /// Application data may be sent (and the `write` given to `process` was encrypted).
+    /// Application data may be sent (and the output given to `process` was encrypted).
     Open,
     /// Both sides sent close_notify.
     Closed,
@@ -89,7 +100,7 @@ pub async fn accept(io: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Res
 impl TlsStream {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let (stage, _) = self.process(None)?;
+            let (stage, _) = self.process(Output::Nothing)?;
             ready!(self.poll_send(cx))?;
             match stage {
                 Stage::Open => return Poll::Ready(Ok(())),
@@ -106,9 +117,9 @@ impl TlsStream {
     }
 
     /// Processes every complete record received, queueing what rustls wants sent and the
-    /// decrypted data; once application data may be sent, encrypts `write` (at most one
-    /// record's worth). Returns the stage and how many bytes of `write` were taken.
-    fn process(&mut self, write: Option<&[u8]>) -> io::Result<(Stage, usize)> {
+    /// decrypted data; once application data may be sent, encrypts `output`. Returns the stage
+    /// and how many bytes of `output`'s data were taken.
+    fn process(&mut self, output: Output<'_>) -> io::Result<(Stage, usize)> {
         let TlsStream {
             conn,
             incoming,
@@ -136,9 +147,8 @@ impl TlsStream {
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
                     append(outgoing, ENCODE_ROOM, |buf| match encode.encode(buf) {
-                        Ok(n) => Ok(Ok(n)),
                         Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                        Err(e) => Err(invalid(e)),
+                        r => r.map(Ok).map_err(invalid),
                     })?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
@@ -149,16 +159,21 @@ impl TlsStream {
                 ConnectionState::PeerClosed => *peer_closed = true,
                 ConnectionState::Closed => done = Some((Stage::Closed, 0)),
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let data = write.map_or(&[][..], |w| &w[..w.len().min(MAX_RECORD_PLAINTEXT)]);
-                    if !data.is_empty() {
-                        let room = data.len() + RECORD_OVERHEAD;
-                        append(outgoing, room, |buf| match traffic.encrypt(data, buf) {
-                            Ok(n) => Ok(Ok(n)),
-                            Err(EncryptError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                            Err(e) => Err(invalid(e)),
-                        })?;
-                    }
-                    done = Some((Stage::Open, data.len()));
+                    let taken = match output {
+                        Output::Nothing => 0,
+                        Output::Data(data) => {
+                            let data = &data[..data.len().min(MAX_RECORD_PLAINTEXT)];
+                            let room = data.len() + RECORD_OVERHEAD;
+                            append(outgoing, room, |buf| sized(traffic.encrypt(data, buf)))?;
+                            data.len()
+                        }
+                        Output::CloseNotify => {
+                            let room = RECORD_OVERHEAD + 2;
+                            append(outgoing, room, |buf| sized(traffic.queue_close_notify(buf)))?;
+                            0
+                        }
+                    };
+                    done = Some((Stage::Open, taken));
                 }
                 _ => return Err(invalid("a TLS state this server does not handle")),
             }
@@ -247,6 +262,14 @@ const ENCODE_ROOM: usize = 2048;
 /// A TLS 1.3 record's overhead: header, content type, AEAD tag.
 const RECORD_OVERHEAD: usize = 5 + 1 + 16;
 
+/// An encryption's result for [`append`]: a too-small buffer becomes the size asked for.
+fn sized(r: Result<usize, EncryptError>) -> io::Result<Result<usize, usize>> {
+    match r {
+        Err(EncryptError::InsufficientSize(e)) => Ok(Err(e.required_size)),
+        r => r.map(Ok).map_err(invalid),
+    }
+}
+
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -270,7 +293,7 @@ impl AsyncRead for TlsStream {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let (stage, _) = this.process(None)?;
+            let (stage, _) = this.process(Output::Nothing)?;
             // What rustls wants sent in answer (a key update, an alert) goes out when it can;
             // a blocked socket must not stop reading.
             if let Poll::Ready(Err(e)) = this.poll_send(cx) {
@@ -296,7 +319,7 @@ impl AsyncWrite for TlsStream {
         let this = &mut *self;
         // One record in flight at most: what was encrypted before must be with the socket.
         ready!(this.poll_send(cx))?;
-        match this.process(Some(data))? {
+        match this.process(Output::Data(data))? {
             (Stage::Open, n) => {
                 // Sent now if the socket takes it; otherwise the next write or flush waits.
                 if let Poll::Ready(Err(e)) = this.poll_send(cx) {
@@ -322,19 +345,10 @@ impl AsyncWrite for TlsStream {
         ready!(this.poll_send(cx))?;
         if !this.close_notify_sent {
             this.close_notify_sent = true;
-            let UnbufferedStatus { discard, state } =
-                this.conn.process_tls_records(&mut this.incoming);
-            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
-                append(&mut this.outgoing, RECORD_OVERHEAD + 2, |buf| match traffic
-                    .queue_close_notify(buf)
-                {
-                    Ok(n) => Ok(Ok(n)),
-                    Err(EncryptError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                    Err(e) => Err(invalid(e)),
-                })?;
+            // After a close or a failed handshake there is no alert to send: just close TCP.
+            if let Ok((Stage::Open, _)) = this.process(Output::CloseNotify) {
+                ready!(this.poll_send(cx))?;
             }
-            this.incoming.drain(..discard);
-            ready!(this.poll_send(cx))?;
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
     }

@@ -9,7 +9,7 @@
 //! bounded by `--timeout-s`, and the tool exits by itself.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -148,9 +148,12 @@ async fn main() -> ExitCode {
         server_pid: args
             .server_pid
             .or_else(|| server.as_ref().and_then(|s| s.child.id())),
-        workers: match std::env::current_exe() {
-            Ok(exe) => Some((args.workers, exe)),
-            Err(e) => return fail(&format!("finding this program for its workers: {e}")),
+        workers: match args.workers {
+            0 | 1 => None,
+            n => match std::env::current_exe() {
+                Ok(exe) => Some((n, exe)),
+                Err(e) => return fail(&format!("finding this program for its workers: {e}")),
+            },
         },
     };
     let progress = |line: String| eprint!("\r\x1b[2K{line}");
@@ -335,7 +338,7 @@ impl Restart for Spawned {
     }
 }
 
-fn launch(exe: &PathBuf, args: &[String], log: &PathBuf) -> Result<Child, String> {
+fn launch(exe: &Path, args: &[String], log: &Path) -> Result<Child, String> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

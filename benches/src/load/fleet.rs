@@ -327,7 +327,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Kind::Snapshot(s)) => (s.selector, CatchUp::Snapshot),
             Some(Kind::UpToDate(u)) => (u.selector, CatchUp::UpToDate),
             Some(Kind::Delta(d)) => {
-                seen.lock().deltas.push((d.to_version, at));
                 let held = pb::Selector {
                     epoch: d.epoch,
                     version: d.to_version,
@@ -359,6 +358,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         };
         *selector = held.or(*selector);
         let mut s = seen.lock();
+        if how == CatchUp::Delta {
+            s.deltas.push((selector.map_or(0, |sel| sel.version), at));
+        }
         s.version = selector.map_or(0, |sel| sel.version);
         if !caught_up {
             caught_up = true;

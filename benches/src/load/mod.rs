@@ -222,7 +222,8 @@ impl Parts {
         Ok(())
     }
 
-    /// Polls until `done` holds for the total status, within `limit`; false if it never did.
+    /// Polls until `done` holds for the total status, within `limit`; returns whether it did,
+    /// and the last status.
     async fn wait(
         &mut self,
         limit: Duration,
@@ -230,17 +231,14 @@ impl Parts {
         since_ns: u128,
         progress: &(dyn Fn(String) + Sync),
         mut done: impl FnMut(&Status) -> (bool, String),
-    ) -> Result<bool, String> {
+    ) -> Result<(bool, Status), String> {
         let deadline = Instant::now() + limit;
         loop {
             let status = self.status(version, since_ns).await?;
             let (finished, line) = done(&status);
             progress(line);
-            if finished {
-                return Ok(true);
-            }
-            if Instant::now() > deadline {
-                return Ok(false);
+            if finished || Instant::now() > deadline {
+                return Ok((finished, status));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -262,11 +260,13 @@ pub async fn run(
     restart: Option<&mut dyn Restart>,
     progress: &(dyn Fn(String) + Sync),
 ) -> Result<LoadReport, String> {
+    // The scenario decides whether there is a storm; a restart handle alone does not.
     let restart = match (cfg.scenario, restart) {
         (Scenario::Storm, None) => {
             return Err("the storm scenario restarts the server: give it a way to".into());
         }
-        (_, r) => r,
+        (Scenario::Storm, r) => r,
+        (Scenario::Propagation, _) => None,
     };
     let admin = Admin {
         http: reqwest::Client::new(),
@@ -330,7 +330,7 @@ pub async fn run(
     }
     let processes = parts.0.len();
     let clients = cfg.clients;
-    let connected = parts
+    let (connected, status) = parts
         .wait(cfg.timeout, start_version, 0, progress, |s| {
             (
                 s.ready == clients || s.failed > 0,
@@ -338,7 +338,6 @@ pub async fn run(
             )
         })
         .await?;
-    let status = parts.status(start_version, 0).await?;
     if !connected || status.failed > 0 {
         let why = parts
             .finish()
@@ -367,7 +366,7 @@ pub async fn run(
         tokio::time::sleep(cfg.interval).await;
     }
     let last = committed.keys().copied().max().unwrap_or(start_version);
-    parts
+    let (_, before_storm) = parts
         .wait(cfg.timeout, last, 0, progress, |s| {
             (
                 s.reached == clients,
@@ -382,7 +381,6 @@ pub async fn run(
     // wait until every session has caught up and holds that change.
     let mut storm_marks = None;
     if let Some(restart) = restart {
-        let attempts_before = parts.status(last, 0).await?.attempts;
         let stopping = now_ns();
         let began = Instant::now();
         progress("restarting the server".into());
@@ -390,7 +388,7 @@ pub async fn run(
         let ready_ns = now_ns();
         let restart_s = began.elapsed().as_secs_f64();
         let (version, _) = admin.toggle(&env, cfg.changes % 2 == 1).await?;
-        let delivered = parts
+        let (delivered, after) = parts
             .wait(cfg.timeout, version, stopping, progress, |s| {
                 (
                     s.resumed == clients && s.reached == clients,
@@ -401,12 +399,11 @@ pub async fn run(
                 )
             })
             .await?;
-        let attempts = parts.status(version, 0).await?.attempts - attempts_before;
         storm_marks = Some(StormMarks {
             stopping,
             ready_ns,
             restart_s,
-            attempts,
+            attempts: after.attempts - before_storm.attempts,
             delivered,
         });
     }
