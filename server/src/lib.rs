@@ -1,5 +1,6 @@
 //! The Vane server: the embedded [`store`], the in-memory [`hub`] that fans changes out, the
-//! [`control`] write path that keeps them in step, protocol [`session`]s over QUIC and TCP+TLS,
+//! [`control`] write path that keeps them in step, protocol [`session`]s over QUIC (one driver task for the
+//! whole endpoint, on quinn-proto) and TCP+TLS,
 //! the [`http`] admin API, and the [`cli`] behind the `vane` binary.
 //!
 //! Tests and embedders start it the way the binary does:
@@ -22,6 +23,7 @@ pub mod control;
 mod demo;
 pub mod http;
 pub mod hub;
+mod quic;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -21,7 +21,7 @@ use crate::control::Control;
 use crate::hub::Hub;
 use crate::session::{self, SessionConfig};
 use crate::store::Store;
-use crate::{http, tls, tls_stream};
+use crate::{http, quic, tls, tls_stream};
 
 /// Everything `vane serve` can be told.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ pub struct Server {
     control: Arc<Control>,
     tls: Arc<rustls::ServerConfig>,
     tcp: TcpListener,
-    quic: Option<quinn::Endpoint>,
+    quic: Option<quic::Endpoint>,
     http: TcpListener,
     admin_token: String,
     created_token: bool,
@@ -178,9 +178,10 @@ impl Server {
         });
         let acceptors = TaskTracker::new();
         acceptors.spawn(accept_tcp(tcp, tls, ctx.clone()));
-        if let Some(endpoint) = quic.clone() {
-            acceptors.spawn(accept_quic(endpoint, ctx.clone()));
-        }
+        let quic_driver = quic.clone().map(|endpoint| {
+            acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
+            tokio::spawn(endpoint.drive())
+        });
         let app = http::router(control.clone(), admin_token);
         let http_task = tokio::spawn(
             axum::serve(http, app)
@@ -215,9 +216,12 @@ impl Server {
         {
             warn!(after = ?config.drain_timeout, "sessions still open after the drain timeout; closing them");
         }
-        if let Some(endpoint) = quic {
-            endpoint.close(0u32.into(), b"server shutdown");
-            let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let (Some(endpoint), Some(driver)) = (quic, quic_driver) {
+            // The driver returns once every connection has closed, bounded by its own wait.
+            endpoint.close();
+            if let Err(e) = driver.await {
+                warn!(error = %e, "QUIC driver task failed");
+            }
         }
         match http_task.await {
             Ok(Ok(())) => {}
@@ -255,7 +259,7 @@ fn bind_protocol(
     addr: SocketAddr,
     quic_tls: Option<Arc<rustls::ServerConfig>>,
     session: &SessionConfig,
-) -> anyhow::Result<(TcpListener, Option<quinn::Endpoint>)> {
+) -> anyhow::Result<(TcpListener, Option<quic::Endpoint>)> {
     let attempts = if addr.port() == 0 { 50 } else { 1 };
     let mut last_err = None;
     for _ in 0..attempts {
@@ -301,28 +305,20 @@ fn quic_endpoint(
     socket: UdpSocket,
     tls: Arc<rustls::ServerConfig>,
     session: &SessionConfig,
-) -> anyhow::Result<quinn::Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
+) -> anyhow::Result<quic::Endpoint> {
+    let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn_proto::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn_proto::TransportConfig::default();
     // One bidirectional stream carries the session; the client opens nothing else.
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    // With segmentation offload, quinn batches up to ten datagrams per send and keeps a send
-    // buffer of that size per connection for good (~12 KB, the largest single cost of an idle
-    // QUIC connection). Vane's sends are a delta or a Ping, one datagram each; only a snapshot
-    // spans several, and it is sent once per connect.
+    // The driver sends one datagram per transmit: Vane's sends are a delta or a Ping, one
+    // datagram each; only a snapshot spans several, and it is sent once per connect.
     transport.enable_segmentation_offload(false);
     let idle = session.heartbeat * (vane_core::sync::MISSED_HEARTBEATS + 1);
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle)?));
+    transport.max_idle_timeout(Some(quinn_proto::IdleTimeout::try_from(idle)?));
     config.transport_config(Arc::new(transport));
-    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    Ok(quinn::Endpoint::new(
-        Default::default(),
-        Some(config),
-        socket,
-        runtime,
-    )?)
+    Ok(quic::Endpoint::new(socket, config)?)
 }
 
 async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) {
@@ -374,7 +370,7 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerCon
     .await;
 }
 
-async fn accept_quic(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
+async fn accept_quic(endpoint: quic::Endpoint, ctx: Arc<Ctx>) {
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -396,23 +392,15 @@ async fn accept_quic(endpoint: quinn::Endpoint, ctx: Arc<Ctx>) {
     }
 }
 
-async fn serve_quic(incoming: quinn::Incoming, ctx: &Ctx) {
+async fn serve_quic(incoming: quic::Incoming, ctx: &Ctx) {
     let peer = incoming.remote_address();
-    let limit = ctx.session.hello_timeout;
-    let conn = match timeout(limit, incoming).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC handshake failed"),
-        Err(_) => return debug!(%peer, "QUIC handshake timed out"),
-    };
-    let (send, recv) = match timeout(limit, conn.accept_bi()).await {
+    // The handshake and the client opening its stream; dropping this on timeout closes the
+    // connection ("no session stream").
+    let mut stream = match timeout(ctx.session.hello_timeout, incoming.accept()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return debug!(%peer, error = %e, "no session stream"),
-        Err(_) => {
-            conn.close(0u32.into(), b"no session stream");
-            return debug!(%peer, "no session stream in time");
-        }
+        Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC connection failed before its stream"),
+        Err(_) => return debug!(%peer, "no QUIC session stream in time"),
     };
-    let mut stream = tokio::io::join(recv, send);
     session::run(
         &mut stream,
         Transport::Quic,
@@ -421,8 +409,6 @@ async fn serve_quic(incoming: quinn::Incoming, ctx: &Ctx) {
         &ctx.shutdown,
     )
     .await;
-    // The stream is finished; give the client a moment to read the last frame (Error, GoAway)
-    // and close the connection itself, so that frame is not discarded by an abrupt close.
-    let _ = timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(0u32.into(), b"session ended");
+    // Dropping the stream hands the connection to the endpoint, which waits (briefly) for the
+    // client to read the last frame and close it.
 }

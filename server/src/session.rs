@@ -130,6 +130,18 @@ fn retry_after_for(code: ErrorCode) -> Duration {
     }
 }
 
+/// A session past its opening.
+struct Live {
+    grant: Arc<Grant>,
+    env: Arc<EnvHub>,
+    mode: Mode,
+    push: pb::PushMode,
+    changes: tokio::sync::watch::Receiver<Published>,
+    /// What this client has been brought to (evaluated mode: the version at which its values
+    /// were last brought current; changes that alter none of its values do not advance it).
+    sent: Selector,
+}
+
 struct Session<'a, R, W> {
     id: u64,
     rd: R,
@@ -145,28 +157,43 @@ where
     W: AsyncWrite + Unpin,
 {
     async fn serve(&mut self, hub: &Hub, shutdown: &CancellationToken) -> End {
+        // Two steps, so that what the opening needs (the Hello, the Welcome) is not kept in
+        // the session's memory while it streams, for hours.
+        let mut live = match self.open(hub, shutdown).await {
+            Ok(live) => live,
+            Err(end) => return end,
+        };
+        self.stream(&mut live, shutdown).await
+    }
+
+    /// Hello → Welcome → catch-up.
+    async fn open(&mut self, hub: &Hub, shutdown: &CancellationToken) -> Result<Live, End> {
         let first = tokio::select! {
-            _ = shutdown.cancelled() => return self.go_away().await,
+            _ = shutdown.cancelled() => return Err(self.go_away().await),
             r = timeout(self.config.hello_timeout, self.reader.read(&mut self.rd)) => r,
         };
         let hello = match first {
-            Err(_) => return End::Error(ErrorCode::Timeout, "no Hello in time".into()),
-            Ok(r) => match self.frame(r) {
-                Ok(Some(Kind::Hello(h))) => h,
-                Ok(other) => return violation(other.as_ref(), "Hello"),
-                Err(end) => return end,
+            Err(_) => return Err(End::Error(ErrorCode::Timeout, "no Hello in time".into())),
+            Ok(r) => match self.frame(r)? {
+                Some(Kind::Hello(h)) => h,
+                other => return Err(violation(other.as_ref(), "Hello")),
             },
         };
-        let (grant, env) = match authorize(hub, &hello) {
-            Ok(ok) => ok,
-            Err(end) => return end,
-        };
+        let (live, welcome, catch_up) = self.greet(hub, hello)?;
+        self.send(&welcome).await?;
+        self.send(&catch_up).await?;
+        Ok(live)
+    }
+
+    /// Answers a Hello: the session's state, the Welcome and the catch-up to send.
+    fn greet(&mut self, hub: &Hub, hello: pb::Hello) -> Result<(Live, Bytes, Bytes), End> {
+        let (grant, env) = authorize(hub, &hello)?;
         self.env = Some(env.clone());
         let push = hello.push();
         let mut mode = match hello.mode() {
             pb::DeliveryMode::Evaluated => match Context::parse(&hello.context) {
                 Ok(ctx) => Mode::Evaluated(Evaluated::new(ctx)),
-                Err(e) => return End::Error(ErrorCode::InvalidContext, e.to_string()),
+                Err(e) => return Err(End::Error(ErrorCode::InvalidContext, e.to_string())),
             },
             _ => Mode::Rules,
         };
@@ -174,29 +201,45 @@ where
 
         // Subscribe before catching up: a change committed in between is then either in the
         // catch-up or seen as a change, never lost.
-        let mut changes = env.subscribe();
-        let welcome: pb::Frame = pb::Welcome {
-            session_id: format!("{:x}", self.id),
-            heartbeat_interval_ms: ms(self.config.heartbeat),
-            max_client_frame_len: u32::try_from(self.config.max_client_frame_len)
-                .unwrap_or(u32::MAX),
-            max_server_frame_len: u32::try_from(codec::DEFAULT_MAX_FRAME_LEN).unwrap_or(u32::MAX),
-            server_version: env!("CARGO_PKG_VERSION").into(),
-            environment: env.name().to_owned(),
-        }
-        .into();
-        if let Err(end) = self.send(&codec::encode(&welcome)).await {
-            return end;
-        }
-        // What this client has been brought to (evaluated mode: the version at which its values
-        // were last brought current; changes that alter none of its values do not advance it).
-        let mut sent = match self
-            .catch_up(&env, &mut mode, hello.selector.map(Selector::from))
-            .await
-        {
-            Ok(s) => s,
-            Err(end) => return end,
+        let changes = env.subscribe();
+        let welcome = codec::encode(
+            &pb::Welcome {
+                session_id: format!("{:x}", self.id),
+                heartbeat_interval_ms: ms(self.config.heartbeat),
+                max_client_frame_len: u32::try_from(self.config.max_client_frame_len)
+                    .unwrap_or(u32::MAX),
+                max_server_frame_len: u32::try_from(codec::DEFAULT_MAX_FRAME_LEN)
+                    .unwrap_or(u32::MAX),
+                server_version: env!("CARGO_PKG_VERSION").into(),
+                environment: env.name().to_owned(),
+            }
+            .into(),
+        );
+        let (catch_up, sent) = catch_up(&env, &mut mode, hello.selector.map(Selector::from));
+        let live = Live {
+            grant,
+            env,
+            mode,
+            push,
+            changes,
+            sent,
         };
+        Ok((live, welcome, catch_up))
+    }
+
+    /// Pushes, pings, and the client's frames, until one side leaves.
+    ///
+    /// Every branch only works out what to send; the one write after it keeps the session's
+    /// future (its memory for as long as the client stays) small.
+    async fn stream(&mut self, live: &mut Live, shutdown: &CancellationToken) -> End {
+        let Live {
+            grant,
+            env,
+            mode,
+            changes,
+            ..
+        } = live;
+        let (push, mut sent) = (live.push, live.sent);
         let mut announced = sent;
 
         let start = Instant::now() + self.config.heartbeat;
@@ -211,60 +254,57 @@ where
         let mut revoked = std::pin::pin!(grant.revoked.cancelled());
         let mut deleted = std::pin::pin!(env.deleted().cancelled());
         loop {
-            tokio::select! {
+            let out: Result<Option<Bytes>, End> = tokio::select! {
                 biased;
                 _ = &mut stopping => return self.go_away().await,
-                _ = &mut revoked => {
-                    return End::Error(ErrorCode::Unauthenticated, "SDK key revoked".into());
-                }
-                _ = &mut deleted => {
-                    return End::Error(ErrorCode::Unauthenticated, "environment deleted".into());
-                }
-                r = changes.changed() => {
-                    if r.is_err() {
-                        return End::Error(ErrorCode::Internal, "environment closed".into());
+                _ = &mut revoked => Err(End::Error(ErrorCode::Unauthenticated, "SDK key revoked".into())),
+                _ = &mut deleted => Err(End::Error(ErrorCode::Unauthenticated, "environment deleted".into())),
+                r = changes.changed() => match r {
+                    Err(_) => Err(End::Error(ErrorCode::Internal, "environment closed".into())),
+                    Ok(()) => {
+                        let published = changes.borrow_and_update().clone();
+                        let next = match (&mut *mode, push) {
+                            (Mode::Evaluated(ev), pb::PushMode::Delta) => env
+                                .with_history(|h| ev.push(h, sent))
+                                .map(|(frame, to)| (codec::encode(&frame), to)),
+                            (Mode::Rules, pb::PushMode::Delta) => rules_push(env, &published, sent),
+                            (_, pb::PushMode::Notify) if published.selector != announced => {
+                                announced = published.selector;
+                                Some((published.notice, sent))
+                            }
+                            (_, pb::PushMode::Notify) => None,
+                        };
+                        Ok(next.map(|(bytes, to)| {
+                            sent = to;
+                            bytes
+                        }))
                     }
-                    let published = changes.borrow_and_update().clone();
-                    let result = match (&mut mode, push) {
-                        (Mode::Evaluated(ev), pb::PushMode::Delta) => {
-                            let frame = env.with_history(|h| ev.push(h, sent));
-                            match frame {
-                                Some((frame, to)) => self.send(&codec::encode(&frame)).await.map(|()| sent = to),
-                                None => Ok(()),
+                },
+                _ = ping.tick() => {
+                    self.reader.shrink_if_idle();
+                    if last_heard.elapsed() > silence_limit {
+                        Err(End::Error(ErrorCode::Timeout, format!("no frame from the client in {silence_limit:?}")))
+                    } else {
+                        // Bring a lagging rules-mode session current first, so the Ping never
+                        // announces a version whose delta is still to come on this stream.
+                        let mut lag = None;
+                        if matches!(mode, Mode::Rules) && push == pb::PushMode::Delta && env.selector() != sent {
+                            let published = changes.borrow_and_update().clone();
+                            if let Some((bytes, to)) = rules_push(env, &published, sent) {
+                                sent = to;
+                                lag = Some(bytes);
                             }
                         }
-                        (Mode::Rules, pb::PushMode::Delta) => self.push(&env, &published, &mut sent).await,
-                        (_, pb::PushMode::Notify) if published.selector != announced => {
-                            announced = published.selector;
-                            self.send(&published.notice).await
-                        }
-                        (_, pb::PushMode::Notify) => Ok(()),
-                    };
-                    if let Err(end) = result {
-                        return end;
+                        let at = match (&*mode, push) {
+                            (Mode::Evaluated(_), pb::PushMode::Delta) => sent,
+                            _ => env.selector(),
+                        };
+                        let ping = codec::encode(&pb::Ping { selector: Some(at.into()) }.into());
+                        Ok(Some(match lag {
+                            Some(lag) => [lag, ping].concat().into(),
+                            None => ping,
+                        }))
                     }
-                }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > silence_limit {
-                        return End::Error(ErrorCode::Timeout, format!("no frame from the client in {silence_limit:?}"));
-                    }
-                    // Bring a lagging rules-mode session current first, so the Ping never
-                    // announces a version whose delta is still to come on this stream.
-                    if matches!(mode, Mode::Rules) && push == pb::PushMode::Delta && env.selector() != sent {
-                        let published = changes.borrow_and_update().clone();
-                        if let Err(end) = self.push(&env, &published, &mut sent).await {
-                            return end;
-                        }
-                    }
-                    let at = match (&mode, push) {
-                        (Mode::Evaluated(_), pb::PushMode::Delta) => sent,
-                        _ => env.selector(),
-                    };
-                    let frame: pb::Frame = pb::Ping { selector: Some(at.into()) }.into();
-                    if let Err(end) = self.send(&codec::encode(&frame)).await {
-                        return end;
-                    }
-                    self.reader.shrink_if_idle();
                 }
                 r = self.reader.read(&mut self.rd) => {
                     last_heard = Instant::now();
@@ -273,47 +313,53 @@ where
                             if let Some(sel) = a.selector {
                                 env.ack(self.id, sel.version);
                             }
+                            Ok(None)
                         }
-                        Ok(Some(Kind::Fetch(f))) => match self.catch_up(&env, &mut mode, f.selector.map(Selector::from)).await {
-                            Ok(s) => {
-                                sent = s;
-                                announced = s;
-                            }
-                            Err(end) => return end,
-                        },
-                        Ok(Some(Kind::Identify(i))) => {
-                            let Mode::Evaluated(ev) = &mut mode else {
-                                return End::Error(ErrorCode::ProtocolViolation, "Identify in rules mode".into());
-                            };
-                            let ctx = match Context::parse(&i.context) {
-                                Ok(ctx) => ctx,
-                                Err(e) => return End::Error(ErrorCode::InvalidContext, e.to_string()),
-                            };
-                            let (frame, to) = env.with_history(|h| ev.identify(h, ctx, sent, i.seq));
-                            if let Err(end) = self.send(&codec::encode(&frame)).await {
-                                return end;
-                            }
+                        Ok(Some(Kind::Fetch(f))) => {
+                            let (bytes, to) = catch_up(env, mode, f.selector.map(Selector::from));
                             sent = to;
                             announced = to;
+                            Ok(Some(bytes))
                         }
-                        Ok(None) => {} // a frame kind from a newer protocol: skipped
-                        Ok(other) => return violation(other.as_ref(), "Ack, Fetch or Identify"),
-                        Err(end) => return end,
+                        Ok(Some(Kind::Identify(i))) => match (&mut *mode, Context::parse(&i.context)) {
+                            (Mode::Rules, _) => Err(End::Error(ErrorCode::ProtocolViolation, "Identify in rules mode".into())),
+                            (_, Err(e)) => Err(End::Error(ErrorCode::InvalidContext, e.to_string())),
+                            (Mode::Evaluated(ev), Ok(ctx)) => {
+                                let (frame, to) = env.with_history(|h| ev.identify(h, ctx, sent, i.seq));
+                                sent = to;
+                                announced = to;
+                                Ok(Some(codec::encode(&frame)))
+                            }
+                        },
+                        Ok(None) => Ok(None), // a frame kind from a newer protocol: skipped
+                        Ok(other) => Err(violation(other.as_ref(), "Ack, Fetch or Identify")),
+                        Err(end) => Err(end),
                     }
                 }
+            };
+            match out {
+                Ok(Some(bytes)) => {
+                    if let Err(end) = self.send(&bytes).await {
+                        return end;
+                    }
+                }
+                Ok(None) => {}
+                Err(end) => return end,
             }
         }
     }
 
     /// Tells the client the server is leaving and when to come back.
     async fn go_away(&mut self) -> End {
-        let go_away: pb::Frame = pb::GoAway {
-            reason: pb::GoAwayReason::Shutdown.into(),
-            reconnect_within_ms: ms(self.config.goaway_window),
-            message: "server shutting down".into(),
-        }
-        .into();
-        let _ = self.send(&codec::encode(&go_away)).await;
+        let go_away = codec::encode(
+            &pb::GoAway {
+                reason: pb::GoAwayReason::Shutdown.into(),
+                reconnect_within_ms: ms(self.config.goaway_window),
+                message: "server shutting down".into(),
+            }
+            .into(),
+        );
+        let _ = self.send(&go_away).await;
         End::Shutdown
     }
 
@@ -330,46 +376,6 @@ where
             Err(ReadError::Io(e)) => Err(End::Transport(e.to_string())),
             Err(e) => Err(End::Transport(e.to_string())),
         }
-    }
-
-    /// Sends the cheapest frame that brings a client at `client` current; returns where it
-    /// brings it.
-    async fn catch_up(
-        &mut self,
-        env: &EnvHub,
-        mode: &mut Mode,
-        client: Option<Selector>,
-    ) -> Result<Selector, End> {
-        let (frame, selector) = match mode {
-            Mode::Rules => env.catch_up(client),
-            Mode::Evaluated(ev) => env.with_history(|h| ev.catch_up(h, client)),
-        };
-        self.send(&codec::encode(&frame)).await?;
-        Ok(selector)
-    }
-
-    /// Delivers a published change: the shared bytes if the session is right behind it, one
-    /// merged delta if it fell further behind.
-    async fn push(
-        &mut self,
-        env: &EnvHub,
-        published: &Published,
-        sent: &mut Selector,
-    ) -> Result<(), End> {
-        if published.selector == *sent {
-            return Ok(());
-        }
-        let next = published.selector;
-        if next.epoch == sent.epoch
-            && next.version == sent.version + 1
-            && !published.delta.is_empty()
-        {
-            self.send(&published.delta).await?;
-            *sent = next;
-            return Ok(());
-        }
-        *sent = self.catch_up(env, &mut Mode::Rules, Some(*sent)).await?;
-        Ok(())
     }
 
     async fn send(&mut self, bytes: &Bytes) -> Result<(), End> {
@@ -392,6 +398,29 @@ where
             )),
         }
     }
+}
+
+/// The cheapest frame that brings a client at `client` current, encoded, and where it brings it.
+fn catch_up(env: &EnvHub, mode: &mut Mode, client: Option<Selector>) -> (Bytes, Selector) {
+    let (frame, selector) = match mode {
+        Mode::Rules => env.catch_up(client),
+        Mode::Evaluated(ev) => env.with_history(|h| ev.catch_up(h, client)),
+    };
+    (codec::encode(&frame), selector)
+}
+
+/// What delivers a published change to a rules-mode session at `sent`, and where it brings
+/// it: the shared bytes if the session is right behind the change, one merged delta if it fell
+/// further behind; nothing if it has the change.
+fn rules_push(env: &EnvHub, published: &Published, sent: Selector) -> Option<(Bytes, Selector)> {
+    let next = published.selector;
+    if next == sent {
+        return None;
+    }
+    if next.epoch == sent.epoch && next.version == sent.version + 1 && !published.delta.is_empty() {
+        return Some((published.delta.clone(), next));
+    }
+    Some(catch_up(env, &mut Mode::Rules, Some(sent)))
 }
 
 fn violation(got: Option<&Kind>, expected: &str) -> End {
