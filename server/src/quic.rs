@@ -1,12 +1,12 @@
 //! QUIC serving on `quinn-proto`, with one task driving every connection of the endpoint.
 //!
 //! quinn's own endpoint gives every connection a task, an event channel, a transmit buffer and
-//! shared state of its own: about 20 KB per idle connection before Vane keeps anything. Here the
-//! endpoint, each connection's protocol state and the wakers of the session using it sit in one
-//! table behind one lock. A single driver task receives datagrams, fires timers, and sends what
-//! the connections have queued through one reusable outbox; sessions read and write their stream
-//! through [`QuicStream`] (`AsyncRead + AsyncWrite`), which hands the connection to the driver
-//! whenever it queued something to send.
+//! shared state of its own: about 11 KB per idle connection on top of the protocol state (see
+//! docs/BENCHMARKS.md). Here the endpoint, each connection's protocol state and the wakers of
+//! the session using it sit in one table behind one lock. A single driver task receives
+//! datagrams, fires timers, and sends what the connections have queued through one reusable
+//! outbox; sessions read and write their stream through [`QuicStream`] (`AsyncRead +
+//! AsyncWrite`), which hands the connection to the driver whenever it queued something to send.
 //!
 //! A session's stream ends by finishing it; the connection then lingers (up to [`LINGER`]) so
 //! the client can read the last frame and close the connection itself, as clients do after
@@ -328,8 +328,8 @@ impl Endpoint {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves each connection's state whole (quinn-proto
-        // calls do not unwind half-way through our table), so keep serving the others.
+        // A panic under the lock (a bug) interrupted work on one connection; poisoning would
+        // take every other connection of the endpoint down with it, so keep serving them.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -997,6 +997,14 @@ mod tests {
         }
     }
 
+    /// The reason the server gave when it closed `conn`.
+    async fn closed_by_server(conn: &quinn::Connection) -> Vec<u8> {
+        match conn.closed().await {
+            quinn::ConnectionError::ApplicationClosed(close) => close.reason.to_vec(),
+            other => panic!("expected the server to close the connection, got {other}"),
+        }
+    }
+
     #[tokio::test]
     async fn carries_a_stream_both_ways_past_flow_control_and_ends_it() {
         let p = pair(Duration::from_secs(30));
@@ -1040,12 +1048,7 @@ mod tests {
         };
         let (conn, waited) = tokio::join!(p.connect(), server);
         assert!(waited.is_err(), "no stream was opened, so none is accepted");
-        match conn.closed().await {
-            quinn::ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(&close.reason[..], b"no session stream")
-            }
-            other => panic!("expected the server to close the connection, got {other}"),
-        }
+        assert_eq!(closed_by_server(&conn).await, b"no session stream");
         p.until_empty().await;
     }
 
@@ -1059,12 +1062,7 @@ mod tests {
         // The last bytes arrive whole, then the stream ends; the connection stays until the
         // linger is over, and then the server closes it.
         assert_eq!(recv.read_to_end(100).await.unwrap(), b"bye");
-        match conn.closed().await {
-            quinn::ConnectionError::ApplicationClosed(close) => {
-                assert_eq!(&close.reason[..], b"session ended")
-            }
-            other => panic!("expected the server to close the connection, got {other}"),
-        }
+        assert_eq!(closed_by_server(&conn).await, b"session ended");
         p.until_empty().await;
     }
 
@@ -1093,12 +1091,7 @@ mod tests {
         }
         p.server.close();
         for (conn, ..) in &clients {
-            match conn.closed().await {
-                quinn::ConnectionError::ApplicationClosed(close) => {
-                    assert_eq!(&close.reason[..], b"server shutdown")
-                }
-                other => panic!("expected a shutdown close, got {other}"),
-            }
+            assert_eq!(closed_by_server(conn).await, b"server shutdown");
         }
         let mut buf = [0; 2];
         for s in &mut sessions {
