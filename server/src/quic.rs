@@ -366,12 +366,6 @@ impl Shared {
     }
 }
 
-fn refuse(st: &mut State, incoming: proto::Incoming) {
-    let mut buf = Vec::new();
-    let t = st.endpoint.refuse(incoming, &mut buf);
-    st.pending.push(&t, &buf);
-}
-
 /// A connection attempt: accept or refuse it. Dropping it ignores the attempt.
 pub struct Incoming {
     shared: Arc<Shared>,
@@ -382,15 +376,21 @@ pub struct Incoming {
 impl Incoming {
     /// Where the attempt comes from.
     pub fn remote_address(&self) -> SocketAddr {
+        // Taken only by `accept`, `refuse` and drop, which consume the attempt.
         self.incoming
             .as_ref()
-            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |i| i.remote_address())
+            .expect("an attempt not yet accepted or refused")
+            .remote_address()
     }
 
     /// Tells the client the server is busy.
     pub fn refuse(mut self) {
         if let Some(incoming) = self.incoming.take() {
-            refuse(&mut self.shared.lock(), *incoming);
+            let mut st = self.shared.lock();
+            let mut buf = Vec::new();
+            let t = st.endpoint.refuse(*incoming, &mut buf);
+            st.pending.push(&t, &buf);
+            drop(st);
             self.shared.driver.notify_one();
         }
     }
@@ -536,6 +536,8 @@ impl AsyncRead for QuicStream {
                     Ok(None) => break,
                     Err(proto::ReadError::Blocked) => {
                         if !read {
+                            // `conn.lost`, not `conn.error()`: the stream borrows
+                            // `conn.proto` until it is finalized.
                             result = match conn.lost.clone() {
                                 Some(e) => Poll::Ready(Err(e.into())),
                                 None => Poll::Pending,
@@ -692,11 +694,11 @@ impl Driver {
     fn receive(&mut self) -> Received {
         let shared = self.shared.clone();
         for _ in 0..RECV_BATCHES_PER_TURN {
-            let mut iovs: Vec<IoSliceMut<'_>> = self
-                .recv_buf
-                .chunks_mut(RECV_SLOT)
-                .map(IoSliceMut::new)
-                .collect();
+            // On the stack: no allocation per batch.
+            let mut slots = self.recv_buf.chunks_mut(RECV_SLOT);
+            let mut iovs: [IoSliceMut<'_>; udp::BATCH_SIZE] = std::array::from_fn(|_| {
+                IoSliceMut::new(slots.next().expect("the buffer holds BATCH_SIZE slots"))
+            });
             let got = shared.socket.try_io(Interest::READABLE, || {
                 shared
                     .udp

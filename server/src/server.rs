@@ -92,6 +92,15 @@ struct Ctx {
     tracker: TaskTracker,
 }
 
+impl Ctx {
+    async fn run_session<S>(&self, stream: &mut S, transport: Transport)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        session::run(stream, transport, &self.hub, &self.session, &self.shutdown).await
+    }
+}
+
 impl Server {
     /// Prepares the data directory (database, TLS material, admin token) and binds every socket.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
@@ -178,9 +187,9 @@ impl Server {
         });
         let acceptors = TaskTracker::new();
         acceptors.spawn(accept_tcp(tcp, tls, ctx.clone()));
-        let quic_driver = quic.clone().map(|endpoint| {
+        let quic = quic.map(|endpoint| {
             acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
-            tokio::spawn(endpoint.drive())
+            (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
         let app = http::router(control.clone(), admin_token);
         let http_task = tokio::spawn(
@@ -216,7 +225,7 @@ impl Server {
         {
             warn!(after = ?config.drain_timeout, "sessions still open after the drain timeout; closing them");
         }
-        if let (Some(endpoint), Some(driver)) = (quic, quic_driver) {
+        if let Some((endpoint, driver)) = quic {
             // The driver returns once every connection has closed, bounded by its own wait.
             endpoint.close();
             if let Err(e) = driver.await {
@@ -360,14 +369,7 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerCon
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
     };
-    session::run(
-        &mut stream,
-        Transport::Tcp,
-        &ctx.hub,
-        &ctx.session,
-        &ctx.shutdown,
-    )
-    .await;
+    ctx.run_session(&mut stream, Transport::Tcp).await;
 }
 
 async fn accept_quic(endpoint: quic::Endpoint, ctx: Arc<Ctx>) {
@@ -401,14 +403,7 @@ async fn serve_quic(incoming: quic::Incoming, ctx: &Ctx) {
         Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC connection failed before its stream"),
         Err(_) => return debug!(%peer, "no QUIC session stream in time"),
     };
-    session::run(
-        &mut stream,
-        Transport::Quic,
-        &ctx.hub,
-        &ctx.session,
-        &ctx.shutdown,
-    )
-    .await;
+    ctx.run_session(&mut stream, Transport::Quic).await;
     // Dropping the stream hands the connection to the endpoint, which waits (briefly) for the
     // client to read the last frame and close it.
 }

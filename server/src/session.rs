@@ -610,15 +610,7 @@ impl Evaluated {
         if values.is_empty() && deletes.is_empty() {
             return None;
         }
-        let delta = pb::Delta {
-            epoch: current.epoch,
-            from_version: sent.version,
-            to_version: current.version,
-            values,
-            deletes,
-            ..Default::default()
-        };
-        Some((delta.into(), current))
+        Some((delta(sent, current, values, deletes, 0), current))
     }
 
     /// Switches to `ctx`: the delta of values that differ, always sent, answering `seq`.
@@ -632,17 +624,28 @@ impl Evaluated {
         self.ctx = ctx;
         let (values, deletes) = self.diff(h, None);
         let current = h.selector();
-        let delta = pb::Delta {
-            epoch: current.epoch,
-            from_version: sent.version,
-            to_version: current.version,
-            values,
-            deletes,
-            identify_seq: seq,
-            ..Default::default()
-        };
-        (delta.into(), current)
+        (delta(sent, current, values, deletes, seq), current)
     }
+}
+
+/// An evaluated-mode Delta from `sent` to `current`, answering Identify `seq` (0: none).
+fn delta(
+    sent: Selector,
+    current: Selector,
+    values: Vec<pb::EvaluatedFlag>,
+    deletes: Vec<String>,
+    seq: u32,
+) -> pb::Frame {
+    pb::Delta {
+        epoch: current.epoch,
+        from_version: sent.version,
+        to_version: current.version,
+        values,
+        deletes,
+        identify_seq: seq,
+        ..Default::default()
+    }
+    .into()
 }
 
 #[cfg(test)]
