@@ -12,13 +12,13 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use prost::Message;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use vane_core::history::{EnvHistory, Item, ItemKind};
+use vane_core::history::{EnvHistory, Item, Write};
 use vane_core::model::Flag;
-use vane_core::state::Selector;
+use vane_core::protocol::Selector;
 use vane_proto::codec;
 use vane_proto::v1 as pb;
 use vane_server::hub::Hub;
-use vane_server::store::LoadedEnv;
+use vane_server::store::{Loaded, LoadedEnv};
 
 /// A realistic flag: two string variants, one rule.
 fn flag(i: usize, on: bool) -> Flag {
@@ -47,10 +47,9 @@ fn history(flags: usize, window: usize) -> EnvHistory {
     h
 }
 
-fn put(h: &mut EnvHistory, mut f: Flag) -> pb::Delta {
-    f.version = h.next_version();
-    let key = f.key.clone();
-    h.apply(ItemKind::Flag, key, Some(Item::flag(f).expect("valid")))
+fn put(h: &mut EnvHistory, f: Flag) -> pb::Delta {
+    let change = Write::flag(f).expect("valid").into_change(h.next_version());
+    h.apply(change)
 }
 
 fn codec_benches(c: &mut Criterion) {
@@ -110,15 +109,15 @@ fn fanout_benches(c: &mut Criterion) {
         let env = history(100, 100);
         let selector = env.selector();
         let items: Vec<Item> = env.flags().map(|e| Item::Flag(e.clone())).collect();
-        hub.load(
-            vec![LoadedEnv {
+        hub.load(Loaded {
+            envs: vec![LoadedEnv {
                 name: "bench".into(),
                 selector,
                 items,
                 changes: Vec::new(),
             }],
-            Vec::new(),
-        );
+            keys: Vec::new(),
+        });
         let env_hub = hub.env("bench").expect("loaded");
         let done = Arc::new(tokio::sync::Semaphore::new(0));
         let _tasks: Vec<_> = (0..sessions)
@@ -141,15 +140,11 @@ fn fanout_benches(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let committed = Selector {
-                            epoch: selector.epoch,
-                            version: env_hub.selector().version + 1,
-                        };
-                        let mut f = flag(0, committed.version.is_multiple_of(2));
-                        f.version = committed.version;
-                        let item = Item::flag(f).expect("valid");
+                        let version = env_hub.selector().version + 1;
+                        let f = flag(0, version.is_multiple_of(2));
+                        let change = Write::flag(f).expect("valid").into_change(version);
                         let start = Instant::now();
-                        env_hub.apply(ItemKind::Flag, "flag-0000".into(), Some(item), committed);
+                        env_hub.apply(selector.epoch, change);
                         runtime.block_on(async {
                             let all = done.acquire_many(sessions as u32).await.expect("open");
                             all.forget();

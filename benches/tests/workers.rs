@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use vane_benches::load::{self, LoadConfig, LoadTransport, Scenario};
+use vane_server::api::client::AdminClient;
 use vane_server::server::{Server, ServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,12 +21,12 @@ async fn sessions_spread_over_workers_all_receive_every_change() {
     let ca_pem = std::fs::read(server.ca_path()).expect("CA written");
     let stop = CancellationToken::new();
     let running = tokio::spawn(server.run(stop.clone().cancelled_owned()));
-    let ready = format!("http://{http}/readyz");
+    let ops = AdminClient::new(format!("http://{http}"), &token);
     for _ in 0..500 {
-        match reqwest::get(&ready).await {
-            Ok(r) if r.status().is_success() => break,
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        if ops.ready().await.unwrap_or(false) {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     for transport in [LoadTransport::Tcp, LoadTransport::Quic] {

@@ -28,6 +28,7 @@ use tokio::sync::broadcast::error::RecvError;
 use vane_core::client::{self, Client, ClientConfig, ClientError, Details};
 use vane_core::eval::{self, CompiledFlag, CompiledSegment, Context};
 use vane_core::model::{Flag, FlagValue, Segment, ValueType};
+use vane_core::protocol;
 use vane_core::sync::Fatal;
 
 uniffi::setup_scaffolding!();
@@ -181,11 +182,11 @@ impl From<client::ConnectionState> for ConnectionState {
     }
 }
 
-impl From<client::Transport> for Transport {
-    fn from(t: client::Transport) -> Self {
+impl From<protocol::Transport> for Transport {
+    fn from(t: protocol::Transport) -> Self {
         match t {
-            client::Transport::Quic => Transport::Quic,
-            client::Transport::Tcp => Transport::Tcp,
+            protocol::Transport::Quic => Transport::Quic,
+            protocol::Transport::Tcp => Transport::Tcp,
         }
     }
 }

@@ -15,7 +15,7 @@ cd "$root"
 targets=(aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios aarch64-apple-darwin x86_64-apple-darwin)
 rustup target add "${targets[@]}"
 for target in "${targets[@]}"; do
-  cargo build --locked --profile mobile -p vane-ffi --target "$target"
+  cargo build --locked --profile mobile -p vane-ffi --features mobile --target "$target"
 done
 
 # Bindings are generated from a host build of the same library (UniFFI library mode).

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::model::{Flag, Segment};
-use crate::state::{EvaluatedValue, FlagSet, Selector};
+use crate::protocol::Selector;
+use crate::state::{EvaluatedValue, FlagSet};
 
 /// The file format version this build writes and reads.
 const FORMAT: u32 = 1;

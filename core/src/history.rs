@@ -11,7 +11,7 @@ use vane_proto::v1 as pb;
 
 use crate::eval::{CompiledFlag, CompiledSegment, Context, Evaluation, SegmentSource};
 use crate::model::{Flag, Segment, ValidationError};
-use crate::state::Selector;
+use crate::protocol::Selector;
 
 /// A flag in memory: compiled for evaluation, and as sent to rules-mode clients.
 #[derive(Debug)]
@@ -43,20 +43,36 @@ pub enum Item {
 impl Item {
     /// Compiles a flag (checking it fully).
     pub fn flag(flag: Flag) -> Result<Item, ValidationError> {
-        let wire = pb::Flag::from(&flag);
-        Ok(Item::Flag(Arc::new(FlagEntry {
-            compiled: CompiledFlag::new(flag)?,
-            wire,
-        })))
+        Ok(Item::Flag(Arc::new(FlagEntry::new(flag)?)))
     }
 
     /// Compiles a segment (checking all but its references).
     pub fn segment(segment: Segment) -> Result<Item, ValidationError> {
-        let wire = pb::Segment::from(&segment);
-        Ok(Item::Segment(Arc::new(SegmentEntry {
-            compiled: CompiledSegment::new(segment)?,
-            wire,
-        })))
+        Ok(Item::Segment(Arc::new(SegmentEntry::new(segment)?)))
+    }
+
+    /// Reads an item back from its stored JSON (see [`Change::body`]) and compiles it. Every
+    /// store uses this, so what one backend wrote any other reads the same way.
+    pub fn parse(kind: ItemKind, body: &str) -> Result<Item, String> {
+        let compiled = match kind {
+            ItemKind::Flag => serde_json::from_str::<Flag>(body)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Item::flag(f).map_err(|e| e.to_string())),
+            ItemKind::Segment => serde_json::from_str::<Segment>(body)
+                .map_err(|e| e.to_string())
+                .and_then(|s| Item::segment(s).map_err(|e| e.to_string())),
+        };
+        compiled.map_err(|e| format!("stored {} JSON: {e}", kind.as_str()))
+    }
+
+    /// The item as stored: its JSON as written, version included.
+    pub fn body(&self) -> String {
+        let json = match self {
+            Item::Flag(e) => serde_json::to_string(e.compiled.flag()),
+            Item::Segment(e) => serde_json::to_string(e.compiled.segment()),
+        };
+        // The model types serialize plain maps, strings and numbers: this cannot fail.
+        json.unwrap_or_default()
     }
 
     /// The environment version this item was written at.
@@ -76,6 +92,36 @@ impl Item {
     }
 }
 
+impl FlagEntry {
+    fn new(flag: Flag) -> Result<FlagEntry, ValidationError> {
+        let wire = pb::Flag::from(&flag);
+        Ok(FlagEntry {
+            compiled: CompiledFlag::new(flag)?,
+            wire,
+        })
+    }
+
+    fn set_version(&mut self, version: u64) {
+        self.compiled.set_version(version);
+        self.wire.version = version;
+    }
+}
+
+impl SegmentEntry {
+    fn new(segment: Segment) -> Result<SegmentEntry, ValidationError> {
+        let wire = pb::Segment::from(&segment);
+        Ok(SegmentEntry {
+            compiled: CompiledSegment::new(segment)?,
+            wire,
+        })
+    }
+
+    fn set_version(&mut self, version: u64) {
+        self.compiled.set_version(version);
+        self.wire.version = version;
+    }
+}
+
 /// Whether a change concerns a flag or a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ItemKind {
@@ -83,6 +129,94 @@ pub enum ItemKind {
     Flag,
     /// A segment.
     Segment,
+}
+
+impl ItemKind {
+    /// `"flag"` or `"segment"`, as stores and messages name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemKind::Flag => "flag",
+            ItemKind::Segment => "segment",
+        }
+    }
+
+    /// Parses [`ItemKind::as_str`].
+    pub fn parse(s: &str) -> Option<ItemKind> {
+        match s {
+            "flag" => Some(ItemKind::Flag),
+            "segment" => Some(ItemKind::Segment),
+            _ => None,
+        }
+    }
+}
+
+/// A write before it is committed: a flag or segment compiled (so it is known to be valid) and
+/// waiting for the version its commit will give it, or a deletion. The store turns it into the
+/// [`Change`] it commits, so the item is compiled once, before the commit.
+#[derive(Debug)]
+pub enum Write {
+    /// Create or replace a flag.
+    Flag(FlagEntry),
+    /// Create or replace a segment.
+    Segment(SegmentEntry),
+    /// Delete the item with this key.
+    Delete(ItemKind, String),
+}
+
+impl Write {
+    /// Compiles a flag to write (checking it fully; its segment references are the caller's).
+    pub fn flag(flag: Flag) -> Result<Write, ValidationError> {
+        FlagEntry::new(flag).map(Write::Flag)
+    }
+
+    /// Compiles a segment to write (checking all but its references).
+    pub fn segment(segment: Segment) -> Result<Write, ValidationError> {
+        SegmentEntry::new(segment).map(Write::Segment)
+    }
+
+    /// Flag or segment.
+    pub fn kind(&self) -> ItemKind {
+        match self {
+            Write::Flag(_) => ItemKind::Flag,
+            Write::Segment(_) => ItemKind::Segment,
+            Write::Delete(kind, _) => *kind,
+        }
+    }
+
+    /// The key written or deleted.
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Flag(e) => &e.wire.key,
+            Write::Segment(e) => &e.wire.key,
+            Write::Delete(_, key) => key,
+        }
+    }
+
+    /// The change this write is once committed as `version`.
+    pub fn into_change(self, version: u64) -> Change {
+        let (kind, key, item) = match self {
+            Write::Flag(mut e) => {
+                e.set_version(version);
+                (
+                    ItemKind::Flag,
+                    e.wire.key.clone(),
+                    Some(Item::Flag(Arc::new(e))),
+                )
+            }
+            Write::Segment(mut e) => {
+                e.set_version(version);
+                let key = e.wire.key.clone();
+                (ItemKind::Segment, key, Some(Item::Segment(Arc::new(e))))
+            }
+            Write::Delete(kind, key) => (kind, key, None),
+        };
+        Change {
+            version,
+            kind,
+            key,
+            item,
+        }
+    }
 }
 
 /// One committed change: version `version` set the `kind` item `key` to `item` (`None`: deleted).
@@ -198,28 +332,31 @@ impl EnvHistory {
             .map_or(self.selector.version, |c| c.version - 1)
     }
 
-    /// Records the change committed as the next version, and returns the rules-mode delta a
-    /// client at the previous version needs. An item carries its version already (compiled once,
-    /// with it); see [`EnvHistory::next_version`].
-    pub fn apply(&mut self, kind: ItemKind, key: String, item: Option<Item>) -> pb::Delta {
-        let version = self.next_version();
-        debug_assert!(
-            item.as_ref()
-                .is_none_or(|i| i.version() == version && i.kind() == kind)
+    /// Records a change committed as the next version (the caller applies changes in version
+    /// order; see [`EnvHistory::next_version`]), and returns the rules-mode delta a client at
+    /// the previous version needs.
+    pub fn apply(&mut self, change: Change) -> pb::Delta {
+        let version = change.version;
+        assert_eq!(
+            version,
+            self.next_version(),
+            "changes apply in version order"
         );
-        match (&item, kind) {
-            (Some(Item::Flag(e)), _) => drop(self.flags.insert(key.clone(), e.clone())),
-            (Some(Item::Segment(e)), _) => drop(self.segments.insert(key.clone(), e.clone())),
+        debug_assert!(
+            change
+                .item
+                .as_ref()
+                .is_none_or(|i| i.version() == version && i.kind() == change.kind)
+        );
+        let key = change.key.clone();
+        match (&change.item, change.kind) {
+            (Some(Item::Flag(e)), _) => drop(self.flags.insert(key, e.clone())),
+            (Some(Item::Segment(e)), _) => drop(self.segments.insert(key, e.clone())),
             (None, ItemKind::Flag) => drop(self.flags.remove(&key)),
             (None, ItemKind::Segment) => drop(self.segments.remove(&key)),
         }
         self.selector.version = version;
-        self.changes.push_back(Change {
-            version,
-            kind,
-            key,
-            item,
-        });
+        self.changes.push_back(change);
         self.trim();
         self.delta_since(version - 1)
             .expect("the change just recorded is in the window")
@@ -373,17 +510,35 @@ mod tests {
         )
     }
 
-    fn put(h: &mut EnvHistory, mut flag: Flag) {
-        flag.version = h.next_version();
-        let key = flag.key.clone();
-        h.apply(ItemKind::Flag, key, Some(Item::flag(flag).unwrap()));
+    fn commit(h: &mut EnvHistory, write: Write) {
+        let change = write.into_change(h.next_version());
+        h.apply(change);
+    }
+
+    fn put(h: &mut EnvHistory, flag: Flag) {
+        commit(h, Write::flag(flag).unwrap());
     }
 
     fn put_segment(h: &mut EnvHistory, json: &str) {
-        let mut seg: Segment = serde_json::from_str(json).unwrap();
-        seg.version = h.next_version();
-        let key = seg.key.clone();
-        h.apply(ItemKind::Segment, key, Some(Item::segment(seg).unwrap()));
+        commit(
+            h,
+            Write::segment(serde_json::from_str(json).unwrap()).unwrap(),
+        );
+    }
+
+    #[test]
+    fn a_write_gets_its_version_at_commit_and_reads_back_the_same() {
+        let write = Write::flag(Flag::boolean("a", true, true)).unwrap();
+        let change = write.into_change(7);
+        let item = change.item.expect("a put");
+        assert_eq!(item.version(), 7);
+        let back = Item::parse(ItemKind::Flag, &item.body()).unwrap();
+        let (Item::Flag(a), Item::Flag(b)) = (&item, &back) else {
+            panic!("flags")
+        };
+        assert_eq!(a.compiled.flag(), b.compiled.flag());
+        assert_eq!(a.wire, b.wire);
+        assert!(Item::parse(ItemKind::Segment, "{").is_err());
     }
 
     #[test]
@@ -392,7 +547,7 @@ mod tests {
         put(&mut h, Flag::boolean("a", true, true));
         put(&mut h, Flag::boolean("b", true, true));
         put(&mut h, Flag::boolean("a", false, true));
-        h.apply(ItemKind::Flag, "b".into(), None);
+        commit(&mut h, Write::Delete(ItemKind::Flag, "b".into()));
         put_segment(&mut h, r#"{"key": "s", "included": ["u"]}"#);
         let d = h.delta_since(0).unwrap();
         assert_eq!((d.from_version, d.to_version), (0, 5));

@@ -8,6 +8,7 @@
 pub mod eval;
 pub mod history;
 pub mod model;
+pub mod protocol;
 pub mod state;
 pub mod sync;
 pub mod wire;

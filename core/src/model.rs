@@ -4,7 +4,8 @@
 //! A flag has typed variants (all of one type), the variant served while it is off, targeting
 //! rules tried in order, and what it serves when no rule matches (`fallthrough`): a variant or a
 //! percentage rollout. Segments are reusable sets of contexts that rules refer to by key.
-//! docs/FLAGS.md is the reference for this JSON; [`crate::eval`] compiles and evaluates it.
+//! docs/FLAGS.md is the reference for this JSON; the `eval` module compiles and evaluates it
+//! (this module depends on nothing else in the crate).
 
 use std::collections::BTreeMap;
 
@@ -306,13 +307,8 @@ impl Flag {
         self.variants.values().next().map(FlagValue::value_type)
     }
 
-    /// Checks everything the store and evaluation rely on (except that referenced segments
-    /// exist: see [`check_segment_graph`]); the error names the field.
-    pub fn validate(&self) -> Result<(), ValidationError> {
-        crate::eval::CompiledFlag::new(self.clone()).map(drop)
-    }
-
-    /// The checks that compiling does not make: names, value types and sizes, weights.
+    /// The checks that need no compiling: names, value types and sizes, weights. Compiling
+    /// (`eval::CompiledFlag::new`) makes these and the rest; the error names the field.
     pub(crate) fn check_structure(&self) -> Result<(), ValidationError> {
         validate_name("key", &self.key)?;
         if self.variants.is_empty() {
@@ -449,11 +445,7 @@ impl Segment {
             .flat_map(|r| clause_segment_refs(&r.clauses))
     }
 
-    /// Checks everything but references to other segments (see [`check_segment_graph`]).
-    pub fn validate(&self) -> Result<(), ValidationError> {
-        crate::eval::CompiledSegment::new(self.clone()).map(drop)
-    }
-
+    /// The checks that need no compiling (see `eval::CompiledSegment::new` for the rest).
     pub(crate) fn check_structure(&self) -> Result<(), ValidationError> {
         validate_name("key", &self.key)?;
         for (field, list) in [("included", &self.included), ("excluded", &self.excluded)] {
@@ -554,40 +546,10 @@ mod tests {
         let text = r#"{"key":"banner","on":true,"variants":{"a":"hello","b":"bye"},
             "off_variant":"b","fallthrough":{"variant":"a"},"description":"top"}"#;
         let flag: Flag = serde_json::from_str(text).unwrap();
-        flag.validate().unwrap();
+        flag.check_structure().unwrap();
         assert_eq!(flag.variants["a"], FlagValue::String("hello".into()));
         let back: Flag = serde_json::from_str(&serde_json::to_string(&flag).unwrap()).unwrap();
         assert_eq!(back, flag);
-    }
-
-    #[test]
-    fn validation_names_the_field() {
-        let mut flag = Flag::boolean("ok", true, true);
-        flag.off_variant = "nope".into();
-        assert_eq!(flag.validate().unwrap_err().field, "off_variant");
-
-        let mut mixed = Flag::boolean("ok", true, true);
-        mixed
-            .variants
-            .insert("zzz".into(), FlagValue::String("s".into()));
-        assert_eq!(mixed.validate().unwrap_err().field, "variants.zzz");
-
-        let mut long = Flag::boolean("ok", true, true);
-        long.variants = BTreeMap::from([(
-            "s".into(),
-            FlagValue::String("x".repeat(MAX_JSON_VALUE_LEN + 1)),
-        )]);
-        long.off_variant = "s".into();
-        long.fallthrough = Serve::Variant("s".into());
-        assert_eq!(long.validate().unwrap_err().field, "variants.s");
-
-        let bad_key = Flag::boolean("has space", true, true);
-        assert_eq!(bad_key.validate().unwrap_err().field, "key");
-
-        let mut null = Flag::boolean("ok", true, true);
-        null.variants
-            .insert("n".into(), FlagValue::Json(serde_json::Value::Null));
-        assert_eq!(null.validate().unwrap_err().field, "variants.n");
     }
 
     #[test]

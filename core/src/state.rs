@@ -4,7 +4,6 @@
 //! flags whose result may change because a segment they use changed): that is what listeners get.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::sync::Arc;
 
 use vane_proto::v1 as pb;
@@ -12,46 +11,7 @@ use vane_proto::v1 as pb;
 use crate::convert::{flag_value, reason_from_wire};
 use crate::eval::{CompiledFlag, CompiledSegment, Context, ErrorCode, Evaluation, Reason};
 use crate::model::{Flag, FlagValue, Segment};
-
-/// A position in an environment's history (see `Selector` in the protocol).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Selector {
-    /// Changes when history is discontinuous.
-    pub epoch: u64,
-    /// Rises by one with every committed change.
-    pub version: u64,
-}
-
-impl Selector {
-    /// The epoch as 16 hex digits, as shown in logs and JSON.
-    pub fn epoch_hex(&self) -> String {
-        format!("{:016x}", self.epoch)
-    }
-}
-
-impl fmt::Display for Selector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}:{}", self.epoch, self.version)
-    }
-}
-
-impl From<pb::Selector> for Selector {
-    fn from(s: pb::Selector) -> Self {
-        Selector {
-            epoch: s.epoch,
-            version: s.version,
-        }
-    }
-}
-
-impl From<Selector> for pb::Selector {
-    fn from(s: Selector) -> Self {
-        pb::Selector {
-            epoch: s.epoch,
-            version: s.version,
-        }
-    }
-}
+use crate::protocol::Selector;
 
 /// A flag as the server evaluated it for this client's context (evaluated mode).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -17,10 +17,8 @@ use rand::{Rng, SeedableRng};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
 use crate::eval::Context;
-use crate::state::{FlagSet, Selector};
-
-/// The client hears nothing for this many heartbeat intervals: the connection is dead.
-pub const MISSED_HEARTBEATS: u32 = 3;
+use crate::protocol::{MISSED_HEARTBEATS, Selector};
+use crate::state::FlagSet;
 
 /// Settings of the sync machine.
 #[derive(Debug, Clone)]

@@ -64,10 +64,3 @@ impl v1::Frame {
         }
     }
 }
-
-impl v1::Selector {
-    /// The epoch as the 16-digit hex string used in logs, JSON and the CLI.
-    pub fn epoch_hex(&self) -> String {
-        format!("{:016x}", self.epoch)
-    }
-}

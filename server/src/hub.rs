@@ -1,28 +1,33 @@
 //! The in-memory hub: every environment's current state and recent history, the SDK keys, and
 //! the fan-out of changes to sessions.
 //!
-//! Each change is encoded once per environment, as one `Delta` frame and one `Notice` frame,
-//! and published through a `watch` channel: a session that is keeping up writes those shared
-//! bytes as they are; a session that missed some (because it was slow to write) sees only the
-//! latest and is brought current with one merged delta from the history. Nothing queues per
-//! session, so a peer that does not read cannot grow the server's memory.
+//! The hub advances only by committed log entries ([`EnvHub::apply`]), in version order,
+//! whoever delivers them: the node's own writes, or (for a node that missed some) the log read
+//! back from the store. Each change is encoded once per environment, as one `Delta` frame and
+//! one `Notice` frame, and published through a `watch` channel: a session that is keeping up
+//! writes those shared bytes as they are; a session that missed some (because it was slow to
+//! write) sees only the latest and is brought current with one merged delta from the history.
+//! Nothing queues per session, so a peer that does not read cannot grow the server's memory.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use vane_core::client::Transport;
-use vane_core::history::{EnvHistory, Item, ItemKind};
-use vane_core::state::Selector;
+use tracing::warn;
+use vane_core::history::{Change, EnvHistory};
+use vane_core::protocol::{Selector, Transport};
 use vane_proto::codec;
 use vane_proto::v1 as pb;
 
-use crate::store::{KeyKind, KeyRecord, LoadedEnv};
+use crate::keys::{self, KeyKind, KeyRecord, SecretHash};
+use crate::store::{Loaded, LoadedEnv};
+
+/// Entries ahead of a gap that an environment keeps while it waits for the missing ones.
+const MAX_PARKED: usize = 1024;
 
 /// The latest change of an environment, encoded once for every session.
 #[derive(Debug, Clone)]
@@ -35,15 +40,36 @@ pub struct Published {
     pub notice: Bytes,
 }
 
+/// What [`EnvHub::apply`] did with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied (with any entries it was the gap before).
+    Now,
+    /// The hub already holds it.
+    Already,
+    /// Ahead of a gap: kept until the entries before it arrive. The hub is at `at`.
+    Parked {
+        /// The version the hub holds.
+        at: u64,
+    },
+    /// It belongs to another incarnation of the environment (deleted and created again).
+    OtherEpoch,
+}
+
 /// One environment in memory.
 #[derive(Debug)]
 pub struct EnvHub {
     name: String,
-    history: RwLock<EnvHistory>,
+    state: RwLock<EnvState>,
     published: watch::Sender<Published>,
-    /// Cancelled when the environment is deleted: its sessions end.
-    deleted: CancellationToken,
     propagation: Mutex<Propagation>,
+}
+
+#[derive(Debug)]
+struct EnvState {
+    history: EnvHistory,
+    /// Entries that arrived ahead of a gap, by version.
+    parked: BTreeMap<u64, Change>,
 }
 
 /// How far an environment's versions have reached, from the sessions' acks.
@@ -53,8 +79,8 @@ struct Propagation {
     acked: HashMap<u64, u64>,
 }
 
-/// What `/api/v1/environments/{env}/propagation` reports.
-#[derive(Debug, Clone, serde::Serialize)]
+/// Where an environment's versions have reached, from the acks of the live sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PropagationReport {
     /// The environment's version.
     pub version: u64,
@@ -71,9 +97,11 @@ impl EnvHub {
         let published = publish(&history, None);
         Arc::new(EnvHub {
             name,
-            history: RwLock::new(history),
+            state: RwLock::new(EnvState {
+                history,
+                parked: BTreeMap::new(),
+            }),
             published: watch::channel(published).0,
-            deleted: CancellationToken::new(),
             propagation: Mutex::new(Propagation::default()),
         })
     }
@@ -85,18 +113,12 @@ impl EnvHub {
 
     /// The current selector.
     pub fn selector(&self) -> Selector {
-        self.history.read().selector()
+        self.state.read().history.selector()
     }
 
     /// Reads the state under the lock.
     pub fn with_history<T>(&self, f: impl FnOnce(&EnvHistory) -> T) -> T {
-        f(&self.history.read())
-    }
-
-    /// The frame that brings a client at `client` current, and the selector it brings it to.
-    pub fn catch_up(&self, client: Option<Selector>) -> (pb::Frame, Selector) {
-        let history = self.history.read();
-        (history.catch_up(client), history.selector())
+        f(&self.state.read().history)
     }
 
     /// Subscribes to published changes; the current one counts as seen.
@@ -104,23 +126,39 @@ impl EnvHub {
         self.published.subscribe()
     }
 
-    /// Resolves when the environment is deleted.
-    pub fn deleted(&self) -> &CancellationToken {
-        &self.deleted
-    }
-
-    /// Applies a committed change (the store has already made it `version`) and publishes it.
-    pub fn apply(&self, kind: ItemKind, key: String, item: Option<Item>, committed: Selector) {
-        let mut history = self.history.write();
-        let delta = history.apply(kind, key, item);
-        debug_assert_eq!(
-            history.selector(),
-            committed,
-            "hub and store disagree on versions"
-        );
-        let published = publish(&history, Some(delta));
-        // Publish under the lock so sessions never see versions out of order.
-        self.published.send_replace(published);
+    /// Applies a committed log entry of the incarnation `epoch`. Entries apply in version
+    /// order whatever order they arrive in: one the hub holds is ignored, one ahead of a gap
+    /// waits for the entries before it (see [`Applied`]).
+    pub fn apply(&self, epoch: u64, change: Change) -> Applied {
+        let mut state = self.state.write();
+        let at = state.history.selector();
+        if epoch != at.epoch {
+            return Applied::OtherEpoch;
+        }
+        if change.version <= at.version {
+            return Applied::Already;
+        }
+        if change.version > at.version + 1 {
+            if state.parked.len() < MAX_PARKED {
+                state.parked.insert(change.version, change);
+            } else {
+                warn!(env = %self.name, at = at.version, "too many log entries ahead of a gap; dropping one (it is read back from the store)");
+            }
+            return Applied::Parked { at: at.version };
+        }
+        let mut next = Some(change);
+        while let Some(change) = next {
+            let delta = state.history.apply(change);
+            // Published under the lock, so sessions never see versions out of order.
+            self.published
+                .send_replace(publish(&state.history, Some(delta)));
+            let want = state.history.next_version();
+            next = state.parked.remove(&want);
+        }
+        // What is left parked (if anything) is ahead of a new gap; older entries are stale.
+        let version = state.history.selector().version;
+        state.parked.retain(|v, _| *v > version);
+        Applied::Now
     }
 
     /// Records that `session` acked `version`.
@@ -164,7 +202,25 @@ fn publish(history: &EnvHistory, delta: Option<pb::Delta>) -> Published {
     }
 }
 
-/// What a valid SDK key grants.
+/// Why a grant ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// The key was revoked.
+    Key,
+    /// Its environment was deleted.
+    Environment,
+}
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Revoked::Key => "SDK key revoked",
+            Revoked::Environment => "environment deleted",
+        })
+    }
+}
+
+/// What a valid SDK key grants, until it is revoked.
 #[derive(Debug)]
 pub struct Grant {
     /// The key's public id.
@@ -173,8 +229,35 @@ pub struct Grant {
     pub env: String,
     /// Server or mobile.
     pub kind: KeyKind,
-    /// Cancelled when the key is revoked: its sessions end.
-    pub revoked: CancellationToken,
+    ended: CancellationToken,
+    why: OnceLock<Revoked>,
+}
+
+impl Grant {
+    fn new(record: &KeyRecord) -> Grant {
+        Grant {
+            id: record.id.clone(),
+            env: record.env.clone(),
+            kind: record.kind,
+            ended: CancellationToken::new(),
+            why: OnceLock::new(),
+        }
+    }
+
+    /// Resolves when the grant ends: its sessions end with it.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await
+    }
+
+    /// Why it ended, once it has.
+    pub fn revoked(&self) -> Option<Revoked> {
+        self.why.get().copied()
+    }
+
+    fn end(&self, why: Revoked) {
+        let _ = self.why.set(why);
+        self.ended.cancel();
+    }
 }
 
 /// All environments and keys in memory.
@@ -182,7 +265,7 @@ pub struct Grant {
 pub struct Hub {
     envs: RwLock<HashMap<String, Arc<EnvHub>>>,
     /// SHA-256 of the secret → grant.
-    keys: RwLock<HashMap<[u8; 32], Arc<Grant>>>,
+    keys: RwLock<HashMap<SecretHash, Arc<Grant>>>,
     ready: AtomicBool,
     next_session: AtomicU64,
     /// Live sessions: QUIC, TCP.
@@ -200,11 +283,6 @@ impl Drop for SessionCount<'_> {
     }
 }
 
-/// SHA-256 of an SDK key secret. Secrets carry 128 random bits, so a fast hash is enough.
-pub fn hash_secret(secret: &str) -> [u8; 32] {
-    Sha256::digest(secret.as_bytes()).into()
-}
-
 impl Hub {
     /// An empty hub that is not ready; each environment keeps `window` changes for resumption.
     pub fn new(window: usize) -> Hub {
@@ -219,16 +297,22 @@ impl Hub {
     }
 
     /// Installs the loaded state and marks the hub ready.
-    pub fn load(&self, envs: Vec<LoadedEnv>, keys: Vec<KeyRecord>) {
+    pub fn load(&self, loaded: Loaded) {
         {
             let mut map = self.envs.write();
-            for env in envs {
-                let history = EnvHistory::new(env.selector, env.items, env.changes, self.window);
-                map.insert(env.name.clone(), EnvHub::new(env.name, history));
+            for LoadedEnv {
+                name,
+                selector,
+                items,
+                changes,
+            } in loaded.envs
+            {
+                let history = EnvHistory::new(selector, items, changes, self.window);
+                map.insert(name.clone(), EnvHub::new(name, history));
             }
         }
-        for key in keys {
-            self.add_key(&key);
+        for key in &loaded.keys {
+            self.add_key(key);
         }
         self.ready.store(true, Ordering::Release);
     }
@@ -281,39 +365,25 @@ impl Hub {
             .insert(name.to_owned(), EnvHub::new(name.to_owned(), history));
     }
 
-    /// Removes an environment and ends its sessions and keys.
+    /// Removes an environment and ends its keys' sessions.
     pub fn remove_env(&self, name: &str) {
-        if let Some(env) = self.envs.write().remove(name) {
-            env.deleted.cancel();
-        }
+        self.envs.write().remove(name);
         self.keys.write().retain(|_, grant| {
             let keep = grant.env != name;
             if !keep {
-                grant.revoked.cancel();
+                grant.end(Revoked::Environment);
             }
             keep
         });
     }
 
-    /// Makes a key usable.
+    /// Makes a key usable (a revoked record is ignored).
     pub fn add_key(&self, key: &KeyRecord) {
-        if key.revoked_at.is_some() {
-            return;
+        if key.revoked_at.is_none() {
+            self.keys
+                .write()
+                .insert(key.hash, Arc::new(Grant::new(key)));
         }
-        let Some(hash) = hex::decode(&key.hash)
-            .ok()
-            .and_then(|h| <[u8; 32]>::try_from(h).ok())
-        else {
-            tracing::warn!(id = %key.id, "ignoring SDK key with an unreadable hash");
-            return;
-        };
-        let grant = Grant {
-            id: key.id.clone(),
-            env: key.env.clone(),
-            kind: key.kind,
-            revoked: CancellationToken::new(),
-        };
-        self.keys.write().insert(hash, Arc::new(grant));
     }
 
     /// Revokes a key and ends its sessions.
@@ -321,7 +391,7 @@ impl Hub {
         self.keys.write().retain(|_, grant| {
             let keep = grant.id != id;
             if !keep {
-                grant.revoked.cancel();
+                grant.end(Revoked::Key);
             }
             keep
         });
@@ -329,6 +399,73 @@ impl Hub {
 
     /// The grant of an SDK key secret, if it is valid.
     pub fn authenticate(&self, secret: &str) -> Option<Arc<Grant>> {
-        self.keys.read().get(&hash_secret(secret)).cloned()
+        self.keys.read().get(&keys::hash_secret(secret)).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vane_core::history::Write;
+    use vane_core::model::Flag;
+
+    fn change(version: u64, key: &str) -> Change {
+        Write::flag(Flag::boolean(key, true, true))
+            .unwrap()
+            .into_change(version)
+    }
+
+    #[test]
+    fn entries_apply_in_version_order_whatever_order_they_arrive_in() {
+        let hub = Hub::new(10);
+        hub.add_env(
+            "e",
+            Selector {
+                epoch: 7,
+                version: 0,
+            },
+        );
+        let env = hub.env("e").unwrap();
+        let mut rx = env.subscribe();
+        assert_eq!(env.apply(7, change(2, "b")), Applied::Parked { at: 0 });
+        assert_eq!(env.apply(7, change(3, "c")), Applied::Parked { at: 0 });
+        assert!(
+            !rx.has_changed().unwrap(),
+            "nothing is published ahead of a gap"
+        );
+        assert_eq!(env.apply(7, change(1, "a")), Applied::Now);
+        assert_eq!(env.selector().version, 3);
+        assert_eq!(rx.borrow_and_update().selector.version, 3);
+        assert_eq!(env.apply(7, change(2, "b")), Applied::Already);
+        assert_eq!(env.apply(8, change(4, "d")), Applied::OtherEpoch);
+        let keys: Vec<String> =
+            env.with_history(|h| h.flags().map(|f| f.wire.key.clone()).collect());
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn revoking_ends_the_grant_and_says_why() {
+        let hub = Hub::new(10);
+        hub.add_env(
+            "e",
+            Selector {
+                epoch: 7,
+                version: 0,
+            },
+        );
+        let a = keys::mint("e", KeyKind::Server, 0);
+        let b = keys::mint("e", KeyKind::Mobile, 0);
+        hub.add_key(&a.record);
+        hub.add_key(&b.record);
+        let grant_a = hub.authenticate(&a.secret).unwrap();
+        let grant_b = hub.authenticate(&b.secret).unwrap();
+        assert!(hub.authenticate("vane_srv_unknown").is_none());
+        hub.revoke_key(&a.record.id);
+        assert_eq!(grant_a.revoked(), Some(Revoked::Key));
+        assert!(hub.authenticate(&a.secret).is_none());
+        assert_eq!(grant_b.revoked(), None);
+        hub.remove_env("e");
+        assert_eq!(grant_b.revoked(), Some(Revoked::Environment));
+        assert!(hub.env("e").is_none());
     }
 }

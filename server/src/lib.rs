@@ -18,11 +18,13 @@
 //! # }
 //! ```
 
+pub mod api;
 pub mod cli;
 pub mod control;
 mod demo;
 pub mod http;
 pub mod hub;
+pub mod keys;
 mod quic;
 pub mod server;
 pub mod session;

@@ -15,12 +15,12 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use vane_core::client::Transport;
+use vane_core::protocol::Transport;
 
 use crate::control::Control;
 use crate::hub::Hub;
 use crate::session::{self, SessionConfig};
-use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
 use crate::{http, quic, tls, tls_stream};
 
 /// Everything `vane serve` can be told.
@@ -112,8 +112,8 @@ impl Server {
         }
         let tls = tls::server_config(dir)?;
         let (admin_token, created_token) = admin_token(dir)?;
-        let store = Store::open(&dir.join("vane.db")).context("opening the store")?;
-        let control = Control::new(store, Arc::new(Hub::new(config.history_window)));
+        let store = SqliteStore::open(&dir.join("vane.db")).context("opening the store")?;
+        let control = Control::new(Arc::new(store), Arc::new(Hub::new(config.history_window)));
 
         let (tcp, quic) = bind_protocol(
             config.listen,
@@ -191,7 +191,7 @@ impl Server {
             acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
-        let app = http::router(control.clone(), admin_token);
+        let app = http::router(control.clone(), &admin_token);
         let http_task = tokio::spawn(
             axum::serve(http, app)
                 .with_graceful_shutdown(cancel.clone().cancelled_owned())
@@ -253,7 +253,7 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
             path.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = format!("vane_adm_{}", hex::encode(rand::random::<[u8; 24]>()));
+            let token = crate::keys::mint_admin_token();
             tls::write_private(&path, format!("{token}\n").as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             Ok((token, true))
@@ -324,7 +324,7 @@ fn quic_endpoint(
     // The driver sends one datagram per transmit: Vane's sends are a delta or a Ping, one
     // datagram each; only a snapshot spans several, and it is sent once per connect.
     transport.enable_segmentation_offload(false);
-    let idle = session.heartbeat * (vane_core::sync::MISSED_HEARTBEATS + 1);
+    let idle = session.heartbeat * (vane_core::protocol::MISSED_HEARTBEATS + 1);
     transport.max_idle_timeout(Some(quinn_proto::IdleTimeout::try_from(idle)?));
     config.transport_config(Arc::new(transport));
     Ok(quic::Endpoint::new(socket, config)?)

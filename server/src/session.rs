@@ -15,16 +15,15 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use vane_core::client::Transport;
 use vane_core::eval::Context;
 use vane_core::history::EnvHistory;
-use vane_core::state::Selector;
+use vane_core::protocol::Selector;
+use vane_core::protocol::Transport;
 use vane_core::wire::{FrameReader, ReadError, write_encoded};
 use vane_proto::codec::{self, DecodeError};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
 use crate::hub::{EnvHub, Grant, Hub, Published};
-use crate::store::KeyKind;
 
 /// Per-session settings, from the server configuration.
 #[derive(Debug, Clone)]
@@ -246,19 +245,20 @@ where
         let mut ping = interval_at(start, self.config.heartbeat);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
-        let silence_limit = self.config.heartbeat * vane_core::sync::MISSED_HEARTBEATS;
+        let silence_limit = self.config.heartbeat * vane_core::protocol::MISSED_HEARTBEATS;
 
         // Made once: recreated on every pass they would re-register with tokens that every
         // session of the server (or of the environment) waits on, at each push.
         let mut stopping = std::pin::pin!(shutdown.cancelled());
-        let mut revoked = std::pin::pin!(grant.revoked.cancelled());
-        let mut deleted = std::pin::pin!(env.deleted().cancelled());
+        let mut revoked = std::pin::pin!(grant.ended());
         loop {
             let out: Result<Option<Bytes>, End> = tokio::select! {
                 biased;
                 _ = &mut stopping => return self.go_away().await,
-                _ = &mut revoked => Err(End::Error(ErrorCode::Unauthenticated, "SDK key revoked".into())),
-                _ = &mut deleted => Err(End::Error(ErrorCode::Unauthenticated, "environment deleted".into())),
+                _ = &mut revoked => Err(End::Error(
+                    ErrorCode::Unauthenticated,
+                    grant.revoked().map_or_else(|| "SDK key revoked".into(), |why| why.to_string()),
+                )),
                 r = changes.changed() => match r {
                     Err(_) => Err(End::Error(ErrorCode::Internal, "environment closed".into())),
                     Ok(()) => {
@@ -403,7 +403,7 @@ where
 /// The cheapest frame that brings a client at `client` current, encoded, and where it brings it.
 fn catch_up(env: &EnvHub, mode: &mut Mode, client: Option<Selector>) -> (Bytes, Selector) {
     let (frame, selector) = match mode {
-        Mode::Rules => env.catch_up(client),
+        Mode::Rules => env.with_history(|h| (h.catch_up(client), h.selector())),
         Mode::Evaluated(ev) => env.with_history(|h| ev.catch_up(h, client)),
     };
     (codec::encode(&frame), selector)
@@ -455,16 +455,10 @@ fn authorize(hub: &Hub, hello: &pb::Hello) -> Result<(Arc<Grant>, Arc<EnvHub>), 
             "unknown or revoked SDK key".into(),
         )
     })?;
-    match (grant.kind, hello.mode()) {
-        (KeyKind::Server, pb::DeliveryMode::Rules | pb::DeliveryMode::Unspecified) => {}
-        (KeyKind::Mobile, pb::DeliveryMode::Rules | pb::DeliveryMode::Unspecified) => {
-            return Err(End::Error(
-                ErrorCode::PermissionDenied,
-                "a mobile key may not receive flag rules; use evaluated mode".into(),
-            ));
-        }
-        (_, pb::DeliveryMode::Evaluated) => {}
-    }
+    grant
+        .kind
+        .allows(hello.mode())
+        .map_err(|denied| End::Error(ErrorCode::PermissionDenied, denied.to_string()))?;
     let env = hub.env(&grant.env).ok_or_else(|| {
         End::Error(
             ErrorCode::EnvironmentNotReady,

@@ -2,114 +2,84 @@
 
 use reqwest::Method;
 use serde_json::json;
+use vane_server::api::{ErrorCode, routes};
+use vane_server::keys::KeyKind;
 
-use crate::harness::TestServer;
+use crate::harness::{TestServer, refusal};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_refuses_bad_requests_precisely() {
     let server = TestServer::start().await;
-    let (s, v) = server
-        .admin_as("wrong", Method::GET, "/environments", None)
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    let admin = &server.admin;
+    let (s, code, _) = refusal(admin.with_token("wrong").envs().await);
+    assert_eq!((s, code), (401, ErrorCode::Unauthorized));
 
-    let (s, v) = server
-        .admin_as(
-            &server.token,
-            Method::POST,
-            "/environments",
-            Some("{\"name\": ".into()),
-        )
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (400, Some("bad_json")),
-        "{v}"
-    );
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("line 1"),
-        "{v}"
-    );
+    let answer = admin
+        .raw(Method::POST, routes::ENVS, Some("{\"name\": ".into()))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.body["error"]["code"], "bad_json");
+    let message = answer.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("line 1"), "{message}");
 
-    let (s, v) = server
-        .admin(Method::GET, "/environments/nope/flags", None)
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (404, Some("environment_not_found"))
-    );
+    let (s, code, _) = refusal(admin.flags("nope").await);
+    assert_eq!((s, code), (404, ErrorCode::EnvironmentNotFound));
 
-    server.env_with_key("prod", "server").await;
-    let (s, v) = server
-        .admin(Method::POST, "/environments", Some(json!({"name": "prod"})))
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (409, Some("environment_exists"))
-    );
+    server.env_with_key("prod", KeyKind::Server).await;
+    let (s, code, _) = refusal(admin.create_env("prod").await);
+    assert_eq!((s, code), (409, ErrorCode::EnvironmentExists));
 
-    let (s, v) = server
-        .admin(Method::GET, "/environments/prod/flags/nope", None)
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (404, Some("flag_not_found"))
-    );
+    let (s, code, _) = refusal(admin.flag("prod", "nope").await);
+    assert_eq!((s, code), (404, ErrorCode::FlagNotFound));
 
     // Validation names the field.
     let bad = json!({"on": true, "variants": {"a": 1}, "off_variant": "b", "fallthrough": {"variant": "a"}});
-    let (s, v) = server
-        .admin(Method::PUT, "/environments/prod/flags/x", Some(bad))
-        .await;
-    assert_eq!(s, 422, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("off_variant"),
-        "{v}"
-    );
+    let (s, code, message) = refusal(admin.put_flag("prod", "x", &bad).await);
+    assert_eq!((s, code), (422, ErrorCode::Invalid));
+    assert!(message.starts_with("off_variant"), "{message}");
 
     let mismatched = json!({"key": "y", "on": true, "variants": {"a": 1}, "off_variant": "a", "fallthrough": {"variant": "a"}});
-    let (s, _) = server
-        .admin(Method::PUT, "/environments/prod/flags/x", Some(mismatched))
-        .await;
+    let (s, _, _) = refusal(admin.put_flag("prod", "x", &mismatched).await);
     assert_eq!(s, 422);
 
-    let (s, v) = server
-        .admin(
+    let answer = admin
+        .raw(
             Method::POST,
-            "/environments/prod/keys",
-            Some(json!({"kind": "admin"})),
+            &vane_server::api::route(routes::KEYS, &["prod"]),
+            Some(json!({"kind": "admin"}).to_string()),
         )
-        .await;
-    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("bad_json")));
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, &answer.body["error"]["code"]),
+        (400, &json!("bad_json"))
+    );
+
+    let answer = admin
+        .raw(Method::GET, "/no-such-endpoint", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, &answer.body["error"]["code"]),
+        (404, &json!("not_found"))
+    );
 
     // Nothing above changed the environment.
-    let (_, env) = server.admin(Method::GET, "/environments/prod", None).await;
-    assert_eq!(env["version"], 0);
+    assert_eq!(admin.env("prod").await.unwrap().at.version, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_answer_with_consecutive_committed_versions() {
     let server = TestServer::start().await;
-    server.env_with_key("prod", "server").await;
+    server.env_with_key("prod", KeyKind::Server).await;
     assert_eq!(server.put_bool("prod", "a", true).await, 1);
     assert_eq!(server.toggle("prod", "a", false).await, 2);
-    let (s, v) = server
-        .admin(Method::DELETE, "/environments/prod/flags/a", None)
-        .await;
-    assert_eq!((s, v["version"].as_u64()), (200, Some(3)));
-    let (s, _) = server
-        .admin(Method::DELETE, "/environments/prod/flags/a", None)
-        .await;
-    assert_eq!(s, 404);
-    let (_, flags) = server
-        .admin(Method::GET, "/environments/prod/flags", None)
-        .await;
-    assert_eq!(flags["version"], 3);
-    assert_eq!(flags["flags"].as_array().unwrap().len(), 0);
+    let written = server.admin.delete_flag("prod", "a").await.unwrap();
+    assert_eq!(written.at.version, 3);
+    let (s, code, _) = refusal(server.admin.delete_flag("prod", "a").await);
+    assert_eq!((s, code), (404, ErrorCode::FlagNotFound));
+    let flags = server.admin.flags("prod").await.unwrap();
+    assert_eq!(flags.at.version, 3);
+    assert!(flags.flags.is_empty());
 }

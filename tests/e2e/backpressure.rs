@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use reqwest::Method;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vane_core::client::TransportPreference;
 use vane_proto::codec;
 use vane_proto::v1::frame::Kind;
+
+use vane_server::keys::KeyKind;
 
 use crate::harness::{PATIENCE, TestServer, hello, next_update, raw_tls, status_until};
 
@@ -24,18 +25,14 @@ async fn put_big(server: &TestServer, i: usize) -> u64 {
         "off_variant": "small",
         "fallthrough": {"variant": "big"},
     });
-    let (s, v) = server
-        .admin(Method::PUT, "/environments/prod/flags/big", Some(flag))
-        .await;
-    assert_eq!(s, 200, "{v}");
-    v["version"].as_u64().unwrap()
+    server.put_flag("prod", "big", flag).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_gets_one_merged_delta_instead_of_a_queue() {
     let server =
         TestServer::start_with(|c| c.session.write_timeout = Duration::from_secs(60)).await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     let mut raw = raw_tls(&server).await;
     raw.write_all(&codec::encode(&hello(&key))).await.unwrap();
     raw.flush().await.unwrap();
@@ -83,7 +80,7 @@ async fn a_slow_reader_gets_one_merged_delta_instead_of_a_queue() {
 async fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     let server =
         TestServer::start_with(|c| c.session.write_timeout = Duration::from_millis(300)).await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Quic).await;
     next_update(&mut updates).await;
 

@@ -2,15 +2,18 @@
 
 use std::time::Duration;
 
-use vane_core::client::{ConnectionState, Transport, TransportPreference};
+use vane_core::client::{ConnectionState, TransportPreference};
+use vane_core::protocol::Transport;
 use vane_core::sync::UpdateKind;
+
+use vane_server::keys::KeyKind;
 
 use crate::harness::{TestServer, next_update, start_client, update_at};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_client_gets_snapshot_then_a_toggle_as_delta() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "new-checkout", true).await;
 
     let (client, mut updates) = server.client(&key, TransportPreference::Quic).await;
@@ -36,7 +39,7 @@ async fn quic_client_gets_snapshot_then_a_toggle_as_delta() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_tcp_works_the_same() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "f", true).await;
 
     let (client, mut updates) = server.client(&key, TransportPreference::Tcp).await;
@@ -64,7 +67,7 @@ async fn client_whose_udp_is_blackholed_ends_up_on_tcp() {
         c.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     })
     .await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "f", true).await;
 
     let mut config = server.client_config(&key, TransportPreference::Auto);
@@ -90,7 +93,7 @@ async fn client_whose_udp_is_blackholed_ends_up_on_tcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_mode_gets_notices_and_fetches() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "f", true).await;
     let config = server
         .client_config(&key, TransportPreference::Tcp)
@@ -107,7 +110,7 @@ async fn notify_mode_gets_notices_and_fetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_on_both_transports_all_receive_a_change() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "f", true).await;
     let mut clients = Vec::new();
     for i in 0..20 {
@@ -123,12 +126,10 @@ async fn many_clients_on_both_transports_all_receive_a_change() {
         assert_eq!(update_at(updates, version).await.kind, UpdateKind::Delta);
         assert!(!client.bool_value("f", true));
     }
-    let (_, report) = server
-        .admin(reqwest::Method::GET, "/environments/prod/propagation", None)
-        .await;
-    assert_eq!(report["version"], version);
+    let report = server.admin.propagation("prod").await.unwrap();
+    assert_eq!(report.version, version);
     // Acks race the admin call's answer; all 20 sessions are known, most already current.
-    assert_eq!(report["sessions"], 20, "{report}");
+    assert_eq!(report.sessions, 20, "{report:?}");
 }
 
 /// A UDP socket on a port whose TCP twin is free (checked, then released for the server).

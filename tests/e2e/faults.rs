@@ -7,6 +7,8 @@ use vane_core::sync::{Fatal, UpdateKind};
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
+use vane_server::keys::KeyKind;
+
 use crate::harness::{
     PATIENCE, TestServer, hello, next_update, raw_tls, read_to_end, status_until, update_at,
 };
@@ -21,7 +23,7 @@ fn error_code(frames: &[pb::Frame]) -> Option<ErrorCode> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_garbage_frames_are_refused_and_others_keep_receiving() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "f", true).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Quic).await;
     next_update(&mut updates).await;
@@ -92,7 +94,7 @@ async fn oversized_and_garbage_frames_are_refused_and_others_keep_receiving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_sdk_key_is_an_auth_error_from_the_client_api() {
     let server = TestServer::start().await;
-    server.env_with_key("prod", "server").await;
+    server.env_with_key("prod", KeyKind::Server).await;
     let config = server.client_config(
         "vane_srv_00000000000000000000000000000000",
         TransportPreference::Auto,
@@ -109,7 +111,7 @@ async fn a_wrong_sdk_key_is_an_auth_error_from_the_client_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mobile_key_may_not_ask_for_rules() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "mobile").await;
+    let key = server.env_with_key("prod", KeyKind::Mobile).await;
     let client = Client::start(server.client_config(&key, TransportPreference::Tcp)).unwrap();
     let err = client.wait_for_initialization(PATIENCE).await.unwrap_err();
     assert!(
@@ -121,20 +123,15 @@ async fn a_mobile_key_may_not_ask_for_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_key_ends_its_sessions() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     let (client, _updates) = server.client(&key, TransportPreference::Quic).await;
-    let (_, keys) = server
-        .admin(reqwest::Method::GET, "/environments/prod/keys", None)
-        .await;
-    let id = keys["keys"][0]["id"].as_str().unwrap().to_owned();
-    let (s, _) = server
-        .admin(
-            reqwest::Method::DELETE,
-            &format!("/environments/prod/keys/{id}"),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200);
+    let keys = server.admin.keys("prod").await.unwrap();
+    let revoked = server
+        .admin
+        .revoke_key("prod", &keys.keys[0].id)
+        .await
+        .unwrap();
+    assert!(revoked.revoked_at.is_some());
     let mut status = client.watch_status();
     let s = status_until(&mut status, |s| s.fatal.is_some()).await;
     assert!(matches!(s.fatal, Some(Fatal::Unauthenticated(_))), "{s:?}");

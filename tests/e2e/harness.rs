@@ -6,15 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::Method;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use vane_core::client::{Client, ClientConfig, TransportPreference};
+use vane_core::model::Flag;
 use vane_core::sync::Update;
+use vane_server::api::ErrorCode;
+use vane_server::api::client::{AdminClient, AdminError};
+use vane_server::keys::KeyKind;
 use vane_server::server::{Server, ServerConfig};
 
 /// How long a test waits for something that should take milliseconds. A bound on failure,
@@ -29,9 +32,10 @@ pub struct TestServer {
     pub http: SocketAddr,
     pub token: String,
     pub ca: Vec<u8>,
+    /// The admin API, with this server's token.
+    pub admin: AdminClient,
     stop: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
-    http_client: reqwest::Client,
 }
 
 impl TestServer {
@@ -54,9 +58,9 @@ impl TestServer {
             config,
             token: String::new(),
             ca: Vec::new(),
+            admin: AdminClient::new("http://unbound", ""),
             stop: CancellationToken::new(),
             task: None,
-            http_client: reqwest::Client::new(),
         };
         server.launch().await;
         server
@@ -69,19 +73,14 @@ impl TestServer {
         self.protocol = server.protocol_addr();
         self.http = server.http_addr();
         self.token = server.admin_token().to_owned();
+        self.admin = AdminClient::new(format!("http://{}", self.http), &self.token);
         self.ca = std::fs::read(server.ca_path()).expect("CA written");
         self.stop = CancellationToken::new();
         let stop = self.stop.clone();
         self.task = Some(tokio::spawn(server.run(stop.cancelled_owned())));
         // Ready once the state is loaded.
-        let url = format!("http://{}/readyz", self.http);
         tokio::time::timeout(PATIENCE, async {
-            loop {
-                if let Ok(r) = self.http_client.get(&url).send().await
-                    && r.status().is_success()
-                {
-                    return;
-                }
+            while !self.admin.ready().await.unwrap_or(false) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -109,114 +108,58 @@ impl TestServer {
         self.launch().await;
     }
 
-    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        self.admin_as(&self.token, method, path, body.map(|b| b.to_string()))
-            .await
-    }
-
-    /// An admin call with any token and a raw body, for testing refusals.
-    pub async fn admin_as(
-        &self,
-        token: &str,
-        method: Method,
-        path: &str,
-        body: Option<String>,
-    ) -> (u16, Value) {
-        let url = format!("http://{}/api/v1{path}", self.http);
-        let mut req = self.http_client.request(method, url).bearer_auth(token);
-        if let Some(body) = body {
-            req = req.header("content-type", "application/json").body(body);
-        }
-        let resp = req.send().await.expect("admin API reachable");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("admin API body");
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
-        };
-        (status, value)
-    }
-
     /// Creates `env` and a key of `kind` for it; returns the secret.
-    pub async fn env_with_key(&self, env: &str, kind: &str) -> String {
-        let (s, v) = self
-            .admin(Method::POST, "/environments", Some(json!({ "name": env })))
-            .await;
-        assert_eq!(s, 201, "{v}");
+    pub async fn env_with_key(&self, env: &str, kind: KeyKind) -> String {
+        self.admin
+            .create_env(env)
+            .await
+            .expect("environment created");
         self.key(env, kind).await
     }
 
-    pub async fn key(&self, env: &str, kind: &str) -> String {
-        let (s, v) = self
-            .admin(
-                Method::POST,
-                &format!("/environments/{env}/keys"),
-                Some(json!({ "kind": kind })),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        v["secret"].as_str().expect("secret").to_owned()
-    }
-
-    /// An admin write that must succeed; returns the version it committed.
-    pub async fn write(&self, method: Method, path: &str, body: Value) -> u64 {
-        let (s, v) = self.admin(method, path, Some(body)).await;
-        assert_eq!(s, 200, "{path}: {v}");
-        v["version"].as_u64().expect("version")
+    pub async fn key(&self, env: &str, kind: KeyKind) -> String {
+        self.admin
+            .create_key(env, kind)
+            .await
+            .expect("key created")
+            .secret
     }
 
     /// Puts a boolean flag that is on and serves `value`; returns the version.
     pub async fn put_bool(&self, env: &str, key: &str, value: bool) -> u64 {
-        let flag = json!({
-            "on": true,
-            "variants": {"true": true, "false": false},
-            "off_variant": "false",
-            "fallthrough": {"variant": value.to_string()},
-        });
+        let flag = Flag::boolean(key, true, value);
         self.put_flag(env, key, flag).await
     }
 
-    /// Puts a flag from its JSON; returns the version.
-    pub async fn put_flag(&self, env: &str, key: &str, flag: Value) -> u64 {
-        self.write(
-            Method::PUT,
-            &format!("/environments/{env}/flags/{key}"),
-            flag,
-        )
-        .await
+    /// Puts a flag from its definition (a `Flag` or a JSON document); returns the version.
+    pub async fn put_flag(&self, env: &str, key: &str, flag: impl Serialize) -> u64 {
+        let written = self.admin.put_flag(env, key, &flag).await;
+        written
+            .unwrap_or_else(|e| panic!("put flag {key}: {e}"))
+            .at
+            .version
     }
 
-    /// Puts a segment from its JSON; returns the version.
-    pub async fn put_segment(&self, env: &str, key: &str, segment: Value) -> u64 {
-        self.write(
-            Method::PUT,
-            &format!("/environments/{env}/segments/{key}"),
-            segment,
-        )
-        .await
+    /// Puts a segment from its definition; returns the version.
+    pub async fn put_segment(&self, env: &str, key: &str, segment: impl Serialize) -> u64 {
+        let written = self.admin.put_segment(env, key, &segment).await;
+        written
+            .unwrap_or_else(|e| panic!("put segment {key}: {e}"))
+            .at
+            .version
     }
 
     pub async fn toggle(&self, env: &str, key: &str, on: bool) -> u64 {
-        self.write(
-            Method::POST,
-            &format!("/environments/{env}/flags/{key}/toggle"),
-            json!({ "on": on }),
-        )
-        .await
+        let written = self.admin.toggle(env, key, on).await;
+        written
+            .unwrap_or_else(|e| panic!("toggle {key}: {e}"))
+            .at
+            .version
     }
 
     /// Live sessions on `transport` ("quic" or "tcp"), from the server's /metrics.
     pub async fn sessions(&self, transport: &str) -> u64 {
-        let text = self
-            .http_client
-            .get(format!("http://{}/metrics", self.http))
-            .send()
-            .await
-            .expect("metrics reachable")
-            .text()
-            .await
-            .expect("metrics body");
+        let text = self.admin.metrics().await.expect("metrics reachable");
         let prefix = format!("vane_sessions{{transport=\"{transport}\"}} ");
         text.lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
@@ -392,4 +335,16 @@ pub async fn read_to_end<S: tokio::io::AsyncRead + Unpin>(
     .await
     .expect("the server closed the connection");
     frames
+}
+
+/// The status, code and message of an admin call the server refused.
+pub fn refusal<T: std::fmt::Debug>(r: Result<T, AdminError>) -> (u16, ErrorCode, String) {
+    match r {
+        Err(AdminError::Refused {
+            status,
+            code,
+            message,
+        }) => (status, code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }

@@ -7,12 +7,14 @@ use vane_core::eval::{Context, Reason};
 use vane_core::model::FlagValue;
 use vane_core::sync::UpdateKind;
 
+use vane_server::keys::KeyKind;
+
 use crate::harness::{PATIENCE, TestServer, next_update, start_client, status_until, update_at};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_without_the_server_serves_cached_values() {
     let mut server = TestServer::start().await;
-    let key = server.env_with_key("prod", "mobile").await;
+    let key = server.env_with_key("prod", KeyKind::Mobile).await;
     server.put_bool("prod", "f", true).await;
     let cache = tempfile::tempdir().unwrap();
     let mut template = server
@@ -54,7 +56,7 @@ async fn a_cold_start_without_the_server_serves_cached_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_closes_the_connection_and_foreground_resumes_by_delta() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "mobile").await;
+    let key = server.env_with_key("prod", KeyKind::Mobile).await;
     server.put_bool("prod", "f", true).await;
     let config = server
         .client_config(&key, TransportPreference::Quic)

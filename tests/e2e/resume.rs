@@ -1,13 +1,17 @@
 //! Disconnects, restarts and shutdowns: clients resume from their selector with a small delta.
 
 use vane_core::client::{ConnectionState, TransportPreference};
+use vane_core::history::Write;
 use vane_core::model::Flag;
 use vane_core::sync::UpdateKind;
-use vane_server::store::Store;
+use vane_server::store::sqlite::SqliteStore;
+use vane_server::store::{Expect, Store};
 
 use tokio::io::AsyncWriteExt;
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, frame::Kind};
+
+use vane_server::keys::KeyKind;
 
 use crate::harness::{
     Proxy, TestServer, hello, next_update, raw_tls, read_to_end, start_client, status_until,
@@ -17,7 +21,7 @@ use crate::harness::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_resumes_by_delta() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "a", true).await;
     server.put_bool("prod", "b", true).await;
     let proxy = Proxy::start(server.protocol).await;
@@ -47,7 +51,7 @@ async fn a_cut_connection_resumes_by_delta() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_epoch_and_versions_and_clients_resume_by_delta() {
     let mut server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "a", true).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Quic).await;
     let first = next_update(&mut updates).await;
@@ -58,10 +62,13 @@ async fn a_restart_keeps_epoch_and_versions_and_clients_resume_by_delta() {
     assert_ne!(status.state, ConnectionState::Connected);
     // A change committed to the store while no server runs (as another node would).
     let committed = {
-        let mut store = Store::open(&server.dir.path().join("vane.db")).unwrap();
+        let store = SqliteStore::open(&server.dir.path().join("vane.db")).unwrap();
+        let write = Write::flag(Flag::boolean("a", false, true)).unwrap();
         store
-            .commit_flag("prod", "a", Some(&Flag::boolean("a", false, true)))
+            .commit("prod", write, Expect::Nothing)
+            .await
             .unwrap()
+            .selector()
     };
     assert_eq!(committed.epoch, first.selector.epoch);
     server.restart().await;
@@ -81,7 +88,7 @@ async fn a_restart_keeps_epoch_and_versions_and_clients_resume_by_delta() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_go_away_and_clients_come_back() {
     let mut server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "a", true).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Tcp).await;
     next_update(&mut updates).await;
@@ -125,7 +132,7 @@ async fn shutdown_sends_go_away_and_clients_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_environment_stops_its_clients() {
     let server = TestServer::start().await;
-    let key = server.env_with_key("prod", "server").await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
     server.put_bool("prod", "a", true).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Tcp).await;
     next_update(&mut updates).await;
@@ -133,10 +140,7 @@ async fn deleting_an_environment_stops_its_clients() {
     // Deleting the environment takes its keys with it; the client stops, rejected. (A client
     // of a recreated environment would get a snapshot for the new epoch; the sync and history
     // unit tests cover that, since a key cannot outlive its environment.)
-    let (s, _) = server
-        .admin(reqwest::Method::DELETE, "/environments/prod", None)
-        .await;
-    assert_eq!(s, 204);
+    server.admin.delete_env("prod").await.unwrap();
     let mut status = client.watch_status();
     let stopped = status_until(&mut status, |s| s.state == ConnectionState::Stopped).await;
     assert!(stopped.fatal.is_some(), "{stopped:?}");

@@ -2,7 +2,6 @@
 //! evaluate locally, and evaluated-mode (mobile) sessions that get only values, only when their
 //! values change.
 
-use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use vane_core::client::TransportPreference;
@@ -13,8 +12,12 @@ use vane_core::wire::FrameReader;
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, frame::Kind};
 
+use vane_server::api::ErrorCode;
+use vane_server::keys::KeyKind;
+
 use crate::harness::{
-    PATIENCE, Proxy, TestServer, next_update, raw_tls, start_client, status_until, update_at,
+    PATIENCE, Proxy, TestServer, next_update, raw_tls, refusal, start_client, status_until,
+    update_at,
 };
 
 async fn next_frame<S: tokio::io::AsyncRead + Unpin>(
@@ -33,7 +36,7 @@ fn ctx(json: Value) -> Context {
 }
 
 /// `checkout` serves "new" to staff (a segment) and to Germany, else "old".
-async fn targeted_env(server: &TestServer, key_kind: &str) -> String {
+async fn targeted_env(server: &TestServer, key_kind: KeyKind) -> String {
     let key = server.env_with_key("prod", key_kind).await;
     server
         .put_segment("prod", "staff", json!({"included": ["u-boss"], "rules": [{"clauses": [{"attribute": "email", "op": "ends_with", "values": ["@vane.dev"]}]}]}))
@@ -61,7 +64,7 @@ async fn targeted_env(server: &TestServer, key_kind: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rules_mode_client_evaluates_rules_and_segments_locally() {
     let server = TestServer::start().await;
-    let key = targeted_env(&server, "server").await;
+    let key = targeted_env(&server, KeyKind::Server).await;
     let (client, mut updates) = server.client(&key, TransportPreference::Quic).await;
     next_update(&mut updates).await;
 
@@ -116,7 +119,7 @@ async fn a_rules_mode_client_evaluates_rules_and_segments_locally() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mobile_key_gets_values_for_its_context_and_never_rules() {
     let server = TestServer::start().await;
-    let key = targeted_env(&server, "mobile").await;
+    let key = targeted_env(&server, KeyKind::Mobile).await;
 
     // On the wire: values only.
     let mut raw = raw_tls(&server).await;
@@ -171,7 +174,7 @@ async fn a_mobile_key_gets_values_for_its_context_and_never_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_sessions_whose_values_change_receive_a_delta() {
     let server = TestServer::start().await;
-    let key = targeted_env(&server, "mobile").await;
+    let key = targeted_env(&server, KeyKind::Mobile).await;
     let session = |context: &'static str| {
         let server = &server;
         let key = key.clone();
@@ -241,7 +244,7 @@ async fn only_sessions_whose_values_change_receive_a_delta() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_switches_context_on_a_live_session() {
     let server = TestServer::start().await;
-    let key = targeted_env(&server, "mobile").await;
+    let key = targeted_env(&server, KeyKind::Mobile).await;
     let config = server
         .client_config(&key, TransportPreference::Quic)
         .evaluated(ctx(json!({"key": "u3", "country": "fr"})));
@@ -264,7 +267,7 @@ async fn identify_switches_context_on_a_live_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evaluated_session_resumes_with_the_values_that_changed() {
     let server = TestServer::start().await;
-    let key = targeted_env(&server, "mobile").await;
+    let key = targeted_env(&server, KeyKind::Mobile).await;
     let proxy = Proxy::start(server.protocol).await;
     let mut config = server
         .client_config(&key, TransportPreference::Tcp)
@@ -293,7 +296,7 @@ async fn an_evaluated_session_resumes_with_the_values_that_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_context_is_refused_for_good() {
     let server = TestServer::start().await;
-    let key = targeted_env(&server, "mobile").await;
+    let key = targeted_env(&server, KeyKind::Mobile).await;
     // A context whose targeting key is not a string: the client API cannot even build one, so
     // it is sent by hand.
     let mut raw = raw_tls(&server).await;
@@ -317,27 +320,20 @@ async fn a_bad_context_is_refused_for_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_refuses_broken_targeting_and_explains_decisions() {
     let server = TestServer::start().await;
-    targeted_env(&server, "server").await;
+    targeted_env(&server, KeyKind::Server).await;
     let flag_using = |segment: &str| {
         json!({"on": true, "variants": {"a": 1, "b": 2}, "off_variant": "a",
                "rules": [{"clauses": [{"op": "in_segment", "values": [segment]}], "serve": {"variant": "b"}}],
                "fallthrough": {"variant": "a"}})
     };
-    let (s, v) = server
-        .admin(
-            Method::PUT,
-            "/environments/prod/flags/f",
-            Some(flag_using("nope")),
-        )
-        .await;
-    assert_eq!(s, 422, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("unknown segment \"nope\""),
-        "{v}"
+    let (s, _, message) = refusal(
+        server
+            .admin
+            .put_flag("prod", "f", &flag_using("nope"))
+            .await,
     );
+    assert_eq!(s, 422, "{message}");
+    assert!(message.contains("unknown segment \"nope\""), "{message}");
 
     // a → b, then b → a would close a cycle.
     server
@@ -350,73 +346,36 @@ async fn the_admin_api_refuses_broken_targeting_and_explains_decisions() {
             json!({"rules": [{"clauses": [{"op": "in_segment", "values": ["b"]}]}]}),
         )
         .await;
-    let (s, v) = server
-        .admin(
-            Method::PUT,
-            "/environments/prod/segments/b",
-            Some(json!({"rules": [{"clauses": [{"op": "in_segment", "values": ["a"]}]}]})),
-        )
-        .await;
-    assert_eq!(s, 422, "{v}");
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("cycle"),
-        "{v}"
-    );
+    let cycle = json!({"rules": [{"clauses": [{"op": "in_segment", "values": ["a"]}]}]});
+    let (s, _, message) = refusal(server.admin.put_segment("prod", "b", &cycle).await);
+    assert_eq!(s, 422, "{message}");
+    assert!(message.contains("cycle"), "{message}");
 
     // A segment in use cannot be deleted; the answer names who uses it.
-    let (s, v) = server
-        .admin(Method::DELETE, "/environments/prod/segments/staff", None)
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (409, Some("segment_in_use")),
-        "{v}"
-    );
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("flag \"checkout\""),
-        "{v}"
-    );
+    let (s, code, message) = refusal(server.admin.delete_segment("prod", "staff").await);
+    assert_eq!((s, code), (409, ErrorCode::SegmentInUse), "{message}");
+    assert!(message.contains("flag \"checkout\""), "{message}");
 
     let bad_regex = json!({"on": true, "variants": {"a": 1}, "off_variant": "a",
         "rules": [{"clauses": [{"attribute": "x", "op": "matches", "values": ["("]}], "serve": {"variant": "a"}}],
         "fallthrough": {"variant": "a"}});
-    let (s, v) = server
-        .admin(Method::PUT, "/environments/prod/flags/g", Some(bad_regex))
-        .await;
+    let (s, _, message) = refusal(server.admin.put_flag("prod", "g", &bad_regex).await);
     assert_eq!(s, 422);
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("rules[0].clauses[0].values[0]"),
-        "{v}"
+        message.starts_with("rules[0].clauses[0].values[0]"),
+        "{message}"
     );
 
     // Why does this user get "new"?
-    let (s, v) = server
-        .admin(
-            Method::POST,
-            "/environments/prod/flags/checkout/evaluate",
-            Some(json!({"context": {"key": "u9", "country": "de"}})),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(v["value"], "new");
-    assert_eq!(v["reason"], "TARGETING_MATCH");
-    assert_eq!(v["rule"]["index"], 1);
-    assert_eq!(v["rule"]["id"], "germany");
-    let (s, v) = server
-        .admin(
-            Method::POST,
-            "/environments/prod/flags/checkout/evaluate",
-            Some(json!({"context": [1]})),
-        )
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (422, Some("invalid_context"))
-    );
+    let why = server
+        .admin
+        .evaluate("prod", "checkout", json!({"key": "u9", "country": "de"}))
+        .await
+        .unwrap();
+    assert_eq!(why.value, Some(FlagValue::String("new".into())));
+    assert_eq!(why.reason, Reason::TargetingMatch);
+    let rule = why.rule.expect("a rule decided");
+    assert_eq!((rule.index, rule.id.as_deref()), (1, Some("germany")));
+    let (s, code, _) = refusal(server.admin.evaluate("prod", "checkout", json!([1])).await);
+    assert_eq!((s, code), (422, ErrorCode::InvalidContext));
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use tokio::process::{Child, Command};
 use vane_benches::load::{self, LoadConfig, LoadTransport, Restart, Scenario};
+use vane_server::api::client::AdminClient;
 
 /// Measure propagation from the admin API to N connected sessions.
 #[derive(Debug, Parser)]
@@ -245,7 +246,8 @@ fn fail(message: &str) -> ExitCode {
 struct Spawned {
     exe: PathBuf,
     args: Vec<String>,
-    ready_url: String,
+    /// Its HTTP API (only the unauthenticated readiness endpoint is used).
+    ops: AdminClient,
     log: PathBuf,
     child: Child,
 }
@@ -268,10 +270,11 @@ impl Spawned {
             http,
         ];
         serve.extend(args.server_args.iter().cloned());
-        let ready_url = format!("{}/readyz", args.http.trim_end_matches('/'));
-        if reqwest::get(&ready_url).await.is_ok() {
+        let ops = AdminClient::new(&args.http, "");
+        if ops.ready().await.is_ok() {
             return Err(format!(
-                "a server already answers at {ready_url}; stop it or choose other ports"
+                "a server already answers at {}; stop it or choose other ports",
+                args.http
             ));
         }
         let log = args.data.join("vane-load-server.log");
@@ -279,7 +282,7 @@ impl Spawned {
         let mut server = Spawned {
             exe,
             args: serve,
-            ready_url,
+            ops,
             log,
             child,
         };
@@ -288,7 +291,6 @@ impl Spawned {
     }
 
     async fn wait_ready(&mut self) -> Result<(), String> {
-        let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -297,9 +299,7 @@ impl Spawned {
                     self.log.display()
                 ));
             }
-            if let Ok(r) = http.get(&self.ready_url).send().await
-                && r.status().is_success()
-            {
+            if self.ops.ready().await.unwrap_or(false) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -15,7 +15,9 @@ use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use vane_core::model::Flag;
+use vane_server::api::client::{AdminClient, AdminError};
+use vane_server::keys::KeyKind;
 
 pub mod fleet;
 pub mod worker;
@@ -142,60 +144,22 @@ pub struct StormReport {
     pub change_after_restart_delivered: bool,
 }
 
+/// The flag every run toggles, in an environment of its own.
+const LOAD_FLAG: &str = "load";
+
 pub(crate) fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 }
 
-/// The admin API, for the coordinator.
-struct Admin {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Admin {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Value,
-    ) -> Result<Value, String> {
-        let url = format!("{}/api/v1{path}", self.base.trim_end_matches('/'));
-        let resp = self
-            .http
-            .request(method, &url)
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
-        if status.is_success() {
-            Ok(v)
-        } else {
-            Err(format!("{url}: {status} {v}"))
-        }
-    }
-
-    /// Flips the flag; returns (version, committed_at_ns).
-    async fn toggle(&self, env: &str, on: bool) -> Result<(u64, u128), String> {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/environments/{env}/flags/load/toggle"),
-                json!({ "on": on }),
-            )
-            .await?;
-        let version = v["version"].as_u64().ok_or("no version")?;
-        let at = v["committed_at_ns"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or("no committed_at_ns")?;
-        Ok((version, at))
-    }
+/// Flips the load flag; returns (version, committed_at_ns).
+async fn toggle(admin: &AdminClient, env: &str, on: bool) -> Result<(u64, u128), String> {
+    let written = admin
+        .toggle(env, LOAD_FLAG, on)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((written.at.version, written.committed_at_ns))
 }
 
 /// The fleets of a run, wherever they are.
@@ -268,38 +232,21 @@ pub async fn run(
         (Scenario::Storm, r) => r,
         (Scenario::Propagation, _) => None,
     };
-    let admin = Admin {
-        http: reqwest::Client::new(),
-        base: cfg.http.clone(),
-        token: cfg.token.clone(),
-    };
+    let admin = AdminClient::new(&cfg.http, &cfg.token);
+    let failed = |e: AdminError| e.to_string();
     let env = format!("load-{:08x}", rand::random::<u32>());
-    admin
-        .call(
-            reqwest::Method::POST,
-            "/environments",
-            json!({ "name": env }),
-        )
-        .await?;
+    admin.create_env(&env).await.map_err(failed)?;
     let key = admin
-        .call(
-            reqwest::Method::POST,
-            &format!("/environments/{env}/keys"),
-            json!({"kind": "server"}),
-        )
-        .await?["secret"]
-        .as_str()
-        .ok_or("no secret")?
-        .to_owned();
-    let flag = json!({"on": true, "variants": {"on": true, "off": false}, "off_variant": "off", "fallthrough": {"variant": "on"}});
+        .create_key(&env, KeyKind::Server)
+        .await
+        .map_err(failed)?
+        .secret;
+    let flag = Flag::boolean(LOAD_FLAG, true, true);
     let created = admin
-        .call(
-            reqwest::Method::PUT,
-            &format!("/environments/{env}/flags/load"),
-            flag,
-        )
-        .await?;
-    let start_version = created["version"].as_u64().ok_or("no version")?;
+        .put_flag(&env, LOAD_FLAG, &flag)
+        .await
+        .map_err(failed)?;
+    let start_version = created.at.version;
 
     let server_pid = cfg.server_pid;
     let rss_before = server_pid.and_then(rss_bytes);
@@ -356,7 +303,7 @@ pub async fn run(
     parts.set_counting(true).await?;
     let mut committed: HashMap<u64, u128> = HashMap::new();
     for i in 0..cfg.changes {
-        let (version, at) = admin.toggle(&env, i % 2 == 1).await?;
+        let (version, at) = toggle(&admin, &env, i % 2 == 1).await?;
         committed.insert(version, at);
         progress(format!(
             "change {}/{} (version {version})",
@@ -387,7 +334,7 @@ pub async fn run(
         restart.restart().await?;
         let ready_ns = now_ns();
         let restart_s = began.elapsed().as_secs_f64();
-        let (version, _) = admin.toggle(&env, cfg.changes % 2 == 1).await?;
+        let (version, _) = toggle(&admin, &env, cfg.changes % 2 == 1).await?;
         let (delivered, after) = parts
             .wait(cfg.timeout, version, stopping, progress, |s| {
                 (

@@ -13,7 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{ClientConfig, ClientError, Transport, TransportPreference};
+use super::{ClientConfig, ClientError, TransportPreference};
+use crate::protocol::Transport;
 
 /// A byte stream in both directions: a QUIC bidirectional stream or a TLS connection.
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}

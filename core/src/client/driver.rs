@@ -11,8 +11,9 @@ use tracing::{debug, warn};
 use vane_proto::codec::DEFAULT_MAX_FRAME_LEN;
 
 use super::connect::{Connected, Connector, Duplex};
-use super::{Command, ConnectionState, Shared, Transport};
+use super::{Command, ConnectionState, Shared};
 use crate::cache::Cache;
+use crate::protocol::Transport;
 use crate::state::FlagSet;
 use crate::sync::{DisconnectReason, Event, Output, SyncMachine};
 use crate::wire::{FrameReader, ReadError, write_frame};

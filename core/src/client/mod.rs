@@ -34,7 +34,8 @@ use vane_proto::v1::{DeliveryMode, PushMode};
 
 use crate::eval::{Context, ErrorCode, Evaluation, Reason};
 use crate::model::{FlagValue, ValueType};
-use crate::state::{FlagSet, Selector};
+use crate::protocol::{Selector, Transport};
+use crate::state::FlagSet;
 use crate::sync::{Fatal, SyncConfig, SyncMachine, Update};
 
 pub use connect::{Duplex, tls_config};
@@ -49,25 +50,6 @@ pub enum TransportPreference {
     Quic,
     /// TCP+TLS only.
     Tcp,
-}
-
-/// The transport a session runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// QUIC over UDP.
-    Quic,
-    /// TLS 1.3 over TCP.
-    Tcp,
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Quic => "quic",
-            Transport::Tcp => "tcp",
-        })
-    }
 }
 
 /// Where the connection stands.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Value as Json, json};
 
 use super::*;
-use crate::model::ValueType;
+use crate::model::{Segment, ValueType};
 
 fn compile_segments(list: &Json) -> HashMap<String, Arc<CompiledSegment>> {
     list.as_array()
@@ -15,7 +15,7 @@ fn compile_segments(list: &Json) -> HashMap<String, Arc<CompiledSegment>> {
         .iter()
         .map(|s| {
             let seg: Segment = serde_json::from_value(s.clone()).unwrap();
-            seg.validate().unwrap();
+            CompiledSegment::new(seg.clone()).unwrap();
             (
                 seg.key.clone(),
                 Arc::new(CompiledSegment::new(seg).unwrap()),
@@ -44,9 +44,10 @@ fn shared_vectors() {
             .iter()
             .map(|f| {
                 let flag: Flag = serde_json::from_value(f.clone()).unwrap();
-                flag.validate()
-                    .unwrap_or_else(|e| panic!("{}: {}: {e}", file.display(), flag.key));
-                (flag.key.clone(), CompiledFlag::new(flag).unwrap())
+                let key = flag.key.clone();
+                let compiled = CompiledFlag::new(flag)
+                    .unwrap_or_else(|e| panic!("{}: {key}: {e}", file.display()));
+                (key, compiled)
             })
             .collect();
         for case in doc["cases"].as_array().unwrap() {
@@ -116,21 +117,9 @@ fn buckets_are_stable_and_uniform_enough() {
     }
 }
 
-#[test]
-fn integers_are_formatted_without_allocating() {
-    let mut buf = [0u8; 20];
-    assert_eq!(format_int(0, false, &mut buf), "0");
-    assert_eq!(format_int(12345, false, &mut buf), "12345");
-    assert_eq!(format_int(5, true, &mut buf), "-5");
-    assert_eq!(
-        format_int(u64::MAX, false, &mut buf),
-        "18446744073709551615"
-    );
-}
-
 fn field_of(flag: Json) -> String {
     let flag: Flag = serde_json::from_value(flag).unwrap();
-    flag.validate().unwrap_err().to_string()
+    CompiledFlag::new(flag).unwrap_err().to_string()
 }
 
 #[test]
@@ -228,4 +217,37 @@ fn contexts_must_be_objects_with_a_string_key() {
     assert_eq!(ctx.get("a.b.c"), Some(&json!(1)));
     assert_eq!(ctx.get("a.x"), None);
     let _ = ValueType::Bool;
+}
+
+#[test]
+fn validation_names_the_field() {
+    use crate::model::{FlagValue, MAX_JSON_VALUE_LEN, Serve};
+    use std::collections::BTreeMap;
+    let field = |flag: Flag| CompiledFlag::new(flag).unwrap_err().field;
+
+    let mut flag = Flag::boolean("ok", true, true);
+    flag.off_variant = "nope".into();
+    assert_eq!(field(flag), "off_variant");
+
+    let mut mixed = Flag::boolean("ok", true, true);
+    mixed
+        .variants
+        .insert("zzz".into(), FlagValue::String("s".into()));
+    assert_eq!(field(mixed), "variants.zzz");
+
+    let mut long = Flag::boolean("ok", true, true);
+    long.variants = BTreeMap::from([(
+        "s".into(),
+        FlagValue::String("x".repeat(MAX_JSON_VALUE_LEN + 1)),
+    )]);
+    long.off_variant = "s".into();
+    long.fallthrough = Serve::Variant("s".into());
+    assert_eq!(field(long), "variants.s");
+
+    assert_eq!(field(Flag::boolean("has space", true, true)), "key");
+
+    let mut null = Flag::boolean("ok", true, true);
+    null.variants
+        .insert("n".into(), FlagValue::Json(serde_json::Value::Null));
+    assert_eq!(field(null), "variants.n");
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vane_proto::v1::{self as pb, frame::Kind};
 
 use super::*;
-use crate::history::{EnvHistory, Item, ItemKind};
+use crate::history::{EnvHistory, Write};
 use crate::model::Flag;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -214,10 +214,11 @@ impl Pair {
 }
 
 /// Commits a flag to the in-memory server; returns the single-change delta.
-fn put(server: &mut EnvHistory, mut flag: Flag) -> pb::Delta {
-    flag.version = server.next_version();
-    let key = flag.key.clone();
-    server.apply(ItemKind::Flag, key, Some(Item::flag(flag).unwrap()))
+fn put(server: &mut EnvHistory, flag: Flag) -> pb::Delta {
+    let change = Write::flag(flag)
+        .unwrap()
+        .into_change(server.next_version());
+    server.apply(change)
 }
 
 fn flag(key: &str, on: bool) -> Flag {

@@ -1,0 +1,163 @@
+//! The `vane` command line: [`serve`] runs the server, the [`admin`] commands talk to its HTTP
+//! API through [`crate::api::client::AdminClient`], and [`watch`] is a live view through the Rust
+//! client.
+//!
+//! Exit codes, for scripts: 0 success; 1 the server refused the request (the message is on
+//! stderr); 2 bad usage; 3 the server could not be reached or no admin token was found.
+//! Commands print results on stdout and nothing else there; `key create` prints the secret alone.
+
+pub mod admin;
+pub mod serve;
+pub mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use admin::{AdminArgs, EnvCmd, FlagCmd, KeyCmd, SegmentCmd};
+use serve::ServeArgs;
+use watch::WatchArgs;
+
+/// Real-time feature flags: server, admin commands and a live watcher.
+#[derive(Debug, Parser)]
+#[command(name = "vane", version)]
+pub struct Cli {
+    /// Data directory of the server (database, TLS material, admin token).
+    #[arg(long, global = true, default_value = "./vane-data", env = "VANE_DATA")]
+    pub data: PathBuf,
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `vane_server=debug`.
+    #[arg(long, global = true, default_value = "info", env = "VANE_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server on the embedded store.
+    Serve(ServeArgs),
+    /// Manage environments.
+    Env {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: EnvCmd,
+    },
+    /// Manage SDK keys.
+    Key {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Manage flags.
+    Flag {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: FlagCmd,
+    },
+    /// Manage segments.
+    Segment {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: SegmentCmd,
+    },
+    /// Evaluate a flag for a context on the server, and say which rule or bucket decided.
+    Eval {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The environment.
+        env: String,
+        /// The flag key.
+        flag: String,
+        /// The context, a JSON object, e.g. '{"key": "user-1", "country": "de"}'.
+        #[arg(long)]
+        context: String,
+    },
+    /// Connect like an SDK and print every update as it is applied.
+    Watch(WatchArgs),
+}
+
+/// A failed command and its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn refused(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    fn unreachable(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 3,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::refused(format!("{e:#}"))
+    }
+}
+
+/// Runs the parsed command line; prints errors to stderr and returns the exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let data = &cli.data;
+    let result = match cli.command {
+        Command::Serve(args) => serve::serve(data, args).await,
+        Command::Env { admin, cmd } => admin::env(data, &admin, cmd).await,
+        Command::Key { admin, cmd } => admin::key(data, &admin, cmd).await,
+        Command::Flag { admin, cmd } => admin::flag(data, &admin, cmd).await,
+        Command::Segment { admin, cmd } => admin::segment(data, &admin, cmd).await,
+        Command::Eval {
+            admin,
+            env,
+            flag,
+            context,
+        } => admin::eval(data, &admin, &env, &flag, &context).await,
+        Command::Watch(args) => watch::watch(data, args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Registers for SIGINT and SIGTERM now, and returns a future that resolves on either.
+/// Registering eagerly matters: a signal that arrives before the future is first polled is
+/// still caught, instead of killing the process with the default action.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let register = |kind| {
+        signal(kind).map_err(|e| Failure::refused(format!("installing signal handlers: {e}")))
+    };
+    let mut term = register(SignalKind::terminate())?;
+    let mut int = register(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}

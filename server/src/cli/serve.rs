@@ -1,0 +1,73 @@
+//! `vane serve`: the server on the embedded store, until SIGTERM or SIGINT.
+
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{Failure, shutdown_signal};
+use crate::server::{Server, ServerConfig};
+
+/// `vane serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Protocol address: TLS on TCP and QUIC on UDP, same port.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP address: admin API, SDK endpoints, health, readiness, metrics.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub http: std::net::SocketAddr,
+    /// Create an environment `demo` with a few flags and print a server key for it.
+    #[arg(long)]
+    pub demo: bool,
+    /// Serve TCP+TLS only.
+    #[arg(long)]
+    pub no_quic: bool,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 15)]
+    pub heartbeat: u64,
+    /// Changes kept per environment for resumption by delta.
+    #[arg(long, default_value_t = 1000)]
+    pub history: usize,
+    /// Most concurrent protocol connections.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Seconds over which clients spread their reconnects after a shutdown.
+    #[arg(long, default_value_t = 5)]
+    pub goaway_window: u64,
+}
+
+pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
+    let mut config = ServerConfig::new(data);
+    config.listen = args.listen;
+    config.http = args.http;
+    config.quic = !args.no_quic;
+    config.demo = args.demo;
+    config.history_window = args.history.max(1);
+    config.max_connections = args.max_connections.max(1);
+    config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
+    config.session.goaway_window = Duration::from_secs(args.goaway_window);
+    let stop = shutdown_signal()?;
+    let server = Server::bind(config).await?;
+    println!(
+        "vane {} serving: protocol {} ({}), HTTP http://{}",
+        env!("CARGO_PKG_VERSION"),
+        server.protocol_addr(),
+        if args.no_quic {
+            "TCP+TLS"
+        } else {
+            "QUIC and TCP+TLS"
+        },
+        server.http_addr()
+    );
+    println!("clients trust {}", server.ca_path().display());
+    if server.created_token() {
+        println!(
+            "admin token (shown once; also in {}):\n  {}",
+            data.join("admin-token").display(),
+            server.admin_token()
+        );
+    }
+    server.run(stop).await?;
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! The admin API (`/api/v1`, admin token): environments, flags, segments, SDK keys, evaluation
+//! with its explanation, and propagation. Every write answers once its change is committed and
+//! in the hub, with the version it committed as.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use vane_core::eval::Context;
+use vane_core::model::{Flag, Segment};
+
+use super::{ApiError, ApiResult, AppState, bad_json, parse};
+use crate::api::{
+    At, CreateEnv, CreateKey, EnvInfo, EnvList, ErrorCode, EvaluateRequest, Explanation, FlagList,
+    KeyInfo, KeyList, NewKeyInfo, Propagation, RuleRef, SegmentList, Toggle, Written, routes,
+};
+use crate::control::Edit;
+use crate::hub::EnvHub;
+use crate::store::Committed;
+
+/// The admin routes, relative to [`crate::api::ADMIN_PREFIX`].
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(routes::ENVS, get(list_envs).post(create_env))
+        .route(routes::ENV, get(get_env).delete(delete_env))
+        .route(routes::FLAGS, get(list_flags))
+        .route(
+            routes::FLAG,
+            put(put_flag).get(get_flag).delete(delete_flag),
+        )
+        .route(routes::TOGGLE, post(toggle_flag))
+        .route(routes::EVALUATE, post(evaluate_flag))
+        .route(routes::SEGMENTS, get(list_segments))
+        .route(
+            routes::SEGMENT,
+            put(put_segment).get(get_segment).delete(delete_segment),
+        )
+        .route(routes::KEYS, get(list_keys).post(create_key))
+        .route(routes::KEY, delete(revoke_key))
+        .route(routes::PROPAGATION, get(propagation))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "no such endpoint",
+            )
+        })
+}
+
+fn env_hub(state: &AppState, env: &str) -> ApiResult<Arc<EnvHub>> {
+    state
+        .hub()
+        .env(env)
+        .ok_or_else(|| ApiError::env_not_found(env))
+}
+
+fn written(c: &Committed) -> Json<Written> {
+    Json(Written {
+        at: c.selector().into(),
+        committed_at_ns: c.at_unix_ns,
+    })
+}
+
+fn env_info(env: &EnvHub) -> EnvInfo {
+    let (at, flags) = env.with_history(|h| (h.selector().into(), h.flags().count()));
+    EnvInfo {
+        name: env.name().to_owned(),
+        at,
+        flags,
+    }
+}
+
+async fn edit(state: &AppState, env: &str, edit: Edit) -> ApiResult<Json<Written>> {
+    let committed = state.control.edit(env, edit).await?;
+    Ok(written(&committed))
+}
+
+async fn list_envs(State(state): State<AppState>) -> Json<EnvList> {
+    let environments = state.hub().envs().iter().map(|e| env_info(e)).collect();
+    Json(EnvList { environments })
+}
+
+async fn create_env(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<EnvInfo>)> {
+    let req: CreateEnv = parse(&body)?;
+    let selector = state.control.create_env(&req.name).await?;
+    let info = EnvInfo {
+        name: req.name,
+        at: selector.into(),
+        flags: 0,
+    };
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn get_env(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+) -> ApiResult<Json<EnvInfo>> {
+    Ok(Json(env_info(&*env_hub(&state, &env)?)))
+}
+
+async fn delete_env(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.control.delete_env(&env).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_flags(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+) -> ApiResult<Json<FlagList>> {
+    let list = env_hub(&state, &env)?.with_history(|h| FlagList {
+        at: At::from(h.selector()),
+        flags: h.flags().map(|e| e.compiled.flag().clone()).collect(),
+    });
+    Ok(Json(list))
+}
+
+fn flag_not_found(key: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::FlagNotFound,
+        format!("flag {key:?} not found"),
+    )
+}
+
+async fn get_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+) -> ApiResult<Json<Flag>> {
+    env_hub(&state, &env)?
+        .with_history(|h| h.flag(&key).map(|e| e.compiled.flag().clone()))
+        .map(Json)
+        .ok_or_else(|| flag_not_found(&key))
+}
+
+/// Parses a flag or segment body; its `key`, if present, must match the path.
+fn keyed_body<T: DeserializeOwned>(body: &Bytes, key: &str) -> ApiResult<T> {
+    let mut value: Value = parse(body)?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadJson,
+            "request body: expected a JSON object",
+        ));
+    };
+    match object.get("key") {
+        None => {
+            object.insert("key".into(), Value::String(key.to_owned()));
+        }
+        Some(Value::String(k)) if k == key => {}
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::Invalid,
+                format!("key: {other} does not match the path ({key:?})"),
+            ));
+        }
+    }
+    serde_json::from_value(value).map_err(bad_json)
+}
+
+async fn put_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Written>> {
+    let flag: Flag = keyed_body(&body, &key)?;
+    edit(&state, &env, Edit::PutFlag(flag)).await
+}
+
+async fn delete_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+) -> ApiResult<Json<Written>> {
+    edit(&state, &env, Edit::DeleteFlag(key)).await
+}
+
+async fn toggle_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Written>> {
+    let Toggle { on } = parse(&body)?;
+    edit(&state, &env, Edit::Toggle { key, on }).await
+}
+
+async fn list_segments(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+) -> ApiResult<Json<SegmentList>> {
+    let list = env_hub(&state, &env)?.with_history(|h| SegmentList {
+        at: At::from(h.selector()),
+        segments: h.segments().map(|e| e.compiled.segment().clone()).collect(),
+    });
+    Ok(Json(list))
+}
+
+async fn get_segment(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+) -> ApiResult<Json<Segment>> {
+    env_hub(&state, &env)?
+        .with_history(|h| h.segment_entry(&key).map(|e| e.compiled.segment().clone()))
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::SegmentNotFound,
+                format!("segment {key:?} not found"),
+            )
+        })
+}
+
+async fn put_segment(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Written>> {
+    let segment: Segment = keyed_body(&body, &key)?;
+    edit(&state, &env, Edit::PutSegment(segment)).await
+}
+
+async fn delete_segment(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+) -> ApiResult<Json<Written>> {
+    edit(&state, &env, Edit::DeleteSegment(key)).await
+}
+
+async fn list_keys(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+) -> ApiResult<Json<KeyList>> {
+    let keys = state.control.keys(&env).await?;
+    Ok(Json(KeyList {
+        keys: keys.iter().map(KeyInfo::from).collect(),
+    }))
+}
+
+async fn create_key(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<NewKeyInfo>)> {
+    let CreateKey { kind } = parse(&body)?;
+    let key = state.control.create_key(&env, kind).await?;
+    let info = NewKeyInfo {
+        key: KeyInfo::from(&key.record),
+        secret: key.secret,
+    };
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    Path((env, id)): Path<(String, String)>,
+) -> ApiResult<Json<KeyInfo>> {
+    let record = state.control.revoke_key(&env, &id).await?;
+    Ok(Json(KeyInfo::from(&record)))
+}
+
+async fn propagation(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+) -> ApiResult<Json<Propagation>> {
+    let p = env_hub(&state, &env)?.propagation();
+    Ok(Json(Propagation {
+        version: p.version,
+        sessions: p.sessions,
+        current: p.current,
+        by_version: p.by_version,
+    }))
+}
+
+/// "Why does this user get B?": the value, variant and reason, and the rule or bucket that decided.
+async fn evaluate_flag(
+    State(state): State<AppState>,
+    Path((env, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Explanation>> {
+    let EvaluateRequest { context } = parse(&body)?;
+    let ctx = Context::new(context).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidContext,
+            e.to_string(),
+        )
+    })?;
+    let answer = env_hub(&state, &env)?.with_history(|h| {
+        let entry = h.flag(&key)?;
+        let e = entry.compiled.evaluate(&ctx, h);
+        let flag = entry.compiled.flag();
+        let rule = e.rule.map(|index| {
+            let r = &flag.rules[index];
+            RuleRef {
+                index,
+                id: (!r.id.is_empty()).then(|| r.id.clone()),
+                description: (!r.description.is_empty()).then(|| r.description.clone()),
+            }
+        });
+        Some(Explanation {
+            flag: key.clone(),
+            value: e.value.cloned(),
+            variant: e.variant.map(str::to_owned),
+            reason: e.reason,
+            error_code: e.error,
+            rule,
+            bucket: e.bucket,
+            explanation: e.explanation(),
+            version: h.selector().version,
+        })
+    });
+    answer.map(Json).ok_or_else(|| flag_not_found(&key))
+}

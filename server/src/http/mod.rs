@@ -1,0 +1,301 @@
+//! The HTTP side: one module per concern, behind shared layers.
+//!
+//! - [`admin`]: the admin API under `/api/v1`, behind the admin token and the readiness gate.
+//! - [`sdk`]: what SDKs call over HTTP, behind the readiness gate and SDK-key authentication.
+//! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, for operators; no credentials.
+//! - [`layers`]: those gates, as middleware any new module (OFREP, the console) reuses.
+//!
+//! Requests and responses are the types of [`crate::api`]. Every error is
+//! `{"error": {"code": …, "message": …}}` with a precise status.
+
+pub mod admin;
+pub mod layers;
+pub mod ops;
+pub mod sdk;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use crate::api::{ADMIN_PREFIX, ErrorBody, ErrorCode, ErrorDetail};
+use crate::control::{Control, ControlError};
+use crate::keys::{self, SecretHash};
+use crate::store::StoreError;
+
+/// Shared by every handler and layer.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    control: Arc<Control>,
+    /// SHA-256 of the admin token.
+    admin_token: SecretHash,
+}
+
+impl AppState {
+    fn hub(&self) -> &crate::hub::Hub {
+        self.control.hub()
+    }
+}
+
+/// The whole HTTP router.
+pub fn router(control: Arc<Control>, admin_token: &str) -> Router {
+    let state = AppState {
+        control,
+        admin_token: keys::hash_secret(admin_token),
+    };
+    // Layers run outermost-last-added: the admin token is checked before readiness (it is
+    // known before the state loads); SDK keys only after (they are part of the state).
+    let admin = admin::routes()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::require_ready,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::require_admin,
+        ));
+    let sdk = sdk::routes()
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::require_sdk_key,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::require_ready,
+        ));
+    Router::new()
+        .merge(ops::routes(state.control.hub().clone()))
+        .nest(ADMIN_PREFIX, admin)
+        .merge(sdk)
+        .with_state(state)
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+    retry_after_s: Option<u32>,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, seconds: u32) -> ApiError {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+
+    /// 404 for a missing environment.
+    pub fn env_not_found(env: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::EnvironmentNotFound,
+            format!("environment {env:?} not found"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        use ErrorCode as C;
+        let message = e.to_string();
+        let (status, code) = match &e {
+            ControlError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, C::Invalid),
+            ControlError::InUse { .. } => (StatusCode::CONFLICT, C::SegmentInUse),
+            ControlError::Store(s) => match s {
+                StoreError::EnvNotFound(_) => (StatusCode::NOT_FOUND, C::EnvironmentNotFound),
+                StoreError::FlagNotFound(_) => (StatusCode::NOT_FOUND, C::FlagNotFound),
+                StoreError::SegmentNotFound(_) => (StatusCode::NOT_FOUND, C::SegmentNotFound),
+                StoreError::KeyNotFound(_) => (StatusCode::NOT_FOUND, C::KeyNotFound),
+                StoreError::EnvExists(_) => (StatusCode::CONFLICT, C::EnvironmentExists),
+                StoreError::Conflict { .. } => (StatusCode::CONFLICT, C::Conflict),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, C::Internal),
+            },
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, C::Internal),
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "admin operation failed");
+        }
+        ApiError::new(status, code, message)
+    }
+}
+
+/// A handler's result.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body, answering 400 with serde's line/column message when it is not valid.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(bad_json)
+}
+
+fn bad_json(e: serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadJson,
+        format!("request body: {e}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::client::AdminClient;
+    use crate::api::{SdkSnapshot, routes};
+    use crate::hub::Hub;
+    use crate::keys::KeyKind;
+    use crate::store::sqlite::SqliteStore;
+
+    /// A router on loopback over a store that is not loaded yet.
+    async fn serve() -> (Arc<Control>, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("vane.db")).unwrap();
+        let control = Control::new(Arc::new(store), Arc::new(Hub::new(10)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, router(control.clone(), "t")).into_future());
+        (control, base, dir)
+    }
+
+    async fn get(url: String, key: Option<&str>) -> reqwest::Response {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        req.send().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_gate_answers_503_until_the_state_is_loaded() {
+        let (control, base, _dir) = serve().await;
+        let admin = AdminClient::new(&base, "t");
+        assert!(!admin.ready().await.unwrap());
+        let refused = admin.envs().await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::Initializing));
+        let sdk = get(
+            format!("{base}{}", routes::SDK_SNAPSHOT),
+            Some("vane_srv_x"),
+        )
+        .await;
+        assert_eq!(sdk.status(), 503);
+        assert_eq!(sdk.headers()["retry-after"], "1");
+        assert_eq!(get(format!("{base}/healthz"), None).await.status(), 200);
+
+        control.load().await.unwrap();
+        assert!(admin.ready().await.unwrap());
+        assert!(admin.envs().await.unwrap().environments.is_empty());
+        let refused = admin.with_token("nope").envs().await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::Unauthorized));
+        let metrics = admin.metrics().await.unwrap();
+        assert!(metrics.contains("vane_ready 1"), "{metrics}");
+        assert!(
+            metrics.contains("vane_sessions{transport=\"tcp\"} 0"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.trim_end().ends_with("# EOF"),
+            "OpenMetrics: {metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sdk_snapshot_polls_by_etag_and_keeps_rules_from_mobile_keys() {
+        let (control, base, _dir) = serve().await;
+        control.load().await.unwrap();
+        let admin = AdminClient::new(&base, "t");
+        admin.create_env("prod").await.unwrap();
+        let flag = vane_core::model::Flag::boolean("a", true, true);
+        admin.put_flag("prod", "a", &flag).await.unwrap();
+        let server = admin
+            .create_key("prod", KeyKind::Server)
+            .await
+            .unwrap()
+            .secret;
+        let mobile = admin
+            .create_key("prod", KeyKind::Mobile)
+            .await
+            .unwrap()
+            .secret;
+        let url = format!("{base}{}", routes::SDK_SNAPSHOT);
+
+        assert_eq!(get(url.clone(), None).await.status(), 401);
+        assert_eq!(
+            get(url.clone(), Some("vane_srv_unknown")).await.status(),
+            401
+        );
+
+        let first = get(url.clone(), Some(&server)).await;
+        assert_eq!(first.status(), 200);
+        let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+        let snapshot: SdkSnapshot = first.json().await.unwrap();
+        assert_eq!(snapshot.at.version, 1);
+        assert_eq!(snapshot.flags.as_ref().map(Vec::len), Some(1));
+        assert!(snapshot.values.is_none());
+
+        let again = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(&server)
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304);
+        admin.toggle("prod", "a", false).await.unwrap();
+        let changed = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(&server)
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(changed.status(), 200);
+        assert_ne!(changed.headers()["etag"].to_str().unwrap(), etag);
+
+        // A mobile key gets values for a context, and never the rules.
+        assert_eq!(get(url.clone(), Some(&mobile)).await.status(), 403);
+        let evaluated = get(
+            format!("{url}?context=%7B%22key%22%3A%22u1%22%7D"),
+            Some(&mobile),
+        )
+        .await;
+        assert_eq!(evaluated.status(), 200);
+        let snapshot: SdkSnapshot = evaluated.json().await.unwrap();
+        assert!(snapshot.flags.is_none() && snapshot.segments.is_none());
+        let value = &snapshot.values.unwrap()["a"];
+        assert_eq!(value.reason, vane_core::eval::Reason::Disabled);
+        let bad = get(format!("{url}?context=%5B1%5D"), Some(&mobile)).await;
+        assert_eq!(bad.status(), 400);
+    }
+}

@@ -1,0 +1,117 @@
+//! For operators, without credentials: `/healthz` (the process answers), `/readyz` (503 until
+//! the state is loaded), and `/metrics` in the OpenMetrics text format, read from the hub at
+//! each scrape through `prometheus-client`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::AppState;
+use crate::hub::{EnvHub, Hub};
+
+/// The operations routes.
+pub fn routes(hub: Arc<Hub>) -> Router<AppState> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(HubMetrics(hub)));
+    let registry = Arc::new(registry);
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(move || metrics(registry.clone())))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.hub().is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "initializing\n").into_response()
+    }
+}
+
+async fn metrics(registry: Arc<Registry>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Reads the gauges from the hub at each scrape, so nothing is kept in step by hand.
+#[derive(Debug)]
+struct HubMetrics(Arc<Hub>);
+
+impl Collector for HubMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let hub = &self.0;
+        let ready = ConstGauge::new(i64::from(hub.is_ready()));
+        ready.encode(encoder.encode_descriptor(
+            "vane_ready",
+            "1 once the state is loaded.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut sessions = encoder.encode_descriptor(
+            "vane_sessions",
+            "Live protocol sessions.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (transport, n) in hub.session_counts() {
+            let labels = [("transport", transport.to_string())];
+            ConstGauge::new(n as i64).encode(sessions.encode_family(&labels)?)?;
+        }
+
+        let envs = hub.envs();
+        per_env(
+            &mut encoder,
+            "vane_environment_version",
+            "Current version of each environment.",
+            &envs,
+            |env| env.selector().version,
+        )?;
+        per_env(
+            &mut encoder,
+            "vane_environment_sessions_current",
+            "Sessions whose last ack is the environment's current version.",
+            &envs,
+            |env| env.propagation().current as u64,
+        )?;
+        Ok(())
+    }
+}
+
+/// One gauge with a series per environment.
+fn per_env(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    envs: &[Arc<EnvHub>],
+    value: impl Fn(&EnvHub) -> u64,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for env in envs {
+        let labels = [("env", env.name())];
+        ConstGauge::new(value(env)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
