@@ -1,7 +1,8 @@
 //! An environment's state as the server holds it: the current flags and segments (compiled, and
 //! in wire form, each converted once per change), the selector, and a bounded window of recent
 //! changes from which a client at an older version is brought current with one merged delta.
-//! Without I/O, so the server's hub and the deterministic client tests use the same catch-up rules.
+//! Without I/O: the server's hub and its session machine use it, in production and in the
+//! deterministic protocol tests alike.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{Hash, Hasher};

@@ -6,7 +6,9 @@
 //! deadline passed ([`SyncMachine::on_timeout`]) — always with `now`, and then drains
 //! [`SyncMachine::poll_output`] for frames to send, events to publish, and requests to close.
 //! [`SyncMachine::poll_timeout`] says when to call back. Everything here is deterministic for a
-//! given RNG seed, so the tests below drive it with a fake clock and no sleeps.
+//! given RNG seed: `vane-server`'s protocol tests (`server/src/session/tests.rs`) run it against
+//! the real server session machine with a fake clock and no sleeps, and the tests below drive it
+//! alone, frame by frame.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -43,6 +45,9 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// How long after the transport is up the server has to send Welcome.
     pub handshake_timeout: Duration,
+    /// Largest frame body accepted from the server, announced in Hello; the server never
+    /// sends a larger one (it ends the session with `FRAME_TOO_LARGE` instead).
+    pub max_frame_len: usize,
 }
 
 impl SyncConfig {
@@ -59,6 +64,7 @@ impl SyncConfig {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            max_frame_len: vane_proto::codec::DEFAULT_MAX_FRAME_LEN,
         }
     }
 }
@@ -207,8 +213,9 @@ pub struct SyncMachine {
     config: SyncConfig,
     phase: Phase,
     flags: Arc<FlagSet>,
-    /// A Fetch is outstanding on this connection; don't send another.
-    fetching: bool,
+    /// When the Fetch outstanding on this connection was sent: no other is sent while it is
+    /// answered in time (within a heartbeat interval).
+    fetching: Option<Instant>,
     /// Consecutive failed connections, for backoff; reset once a session syncs.
     failures: u32,
     rng: StdRng,
@@ -235,7 +242,7 @@ impl SyncMachine {
             config,
             phase: Phase::Idle,
             flags: Arc::new(flags),
-            fetching: false,
+            fetching: None,
             failures: 0,
             rng: StdRng::seed_from_u64(seed),
             out: VecDeque::new(),
@@ -244,6 +251,11 @@ impl SyncMachine {
             identifies: VecDeque::new(),
             next_identify: 1,
         }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
     }
 
     /// The context in use.
@@ -354,7 +366,7 @@ impl SyncMachine {
         self.phase = Phase::Handshaking {
             deadline: now + self.config.handshake_timeout,
         };
-        self.fetching = false;
+        self.fetching = None;
         self.identifies.clear();
         let (context, selector) = if self.evaluated() {
             let json = self.config.context.to_json().to_string();
@@ -377,7 +389,7 @@ impl SyncMachine {
             mode: self.config.mode.into(),
             push: self.config.push.into(),
             selector: selector.map(Into::into),
-            max_frame_len: 0,
+            max_frame_len: u32::try_from(self.config.max_frame_len).unwrap_or(u32::MAX),
             context,
         };
         self.transmit(hello);
@@ -451,7 +463,7 @@ impl SyncMachine {
                 });
             }
             (Kind::Snapshot(s), Some(_)) => {
-                self.fetching = false;
+                self.fetching = None;
                 let selector = s.selector.map(Selector::from);
                 match Arc::make_mut(&mut self.flags).replace(s) {
                     Ok(changed) => {
@@ -463,7 +475,7 @@ impl SyncMachine {
             }
             (Kind::Delta(d), Some(_)) => self.on_delta(now, d),
             (Kind::UpToDate(u), Some(_)) => {
-                self.fetching = false;
+                self.fetching = None;
                 let selector = u.selector.map(Selector::from);
                 if selector.is_some() && selector == self.flags.selector() {
                     if self.flags.is_cached() {
@@ -471,12 +483,12 @@ impl SyncMachine {
                     }
                     self.applied(UpdateKind::UpToDate, selector, Vec::new());
                 } else {
-                    self.fetch();
+                    self.fetch(now);
                 }
             }
-            (Kind::Notice(n), Some(_)) => self.fetch_unless_at(n.selector),
+            (Kind::Notice(n), Some(_)) => self.fetch_unless_at(now, n.selector),
             (Kind::Ping(p), Some(_)) => {
-                self.fetch_unless_at(p.selector);
+                self.fetch_unless_at(now, p.selector);
                 self.ack();
             }
             (other, _) => {
@@ -496,7 +508,7 @@ impl SyncMachine {
         let same_epoch = ours.is_some_and(|s| s.epoch == delta.epoch);
         match ours {
             Some(s) if same_epoch && delta.from_version == s.version => {
-                self.fetching = false;
+                self.fetching = None;
                 let to = Selector {
                     epoch: delta.epoch,
                     version: delta.to_version,
@@ -522,7 +534,7 @@ impl SyncMachine {
             // Already applied (a Fetch answer that crossed a push): nothing to do.
             Some(s) if same_epoch && delta.to_version <= s.version => {}
             // A gap or another epoch: never apply it; ask to be brought current instead.
-            _ => self.fetch(),
+            _ => self.fetch(now),
         }
     }
 
@@ -564,15 +576,22 @@ impl SyncMachine {
         self.ack();
     }
 
-    fn fetch_unless_at(&mut self, server: Option<pb::Selector>) {
+    fn fetch_unless_at(&mut self, now: Instant, server: Option<pb::Selector>) {
         if server.map(Selector::from) != self.flags.selector() {
-            self.fetch();
+            self.fetch(now);
         }
     }
 
-    fn fetch(&mut self) {
-        if !self.fetching {
-            self.fetching = true;
+    /// Asks to be brought current, unless a Fetch is outstanding. One unanswered for a whole
+    /// heartbeat interval is asked again: a duplicate answer is ignored, a lost one is not
+    /// waited for forever.
+    fn fetch(&mut self, now: Instant) {
+        let patience = match self.phase {
+            Phase::Live { heartbeat, .. } => heartbeat,
+            _ => self.config.handshake_timeout,
+        };
+        if self.fetching.is_none_or(|sent| now >= sent + patience) {
+            self.fetching = Some(now);
             self.transmit(pb::Fetch {
                 selector: self.flags.selector().map(Into::into),
             });
@@ -601,7 +620,7 @@ impl SyncMachine {
         let delay = delay.unwrap_or_else(|| self.backoff_delay());
         self.failures = self.failures.saturating_add(1);
         self.phase = Phase::Backoff { until: now + delay };
-        self.fetching = false;
+        self.fetching = None;
         self.emit(Event::Disconnected {
             reason,
             reconnect_in: delay,

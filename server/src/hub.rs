@@ -121,6 +121,11 @@ impl EnvHub {
         f(&self.state.read().history)
     }
 
+    /// The latest published change.
+    pub fn published(&self) -> Published {
+        self.published.borrow().clone()
+    }
+
     /// Subscribes to published changes; the current one counts as seen.
     pub fn subscribe(&self) -> watch::Receiver<Published> {
         self.published.subscribe()

@@ -19,7 +19,7 @@ use vane_core::protocol::Transport;
 
 use crate::control::Control;
 use crate::hub::Hub;
-use crate::session::{self, SessionConfig};
+use crate::session::{SessionConfig, driver};
 use crate::store::sqlite::SqliteStore;
 use crate::{http, quic, tls, tls_stream};
 
@@ -58,13 +58,7 @@ impl ServerConfig {
             max_connections: 100_000,
             drain_timeout: Duration::from_secs(10),
             demo: false,
-            session: SessionConfig {
-                heartbeat: Duration::from_secs(15),
-                hello_timeout: Duration::from_secs(10),
-                write_timeout: Duration::from_secs(10),
-                goaway_window: Duration::from_secs(5),
-                max_client_frame_len: vane_proto::codec::DEFAULT_MAX_CLIENT_FRAME_LEN,
-            },
+            session: SessionConfig::default(),
         }
     }
 }
@@ -86,7 +80,7 @@ pub struct Server {
 #[derive(Debug)]
 struct Ctx {
     hub: Arc<Hub>,
-    session: SessionConfig,
+    session: Arc<SessionConfig>,
     shutdown: CancellationToken,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -97,7 +91,7 @@ impl Ctx {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        session::run(stream, transport, &self.hub, &self.session, &self.shutdown).await
+        driver::run(stream, transport, &self.hub, &self.session, &self.shutdown).await
     }
 }
 
@@ -180,7 +174,7 @@ impl Server {
         let cancel = CancellationToken::new();
         let ctx = Arc::new(Ctx {
             hub: control.hub().clone(),
-            session: config.session.clone(),
+            session: Arc::new(config.session.clone()),
             shutdown: cancel.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections)),
             tracker: TaskTracker::new(),

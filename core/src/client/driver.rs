@@ -8,7 +8,6 @@ use tokio::io::ReadHalf;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use vane_proto::codec::DEFAULT_MAX_FRAME_LEN;
 
 use super::connect::{Connected, Connector, Duplex};
 use super::{Command, ConnectionState, Shared};
@@ -131,7 +130,7 @@ async fn session(
     let transport = conn.transport;
     let Connected { stream, quic, .. } = conn;
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(DEFAULT_MAX_FRAME_LEN);
+    let mut reader = FrameReader::new(machine.config().max_frame_len);
     loop {
         while let Some(out) = machine.poll_output() {
             match out {

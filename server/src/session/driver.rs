@@ -1,0 +1,232 @@
+//! The tokio task around a [`Session`], for one QUIC stream or TLS connection: it reads the
+//! stream, waits on shutdown, the session's deadline, and (once live) the environment's changes
+//! and the key's grant, feeds each to the session, and writes what the session hands out, each
+//! write bounded by the write timeout. Every protocol decision is the session's.
+//!
+//! Memory matters here: the task lives as long as the client stays connected, so nothing is
+//! held across an await that an idle session does not need. Reads land on the stack and only
+//! what arrived is copied out; the futures that wait on shared tokens are made once.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use vane_core::protocol::Transport;
+use vane_core::wire::write_encoded;
+
+use super::{End, Session, SessionConfig, Subscription};
+use crate::hub::Hub;
+
+/// Bytes read from the stream at a time (on the stack).
+const READ_CHUNK: usize = 4096;
+
+/// Runs a session on `stream` to its end, then shuts the stream down.
+pub async fn run<S>(
+    stream: &mut S,
+    transport: Transport,
+    hub: &Hub,
+    config: &Arc<SessionConfig>,
+    shutdown: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _counted = hub.count_session(transport);
+    let mut session = Session::new(hub.next_session_id(), config.clone(), Instant::now());
+    // Made once: recreated on every turn they would re-register with tokens that every session
+    // of the server (or of the key) waits on.
+    let mut stopping = pin!(shutdown.cancelled());
+    let mut timer = Timer::new();
+
+    // Until Hello: only the stream, the Hello deadline and shutdown.
+    let subscription = loop {
+        if !flush(&mut session, stream, config).await {
+            break None;
+        }
+        if let Some(subscription) = session.take_subscription() {
+            break Some(subscription);
+        }
+        timer.arm(session.poll_timeout());
+        tokio::select! {
+            biased;
+            _ = &mut stopping => session.handle_shutdown(Instant::now()),
+            _ = timer.fired() => session.handle_timeout(Instant::now()),
+            r = read_some(stream) => feed(&mut session, r, hub),
+        }
+    };
+
+    if let Some(Subscription { mut changes, grant }) = subscription {
+        let mut revoked = pin!(grant.ended());
+        while flush(&mut session, stream, config).await {
+            timer.arm(session.poll_timeout());
+            tokio::select! {
+                biased;
+                _ = &mut stopping => session.handle_shutdown(Instant::now()),
+                _ = &mut revoked => session.handle_revoked(Instant::now()),
+                r = changes.changed() => match r {
+                    Ok(()) => {
+                        changes.borrow_and_update();
+                        session.handle_change(Instant::now());
+                    }
+                    // The hub holds the sender for as long as the session holds the hub.
+                    Err(_) => session.handle_transport_error(Instant::now(), "the environment's change feed closed".into()),
+                },
+                _ = timer.fired() => session.handle_timeout(Instant::now()),
+                r = read_some(stream) => feed(&mut session, r, hub),
+            }
+        }
+    }
+
+    let _ = timeout(config.write_timeout, stream.shutdown()).await;
+    let id = session.id();
+    match session.end() {
+        Some(end @ End::Error(..)) => {
+            warn!(session = id, %transport, reason = %end, "session ended with an error")
+        }
+        // Clients come and go all the time (mobile networks especially): not worth an info line.
+        Some(end) => debug!(session = id, %transport, reason = %end, "session ended"),
+        None => debug!(session = id, %transport, "session ended"),
+    }
+}
+
+/// Writes everything the session has queued; whether the session goes on.
+async fn flush<S: AsyncWrite + Unpin>(
+    session: &mut Session,
+    stream: &mut S,
+    config: &SessionConfig,
+) -> bool {
+    while let Some(bytes) = session.poll_transmit() {
+        match timeout(config.write_timeout, write_encoded(stream, &bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                session.handle_transport_error(Instant::now(), e.to_string());
+                return false;
+            }
+            // The client is not reading. The session answers with its Error frame, which gets
+            // one more bounded attempt; if even the last frame stalls, stop.
+            Err(_) if session.end().is_some() => return false,
+            Err(_) => session.handle_stalled(Instant::now()),
+        }
+    }
+    session.end().is_none()
+}
+
+/// What a read brought: bytes, the end of the stream (empty), or an error.
+fn feed(session: &mut Session, read: io::Result<Bytes>, hub: &Hub) {
+    let now = Instant::now();
+    match read {
+        Ok(data) if data.is_empty() => session.handle_eof(now),
+        Ok(data) => session.handle_input(now, &data, hub),
+        Err(e) => session.handle_transport_error(now, e.to_string()),
+    }
+}
+
+/// Reads what the stream has, into a buffer on the stack; copies out only what arrived. An
+/// empty result is the end of the stream. Cancel-safe: nothing is read unless it completes.
+fn read_some<S: AsyncRead + Unpin>(stream: &mut S) -> impl Future<Output = io::Result<Bytes>> + '_ {
+    poll_fn(move |cx| {
+        let mut buf = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut buf);
+        ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+        Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())))
+    })
+}
+
+/// One timer for the session's deadline, re-armed only when the deadline moves.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep_until(far_future())),
+            armed: None,
+        }
+    }
+
+    fn arm(&mut self, at: Option<Instant>) {
+        if self.armed != at {
+            let deadline = at.map_or_else(far_future, tokio::time::Instant::from);
+            self.sleep.as_mut().reset(deadline);
+            self.armed = at;
+        }
+    }
+
+    /// Resolves when the armed deadline passes.
+    async fn fired(&mut self) {
+        (&mut self.sleep).await;
+        self.armed = None;
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vane_core::wire::FrameReader;
+    use vane_proto::codec;
+    use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
+
+    #[tokio::test]
+    async fn before_the_state_is_loaded_sessions_are_told_to_retry() {
+        let hub = Hub::new(10); // never loaded
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let hello: pb::Frame = pb::Hello {
+            protocol_version: 1,
+            sdk_key: "vane_srv_any".into(),
+            ..Default::default()
+        }
+        .into();
+        client.write_all(&codec::encode(&hello)).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let config = Arc::new(SessionConfig::default());
+        run(&mut server, Transport::Tcp, &hub, &config, &shutdown).await;
+        let frame = FrameReader::new(codec::DEFAULT_MAX_FRAME_LEN)
+            .read(&mut client)
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(Kind::Error(e)) = frame.kind else {
+            panic!("expected an Error, got {}", frame.kind_name())
+        };
+        assert_eq!(e.code(), ErrorCode::Initializing);
+        assert_eq!(e.retry_after_ms, 1000);
+        assert_eq!(
+            hub.session_counts()[1].1,
+            0,
+            "the session is no longer counted"
+        );
+    }
+
+    /// The task's size is what every idle connection holds (docs/BENCHMARKS.md, memory per
+    /// idle connection): a buffer or a future held across an await would show here.
+    #[test]
+    fn an_idle_session_task_stays_small() {
+        let hub = Hub::new(10);
+        let config = Arc::new(SessionConfig::default());
+        let shutdown = CancellationToken::new();
+        let mut stream = tokio::io::empty();
+        let mut duplex = tokio::io::join(&mut stream, tokio::io::sink());
+        let task = run(&mut duplex, Transport::Tcp, &hub, &config, &shutdown);
+        let size = std::mem::size_of_val(&task);
+        println!("session task: {size} bytes");
+        // 1,184 bytes before the session became a state machine; 912 after.
+        let budget = 1184;
+        assert!(
+            size <= budget,
+            "the session task grew to {size} bytes (budget {budget})"
+        );
+    }
+}
