@@ -1,13 +1,19 @@
 //! Golden byte vectors: one file per frame kind in `proto/testdata/`, holding the hex of the whole
-//! length-prefixed frame. The test encodes each sample frame and compares byte for byte, and
-//! decodes each file back to the same frame. `VANE_BLESS=1 cargo test -p vane-proto` rewrites the
-//! files after a deliberate change to the encoding (which, for protocol v1, should never happen).
+//! length-prefixed frame in canonical form (every message's fields in field-number order, as
+//! `protoc`-generated encoders write them). The test decodes each file back to its sample frame,
+//! and re-encodes the sample canonically to the same bytes; `proto/tools/check-golden.py` does the
+//! same with Python's `protobuf`. `VANE_BLESS=1 cargo test -p vane-proto` rewrites the files after
+//! a deliberate change to the encoding (which, for protocol v1, should never happen).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
+use prost::Message;
+use prost_types::field_descriptor_proto::Type;
+use prost_types::{DescriptorProto, FileDescriptorSet};
 use vane_proto::codec;
 use vane_proto::v1::*;
 
@@ -264,27 +270,142 @@ fn samples() -> Vec<(&'static str, Frame)> {
     ]
 }
 
+/// The schema's messages by full name (`.vane.v1.Frame`), from the `.proto` itself.
+struct Schema(HashMap<String, DescriptorProto>);
+
+impl Schema {
+    fn load() -> Schema {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let set: FileDescriptorSet =
+            protox::compile([root.join("vane/v1/vane.proto")], [&root]).unwrap();
+        let mut messages = HashMap::new();
+        for file in set.file {
+            let package = file.package.clone().unwrap_or_default();
+            for m in file.message_type {
+                messages.insert(format!(".{package}.{}", m.name()), m);
+            }
+        }
+        Schema(messages)
+    }
+
+    /// Re-encodes a message with its fields in field-number order (repeated fields keep their
+    /// order among themselves), descending into sub-messages.
+    fn canonical(&self, message: &str, mut bytes: &[u8]) -> Vec<u8> {
+        let desc = &self.0[message];
+        let mut fields: Vec<(u64, Vec<u8>)> = Vec::new();
+        while !bytes.is_empty() {
+            let start = bytes;
+            let key = prost::encoding::decode_varint(&mut bytes).unwrap();
+            let (number, wire_type) = (key >> 3, key & 7);
+            let body: Vec<u8> = match wire_type {
+                0 => {
+                    prost::encoding::decode_varint(&mut bytes).unwrap();
+                    let used = start.len() - bytes.len();
+                    start[..used].to_vec()
+                }
+                1 | 5 => {
+                    let n = if wire_type == 1 { 8 } else { 4 };
+                    bytes = &bytes[n..];
+                    start[..start.len() - bytes.len()].to_vec()
+                }
+                2 => {
+                    let len = prost::encoding::decode_varint(&mut bytes).unwrap() as usize;
+                    let (payload, rest) = bytes.split_at(len);
+                    bytes = rest;
+                    let field = desc.field.iter().find(|f| f.number() as u64 == number);
+                    let payload = match field {
+                        Some(f) if f.r#type() == Type::Message => {
+                            self.canonical(f.type_name(), payload)
+                        }
+                        _ => payload.to_vec(),
+                    };
+                    let mut out = Vec::new();
+                    prost::encoding::encode_varint(key, &mut out);
+                    prost::encoding::encode_varint(payload.len() as u64, &mut out);
+                    out.extend_from_slice(&payload);
+                    out
+                }
+                other => panic!("{message}: wire type {other} is not used by this schema"),
+            };
+            fields.push((number, body));
+        }
+        fields.sort_by_key(|(number, _)| *number); // stable: repeated fields keep their order
+        fields.into_iter().flat_map(|(_, b)| b).collect()
+    }
+
+    /// A frame, length-prefixed, in canonical form.
+    fn frame(&self, frame: &Frame) -> Vec<u8> {
+        let body = self.canonical(".vane.v1.Frame", &frame.encode_to_vec());
+        let mut out = BytesMut::new();
+        out.put_u32(body.len() as u32);
+        out.extend_from_slice(&body);
+        out.to_vec()
+    }
+}
+
 #[test]
-fn golden_vectors_match_byte_for_byte() {
+fn golden_vectors_are_canonical_and_decode_to_their_samples() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata");
     let bless = std::env::var_os("VANE_BLESS").is_some();
+    let schema = Schema::load();
+    let mut not_prosts_order = Vec::new();
     for (name, frame) in samples() {
         let path = dir.join(format!("{name}.hex"));
-        let encoded = codec::encode(&frame);
+        let canonical = schema.frame(&frame);
         if bless {
-            std::fs::write(&path, format!("{}\n", hex(&encoded))).unwrap();
+            std::fs::write(&path, format!("{}\n", hex(&canonical))).unwrap();
         }
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (run with VANE_BLESS=1 once)", path.display()));
         let golden = unhex(text.trim());
-        assert_eq!(hex(&encoded), hex(&golden), "{name}: encoding changed");
+        assert_eq!(hex(&canonical), hex(&golden), "{name}: encoding changed");
         let mut buf = BytesMut::from(&golden[..]);
         let decoded = codec::decode(&mut buf, codec::DEFAULT_MAX_FRAME_LEN)
             .unwrap()
             .unwrap_or_else(|| panic!("{name}: golden vector is incomplete"));
         assert_eq!(decoded, frame, "{name}: golden vector decodes differently");
         assert!(buf.is_empty(), "{name}: trailing bytes in golden vector");
+        if codec::encode(&frame)[..] != golden[..] {
+            not_prosts_order.push(name);
+        }
     }
+    // What docs/PROTOCOL.md says: prost writes a oneof at its lowest field number, which only
+    // moves a rollout fallthrough (field 9) of a Flag.
+    assert_eq!(not_prosts_order, ["snapshot_rules"]);
+}
+
+#[test]
+fn canonical_form_orders_fields_by_number_and_keeps_repeated_ones_in_order() {
+    let schema = Schema::load();
+    // Flag: key (1), then fallthrough_rollout (9) before version (6), as prost writes it.
+    let flag = Flag {
+        key: "k".into(),
+        version: 3,
+        tags: vec!["b".into(), "a".into()],
+        fallthrough: Some(flag::Fallthrough::FallthroughRollout(Rollout::default())),
+        ..Default::default()
+    };
+    let prost = flag.encode_to_vec();
+    let canonical = schema.canonical(".vane.v1.Flag", &prost);
+    let numbers = |mut b: &[u8]| {
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let key = prost::encoding::decode_varint(&mut b).unwrap();
+            out.push(key >> 3);
+            match key & 7 {
+                0 => drop(prost::encoding::decode_varint(&mut b).unwrap()),
+                2 => {
+                    let len = prost::encoding::decode_varint(&mut b).unwrap() as usize;
+                    b = &b[len..];
+                }
+                _ => unreachable!(),
+            }
+        }
+        out
+    };
+    assert_eq!(numbers(&prost), [1, 9, 6, 10, 10]);
+    assert_eq!(numbers(&canonical), [1, 6, 9, 10, 10]);
+    assert_eq!(Flag::decode(&canonical[..]).unwrap(), flag);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -16,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use vane_core::protocol::Transport;
+use vane_core::wire::write_encoded;
 
 use crate::control::Control;
 use crate::hub::Hub;
-use crate::session::{SessionConfig, driver};
+use crate::session::{self, SessionConfig, driver};
 use crate::store::sqlite::SqliteStore;
 use crate::{http, quic, tls, tls_stream};
 
@@ -363,6 +365,21 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerCon
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
     };
+    // rustls refuses a client that offers only other protocols; one that offers none gets
+    // through the handshake, and is told why it gets no session.
+    if stream.alpn_protocol() != Some(vane_proto::ALPN) {
+        debug!(%peer, "TLS connection without ALPN vane/1; refused");
+        let refusal = session::error_frame(
+            vane_proto::v1::ErrorCode::ProtocolViolation,
+            "this connection did not negotiate ALPN vane/1 (docs/PROTOCOL.md section 1)",
+        );
+        let write = async {
+            write_encoded(&mut stream, &refusal).await?;
+            stream.shutdown().await
+        };
+        let _ = timeout(ctx.session.write_timeout, write).await;
+        return;
+    }
     ctx.run_session(&mut stream, Transport::Tcp).await;
 }
 

@@ -98,6 +98,11 @@ pub async fn accept(io: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Res
 }
 
 impl TlsStream {
+    /// The application protocol the handshake agreed on, if the client offered one we serve.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let (stage, _) = self.process(Output::Nothing)?;

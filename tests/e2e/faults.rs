@@ -1,6 +1,8 @@
 //! Bad input on the protocol port: every case gets an Error frame or a bounded disconnect, and
 //! other sessions keep receiving updates.
 
+use std::sync::Arc;
+
 use tokio::io::AsyncWriteExt;
 use vane_core::client::{Client, ClientError, TransportPreference};
 use vane_core::sync::{Fatal, UpdateKind};
@@ -10,7 +12,8 @@ use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 use vane_server::keys::KeyKind;
 
 use crate::harness::{
-    PATIENCE, TestServer, hello, next_update, raw_tls, read_to_end, status_until, update_at,
+    PATIENCE, TestServer, hello, next_update, raw_tls, raw_tls_offering, read_to_end, status_until,
+    update_at,
 };
 
 fn error_code(frames: &[pb::Frame]) -> Option<ErrorCode> {
@@ -160,4 +163,39 @@ async fn shutdown_does_not_wait_for_a_connection_that_never_said_hello() {
         frames.iter().map(|f| f.kind_name()).collect::<Vec<_>>(),
         ["GoAway"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_negotiate_vane_1_gets_no_session() {
+    let server = TestServer::start().await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
+
+    // No ALPN at all: the handshake completes, and the server says why there is no session.
+    let mut raw = raw_tls_offering(&server, Vec::new()).await.unwrap();
+    raw.write_all(&codec::encode(&hello(&key))).await.unwrap();
+    raw.flush().await.unwrap();
+    let frames = read_to_end(&mut raw).await;
+    assert_eq!(frames.len(), 1, "an Error and nothing else: {frames:?}");
+    assert_eq!(error_code(&frames), Some(ErrorCode::ProtocolViolation));
+
+    // Another protocol: the TLS handshake itself fails.
+    let other = raw_tls_offering(&server, vec![b"h2".to_vec()]).await;
+    assert!(other.is_err(), "no_application_protocol");
+
+    // QUIC without vane/1 fails its handshake (RFC 9001).
+    let mut tls = (*vane_core::client::tls_config(&server.ca).unwrap()).clone();
+    tls.alpn_protocols = Vec::new();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let attempt = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            server.protocol,
+            "localhost",
+        )
+        .unwrap();
+    let refused = tokio::time::timeout(PATIENCE, attempt)
+        .await
+        .expect("an answer in time");
+    assert!(refused.is_err(), "the QUIC handshake is refused");
 }

@@ -292,12 +292,22 @@ impl Drop for Proxy {
 
 /// A TLS connection to the protocol port that speaks whatever the test writes.
 pub async fn raw_tls(server: &TestServer) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let config = vane_core::client::tls_config(&server.ca).expect("CA usable");
-    let tcp = TcpStream::connect(server.protocol).await.expect("connect");
-    tokio_rustls::TlsConnector::from(config)
-        .connect("127.0.0.1".try_into().unwrap(), tcp)
+    raw_tls_offering(server, vec![vane_proto::ALPN.to_vec()])
         .await
         .expect("TLS handshake")
+}
+
+/// The same, offering these ALPN protocols (none: offering no ALPN at all).
+pub async fn raw_tls_offering(
+    server: &TestServer,
+    alpn: Vec<Vec<u8>>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut config = (*vane_core::client::tls_config(&server.ca).expect("CA usable")).clone();
+    config.alpn_protocols = alpn;
+    let tcp = TcpStream::connect(server.protocol).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
 }
 
 /// A rules-mode Hello with `sdk_key`, for raw sessions.

@@ -146,7 +146,8 @@ enum Delivery {
 /// Seconds a refused client is told to wait when the server, or its environment, is not ready.
 const RETRY_WHEN_NOT_READY: Duration = Duration::from_secs(1);
 
-fn error_frame(code: ErrorCode, message: &str) -> Bytes {
+/// An encoded `Error` frame, for connections refused before a session starts.
+pub fn error_frame(code: ErrorCode, message: &str) -> Bytes {
     let retry_after = match code {
         ErrorCode::Initializing | ErrorCode::EnvironmentNotReady => RETRY_WHEN_NOT_READY,
         _ => Duration::ZERO,
