@@ -21,6 +21,18 @@ pub fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
+/// An epoch as tools show it: 16 lowercase hex digits (JSON, logs, the CLI, ETags).
+pub fn epoch_hex(epoch: u64) -> String {
+    format!("{epoch:016x}")
+}
+
+/// Parses [`epoch_hex`].
+pub fn parse_epoch_hex(text: &str) -> Option<u64> {
+    (text.len() == 16)
+        .then(|| u64::from_str_radix(text, 16).ok())
+        .flatten()
+}
+
 /// A position in an environment's history (see `Selector` in the protocol).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Selector {
@@ -31,15 +43,15 @@ pub struct Selector {
 }
 
 impl Selector {
-    /// The epoch as 16 hex digits, as shown in logs and JSON.
+    /// The epoch as 16 hex digits, as shown in logs and JSON (see [`epoch_hex`]).
     pub fn epoch_hex(&self) -> String {
-        format!("{:016x}", self.epoch)
+        epoch_hex(self.epoch)
     }
 }
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}:{}", self.epoch, self.version)
+        write!(f, "{}:{}", self.epoch_hex(), self.version)
     }
 }
 
@@ -77,5 +89,24 @@ impl std::fmt::Display for Transport {
             Transport::Quic => "quic",
             Transport::Tcp => "tcp",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_are_shown_as_sixteen_hex_digits_and_read_back() {
+        let s = Selector {
+            epoch: 0xab,
+            version: 7,
+        };
+        assert_eq!(s.epoch_hex(), "00000000000000ab");
+        assert_eq!(s.to_string(), "00000000000000ab:7");
+        assert_eq!(parse_epoch_hex(&s.epoch_hex()), Some(0xab));
+        assert_eq!(parse_epoch_hex("ab"), None, "always 16 digits");
+        assert_eq!(parse_epoch_hex("zzzzzzzzzzzzzzzz"), None);
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), u32::MAX);
     }
 }

@@ -3,7 +3,8 @@
 //! A frame on the wire is a 4-byte big-endian body length followed by the body, one protobuf
 //! [`Frame`]. Decoding is two steps: [`check`] looks only at the prefix and says whether a whole
 //! frame is buffered (or that it never will be, because it is over the limit); only then does
-//! [`decode`] split the body off and parse it. So an oversized length is refused before a single
+//! [`decode`] split the body off and parse it ([`decode_slice`] parses it where it lies, for a
+//! reader with the bytes in a buffer of its own). So an oversized length is refused before a single
 //! byte is allocated for it, and "need more bytes" (`Ok(None)`) is never confused with
 //! "malformed" (`Err`).
 
@@ -75,6 +76,17 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, DecodeErr
     Ok(Some(Frame::decode(body)?))
 }
 
+/// Decodes the frame at the front of `buf` without taking anything out of it: the frame and the
+/// bytes it used, or `Ok(None)` if more bytes are needed. For readers that hold the bytes in a
+/// slice of their own (a read buffer) rather than a [`BytesMut`].
+pub fn decode_slice(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, DecodeError> {
+    let Some(len) = check(buf, max)? else {
+        return Ok(None);
+    };
+    let frame = Frame::decode(&buf[PREFIX_LEN..PREFIX_LEN + len])?;
+    Ok(Some((frame, PREFIX_LEN + len)))
+}
+
 /// Appends `frame`, length-prefixed, to `out`.
 pub fn encode_into(frame: &Frame, out: &mut BytesMut) {
     let len = frame.encoded_len();
@@ -125,6 +137,13 @@ mod tests {
         }
         let mut buf = BytesMut::from(&bytes[..]);
         buf.extend_from_slice(&encode(&ack(43)));
+        let (first, used) = decode_slice(&buf, 1024).unwrap().unwrap();
+        assert_eq!(
+            (first, used),
+            (ack(42), bytes.len()),
+            "a slice is read, not consumed"
+        );
+        assert_eq!(decode_slice(&bytes[..bytes.len() - 1], 1024).unwrap(), None);
         assert_eq!(decode(&mut buf, 1024).unwrap(), Some(ack(42)));
         assert_eq!(decode(&mut buf, 1024).unwrap(), Some(ack(43)));
         assert!(buf.is_empty());

@@ -1,7 +1,16 @@
-//! The Vane server: the embedded [`store`], the in-memory [`hub`] that fans changes out, the
-//! [`control`] write path that keeps them in step, protocol [`session`]s over QUIC (one driver task for the
-//! whole endpoint, on quinn-proto) and TCP+TLS,
-//! the [`http`] admin API, and the [`cli`] behind the `vane` binary.
+//! The Vane server. How the pieces meet:
+//!
+//! - [`store`]: the durable state behind one trait (SQLite embedded); a write commits with its
+//!   version assigned in its transaction, and returns the committed change-log entry.
+//! - [`control`]: the write path: validate an edit, commit it with a precondition, and apply
+//!   that log entry to the [`hub`], the in-memory state every session reads and is woken by.
+//! - [`session`]: the protocol session as a state machine without I/O, and the thin tokio
+//!   driver that runs it over a QUIC stream (one driver task for the whole endpoint, on
+//!   quinn-proto) or a TLS connection; [`server`] binds and runs the listeners.
+//! - [`http`]: the admin API, SDK endpoints and operations, behind shared layers, speaking the
+//!   typed [`api`] that the CLI, the tests and `vane-load` use too; [`keys`]: SDK keys and the
+//!   admin token.
+//! - [`cli`]: the `vane` binary.
 //!
 //! Tests and embedders start it the way the binary does:
 //!

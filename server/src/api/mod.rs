@@ -157,16 +157,18 @@ impl ErrorCode {
 /// An epoch in JSON: 16 lowercase hex digits (a `u64` does not survive JavaScript's numbers).
 pub mod epoch_hex {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use vane_core::protocol;
 
     /// Writes the hex form.
     pub fn serialize<S: Serializer>(epoch: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{epoch:016x}"))
+        s.serialize_str(&protocol::epoch_hex(*epoch))
     }
 
     /// Reads the hex form.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         let text = String::deserialize(d)?;
-        u64::from_str_radix(&text, 16).map_err(D::Error::custom)
+        protocol::parse_epoch_hex(&text)
+            .ok_or_else(|| D::Error::custom(format!("epoch {text:?} is not 16 hex digits")))
     }
 }
 

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
 use vane_core::model::{Flag, Serve};
+use vane_core::protocol::epoch_hex;
 
 use super::Failure;
 use crate::api::client::{AdminClient, AdminError};
@@ -230,17 +231,13 @@ impl Admin {
     }
 }
 
-fn epoch(e: u64) -> String {
-    format!("{e:016x}")
-}
-
 pub(super) async fn env(data: &Path, args: &AdminArgs, cmd: EnvCmd) -> Result<(), Failure> {
     let a = Admin::connect(data, args)?;
     match cmd {
         EnvCmd::Create { name } => {
             let env = a.client.create_env(&name).await?;
             a.print(&env, |e| {
-                format!("created {} (epoch {})", e.name, epoch(e.at.epoch))
+                format!("created {} (epoch {})", e.name, epoch_hex(e.at.epoch))
             });
         }
         EnvCmd::List => {
@@ -256,7 +253,7 @@ pub(super) async fn env(data: &Path, args: &AdminArgs, cmd: EnvCmd) -> Result<()
                         e.name,
                         e.at.version,
                         e.flags,
-                        epoch(e.at.epoch)
+                        epoch_hex(e.at.epoch)
                     ));
                 }
                 out
@@ -270,7 +267,7 @@ pub(super) async fn env(data: &Path, args: &AdminArgs, cmd: EnvCmd) -> Result<()
                     e.name,
                     e.at.version,
                     e.flags,
-                    epoch(e.at.epoch)
+                    epoch_hex(e.at.epoch)
                 )
             });
         }

@@ -39,11 +39,11 @@ struct SnapshotQuery {
 
 fn etag(selector: Selector, context: Option<&Context>) -> String {
     match context {
-        None => format!("\"{:016x}-{}\"", selector.epoch, selector.version),
+        None => format!("\"{}-{}\"", selector.epoch_hex(), selector.version),
         Some(ctx) => {
             let digest = Sha256::digest(ctx.to_json().to_string().as_bytes());
             let id = hex::encode(&digest[..8]);
-            format!("\"{:016x}-{}-{id}\"", selector.epoch, selector.version)
+            format!("\"{}-{}-{id}\"", selector.epoch_hex(), selector.version)
         }
     }
 }

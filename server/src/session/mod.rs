@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::watch;
 use vane_core::eval::Context;
 use vane_core::protocol::{MISSED_HEARTBEATS, Selector, millis};
@@ -80,6 +80,16 @@ impl std::fmt::Display for End {
     }
 }
 
+/// A connection refused before its session starts (a TLS connection without ALPN `vane/1`):
+/// it is sent this `Error` and closed.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    /// The error code.
+    pub code: ErrorCode,
+    /// Why.
+    pub message: &'static str,
+}
+
 /// What a live session's driver waits on besides the stream: the environment's published
 /// changes, and the end of the key's grant. Handed out once, when the session goes live.
 #[derive(Debug)]
@@ -99,7 +109,7 @@ pub struct Session {
     /// The start of a frame whose end has not arrived; empty (and unallocated) between frames.
     partial: BytesMut,
     /// Encoded frames to send, in order.
-    out: VecDeque<Bytes>,
+    out: Outbox,
     /// When a complete frame last arrived.
     last_heard: Instant,
     /// Handed to the driver by [`Session::take_subscription`].
@@ -143,11 +153,42 @@ enum Delivery {
     Evaluated(Evaluated),
 }
 
+/// Frames waiting to be written. The usual push is one frame, kept inline; only a burst (the
+/// opening, a ping after a lag, pipelined Fetches) spills into a queue, which is freed once it
+/// empties, so an idle session holds nothing here.
+#[derive(Debug, Default)]
+struct Outbox {
+    next: Option<Bytes>,
+    more: VecDeque<Bytes>,
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: Bytes) {
+        if self.next.is_none() {
+            self.next = Some(bytes);
+        } else {
+            self.more.push_back(bytes);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Bytes> {
+        let next = self.next.take()?;
+        self.next = self.more.pop_front();
+        if self.more.is_empty() && self.more.capacity() > 0 {
+            self.more = VecDeque::new();
+        }
+        Some(next)
+    }
+
+    fn clear(&mut self) {
+        *self = Outbox::default();
+    }
+}
+
 /// Seconds a refused client is told to wait when the server, or its environment, is not ready.
 const RETRY_WHEN_NOT_READY: Duration = Duration::from_secs(1);
 
-/// An encoded `Error` frame, for connections refused before a session starts.
-pub fn error_frame(code: ErrorCode, message: &str) -> Bytes {
+fn error_frame(code: ErrorCode, message: &str) -> Bytes {
     let retry_after = match code {
         ErrorCode::Initializing | ErrorCode::EnvironmentNotReady => RETRY_WHEN_NOT_READY,
         _ => Duration::ZERO,
@@ -176,11 +217,18 @@ impl Session {
             config,
             state: State::Opening { deadline },
             partial: BytesMut::new(),
-            out: VecDeque::new(),
+            out: Outbox::default(),
             last_heard: now,
             subscription: None,
             end: None,
         }
+    }
+
+    /// A session that is over before it starts: it sends the refusal's `Error` and ends.
+    pub fn refused(id: u64, config: Arc<SessionConfig>, now: Instant, refusal: Refusal) -> Session {
+        let mut session = Session::new(id, config, now);
+        session.finish(refuse(refusal.code, refusal.message));
+        session
     }
 
     /// The session's id (in Welcome, and in logs).
@@ -196,7 +244,7 @@ impl Session {
 
     /// The next bytes to write.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.out.pop_front()
+        self.out.pop()
     }
 
     /// When [`Session::handle_timeout`] must be called next.
@@ -222,14 +270,32 @@ impl Session {
         if self.end.is_some() {
             return;
         }
-        self.partial.extend_from_slice(data);
+        // Whole frames are decoded where they arrived; only the start of an unfinished one is
+        // kept, and an idle session holds no buffer.
+        let mut rest = data;
+        if !self.partial.is_empty() {
+            self.partial.extend_from_slice(data);
+            rest = &[];
+        }
         while self.end.is_none() {
-            match codec::decode(&mut self.partial, self.config.max_client_frame_len) {
-                Ok(Some(frame)) => {
+            let buffered = !self.partial.is_empty();
+            let input: &[u8] = if buffered { &self.partial } else { rest };
+            match codec::decode_slice(input, self.config.max_client_frame_len) {
+                Ok(Some((frame, used))) => {
+                    if buffered {
+                        self.partial.advance(used);
+                    } else {
+                        rest = &rest[used..];
+                    }
                     self.last_heard = now;
                     self.handle_frame(now, frame, hub);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if !buffered && !rest.is_empty() {
+                        self.partial.extend_from_slice(rest);
+                    }
+                    break;
+                }
                 Err(DecodeError::TooLarge { len, max }) => self.finish(refuse(
                     ErrorCode::FrameTooLarge,
                     format!("frame of {len} bytes exceeds the limit of {max} bytes"),
@@ -237,8 +303,7 @@ impl Session {
                 Err(e) => self.finish(refuse(ErrorCode::MalformedFrame, e.to_string())),
             }
         }
-        if self.partial.is_empty() {
-            // Between frames an idle session holds no buffer.
+        if self.partial.is_empty() && self.partial.capacity() > 0 {
             self.partial = BytesMut::new();
         }
     }
@@ -297,9 +362,15 @@ impl Session {
         self.finish(refuse(ErrorCode::Unauthenticated, why));
     }
 
-    /// The environment published a change (the subscription woke).
-    pub fn handle_change(&mut self, _now: Instant) {
-        self.push();
+    /// The environment published `published` (the subscription woke; the driver hands over
+    /// what it read from it, so the shared value is read once per change).
+    pub fn handle_change(&mut self, _now: Instant, published: &Published) {
+        let State::Live(live) = &mut self.state else {
+            return;
+        };
+        if let Some(bytes) = live.push_bytes(published) {
+            self.send(bytes);
+        }
     }
 
     /// A deadline from [`Session::poll_timeout`] may have passed.
@@ -321,7 +392,7 @@ impl Session {
                 live.next_ping = now + heartbeat;
                 // A session that fell behind is brought current first, so the Ping never
                 // announces a version whose frame is still to come on this stream.
-                let behind = live.push_bytes();
+                let behind = live.push_bytes(&live.env.published());
                 let at = match live.push {
                     pb::PushMode::Notify => live.announced,
                     pb::PushMode::Delta => live.sent,
@@ -438,15 +509,6 @@ impl Session {
         Ok(())
     }
 
-    fn push(&mut self) {
-        let State::Live(live) = &mut self.state else {
-            return;
-        };
-        if let Some(bytes) = live.push_bytes() {
-            self.send(bytes);
-        }
-    }
-
     /// Queues an encoded frame, unless it is larger than the client accepts.
     fn send(&mut self, bytes: Bytes) {
         let max = match &self.state {
@@ -462,7 +524,7 @@ impl Session {
                 ),
             ));
         }
-        self.out.push_back(bytes);
+        self.out.push(bytes);
     }
 
     /// Ends the session: the end's own frame (`Error`, `GoAway`) goes after what is queued;
@@ -481,8 +543,8 @@ impl Session {
         self.subscription = None;
         self.partial = BytesMut::new();
         match &end {
-            End::Error(code, message) => self.out.push_back(error_frame(*code, message)),
-            End::Shutdown => self.out.push_back(codec::encode(
+            End::Error(code, message) => self.out.push(error_frame(*code, message)),
+            End::Shutdown => self.out.push(codec::encode(
                 &pb::GoAway {
                     reason: pb::GoAwayReason::Shutdown.into(),
                     reconnect_within_ms: millis(self.config.goaway_window),
@@ -555,14 +617,13 @@ impl Live {
 
     /// The one push decision: whatever brings the client current with what the environment
     /// published, in its delivery and push mode; nothing if it is current.
-    fn push_bytes(&mut self) -> Option<Bytes> {
-        let published = self.env.published();
+    fn push_bytes(&mut self, published: &Published) -> Option<Bytes> {
         if self.push == pb::PushMode::Notify {
             if published.selector == self.announced {
                 return None;
             }
             self.announced = published.selector;
-            return Some(published.notice);
+            return Some(published.notice.clone());
         }
         match &mut self.delivery {
             Delivery::Evaluated(ev) => {
@@ -582,7 +643,7 @@ impl Live {
                     && !published.delta.is_empty()
                 {
                     self.sent = next;
-                    Some(published.delta)
+                    Some(published.delta.clone())
                 } else {
                     Some(self.catch_up(Some(sent)))
                 }

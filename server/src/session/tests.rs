@@ -240,8 +240,8 @@ impl Pair {
         if let Some(sub) = link.subscription.as_mut() {
             if sub.changes.has_changed().unwrap_or(false) {
                 busy = true;
-                sub.changes.borrow_and_update();
-                link.session.handle_change(now);
+                let published = sub.changes.borrow_and_update().clone();
+                link.session.handle_change(now, &published);
             }
             if sub.grant.revoked().is_some() && link.session.end().is_none() {
                 busy = true;
@@ -702,6 +702,41 @@ fn a_frame_split_across_reads_is_put_back_together() {
         session.poll_transmit().is_some(),
         "Welcome once the last byte arrived"
     );
+    while session.poll_transmit().is_some() {}
+
+    // Two whole frames and the start of a third in one read, the rest of it in the next.
+    let ack = codec::encode(
+        &pb::Ack {
+            selector: Some(
+                Selector {
+                    epoch: EPOCH,
+                    version: 1,
+                }
+                .into(),
+            ),
+        }
+        .into(),
+    );
+    let fetch = codec::encode(&pb::Fetch::default().into());
+    let mut read = [&ack[..], &ack[..], &fetch[..2]].concat();
+    session.handle_input(now, &read, &p.hub);
+    assert!(
+        session.poll_transmit().is_none(),
+        "acks are not answered; the fetch is unfinished"
+    );
+    assert_eq!(
+        p.env().propagation().by_version.get(&1),
+        Some(&1),
+        "the acks were read"
+    );
+    read = fetch[2..].to_vec();
+    session.handle_input(now, &read, &p.hub);
+    assert!(
+        session.poll_transmit().is_some(),
+        "the fetch, put together, is answered"
+    );
+    assert!(session.end().is_none());
+
     session.handle_input(now, &bytes[..3], &p.hub);
     session.handle_eof(now);
     assert!(matches!(session.end(), Some(End::Transport(m)) if m.contains("inside a frame")));
