@@ -52,7 +52,7 @@ impl Item {
         Ok(Item::Segment(Arc::new(SegmentEntry::new(segment)?)))
     }
 
-    /// Reads an item back from its stored JSON (see [`Change::body`]) and compiles it. Every
+    /// Reads an item back from its stored JSON (see [`Item::body`]) and compiles it. Every
     /// store uses this, so what one backend wrote any other reads the same way.
     pub fn parse(kind: ItemKind, body: &str) -> Result<Item, String> {
         let compiled = match kind {

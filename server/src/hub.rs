@@ -414,6 +414,16 @@ mod tests {
     use vane_core::history::Write;
     use vane_core::model::Flag;
 
+    fn hub_with_env() -> Hub {
+        let hub = Hub::new(10);
+        let selector = Selector {
+            epoch: 7,
+            version: 0,
+        };
+        hub.add_env("e", selector);
+        hub
+    }
+
     fn change(version: u64, key: &str) -> Change {
         Write::flag(Flag::boolean(key, true, true))
             .unwrap()
@@ -422,14 +432,7 @@ mod tests {
 
     #[test]
     fn entries_apply_in_version_order_whatever_order_they_arrive_in() {
-        let hub = Hub::new(10);
-        hub.add_env(
-            "e",
-            Selector {
-                epoch: 7,
-                version: 0,
-            },
-        );
+        let hub = hub_with_env();
         let env = hub.env("e").unwrap();
         let mut rx = env.subscribe();
         assert_eq!(env.apply(7, change(2, "b")), Applied::Parked { at: 0 });
@@ -450,14 +453,7 @@ mod tests {
 
     #[test]
     fn revoking_ends_the_grant_and_says_why() {
-        let hub = Hub::new(10);
-        hub.add_env(
-            "e",
-            Selector {
-                epoch: 7,
-                version: 0,
-            },
-        );
+        let hub = hub_with_env();
         let a = keys::mint("e", KeyKind::Server, 0);
         let b = keys::mint("e", KeyKind::Mobile, 0);
         hub.add_key(&a.record);

@@ -372,8 +372,8 @@ async fn the_admin_api_refuses_broken_targeting_and_explains_decisions() {
         .evaluate("prod", "checkout", json!({"key": "u9", "country": "de"}))
         .await
         .unwrap();
-    assert_eq!(why.value, Some(FlagValue::String("new".into())));
-    assert_eq!(why.reason, Reason::TargetingMatch);
+    assert_eq!(why.served.value, Some(FlagValue::String("new".into())));
+    assert_eq!(why.served.reason, Reason::TargetingMatch);
     let rule = why.rule.expect("a rule decided");
     assert_eq!((rule.index, rule.id.as_deref()), (1, Some("germany")));
     let (s, code, _) = refusal(server.admin.evaluate("prod", "checkout", json!([1])).await);

@@ -182,7 +182,7 @@ enum Command {
 }
 
 /// A flag's value with the variant and reason that produced it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Details {
     /// The value served; `None` when the caller's default applies (see `error_code`).
     pub value: Option<FlagValue>,

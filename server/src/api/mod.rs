@@ -8,8 +8,8 @@ pub mod client;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use vane_core::eval::{ErrorCode as EvalErrorCode, Reason};
-use vane_core::model::{Flag, FlagValue, Segment};
+use vane_core::client::Details;
+use vane_core::model::{Flag, Segment};
 use vane_core::protocol::Selector;
 
 use crate::keys::{KeyKind, KeyRecord};
@@ -357,14 +357,9 @@ pub struct RuleRef {
 pub struct Explanation {
     /// The flag.
     pub flag: String,
-    /// The value served; `null` when the caller's default applies.
-    pub value: Option<FlagValue>,
-    /// The variant's name.
-    pub variant: Option<String>,
-    /// Why it was served.
-    pub reason: Reason,
-    /// What went wrong, with reason `ERROR`.
-    pub error_code: Option<EvalErrorCode>,
+    /// The value, variant and reason (`value`, `variant`, `reason`, `error_code` in JSON).
+    #[serde(flatten)]
+    pub served: Details,
     /// The rule that decided, if one did.
     pub rule: Option<RuleRef>,
     /// The rollout bucket (0 to 99 999), if a rollout decided.
@@ -406,20 +401,7 @@ pub struct SdkSnapshot {
     pub segments: Option<Vec<Segment>>,
     /// Evaluated mode: every flag's value for the context, by key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub values: Option<BTreeMap<String, EvaluatedValue>>,
-}
-
-/// One flag evaluated for the context (evaluated mode).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvaluatedValue {
-    /// The value; `null` when evaluation failed (serve the caller's default).
-    pub value: Option<FlagValue>,
-    /// The variant's name.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// What went wrong, with reason `ERROR`.
-    pub error_code: Option<EvalErrorCode>,
+    pub values: Option<BTreeMap<String, Details>>,
 }
 
 #[cfg(test)]

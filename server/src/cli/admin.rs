@@ -433,18 +433,18 @@ pub(super) async fn eval(
 
 /// `vane eval`'s summary: value, variant, reason, and what decided.
 fn explain(e: &Explanation) -> String {
-    let value = e.value.as_ref().map_or("null".to_owned(), |v| {
+    let value = e.served.value.as_ref().map_or("null".to_owned(), |v| {
         serde_json::to_string(v).unwrap_or_default()
     });
-    let reason = serde_json::to_value(e.reason)
+    let reason = serde_json::to_value(e.served.reason)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
     let mut out = format!(
         "value:   {value}\nvariant: {}\nreason:  {reason}",
-        e.variant.as_deref().unwrap_or("-")
+        e.served.variant.as_deref().unwrap_or("-")
     );
-    if let Some(code) = e.error_code {
+    if let Some(code) = e.served.error_code {
         out.push_str(&format!("\nerror:   {}", code.as_str()));
     }
     if let Some(rule) = &e.rule {

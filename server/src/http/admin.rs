@@ -11,6 +11,7 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use vane_core::client::Details;
 use vane_core::eval::Context;
 use vane_core::model::{Flag, Segment};
 
@@ -310,10 +311,7 @@ async fn evaluate_flag(
         });
         Some(Explanation {
             flag: key.clone(),
-            value: e.value.cloned(),
-            variant: e.variant.map(str::to_owned),
-            reason: e.reason,
-            error_code: e.error,
+            served: Details::from(e),
             rule,
             bucket: e.bucket,
             explanation: e.explanation(),

@@ -22,7 +22,9 @@ use vane_core::history::EnvHistory;
 use vane_core::protocol::Selector;
 
 use super::{ApiError, ApiResult, AppState};
-use crate::api::{ErrorCode, EvaluatedValue, SdkSnapshot, routes};
+use vane_core::client::Details;
+
+use crate::api::{ErrorCode, SdkSnapshot, routes};
 use crate::hub::Grant;
 
 /// The SDK routes.
@@ -59,17 +61,11 @@ fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
         .any(|t| t == "*" || t == tag || t.strip_prefix("W/") == Some(tag))
 }
 
-fn evaluated_values(h: &EnvHistory, ctx: &Context) -> BTreeMap<String, EvaluatedValue> {
+fn evaluated_values(h: &EnvHistory, ctx: &Context) -> BTreeMap<String, Details> {
     h.flags()
         .map(|entry| {
-            let e = entry.compiled.evaluate(ctx, h);
-            let value = EvaluatedValue {
-                value: e.value.cloned(),
-                variant: e.variant.map(str::to_owned),
-                reason: e.reason,
-                error_code: e.error,
-            };
-            (entry.wire.key.clone(), value)
+            let details = Details::from(entry.compiled.evaluate(ctx, h));
+            (entry.wire.key.clone(), details)
         })
         .collect()
 }

@@ -8,7 +8,7 @@
 //! over, why ([`Session::end`]). It reads the hub (in-memory state) but does no I/O and reads
 //! no clock, so the deterministic tests in `tests.rs` run it against the client's real sync
 //! machine with a fake clock. [`driver`] is the thin tokio task around it for real streams;
-//! [`evaluated`] holds what evaluated mode remembers per session.
+//! `evaluated.rs` holds what evaluated mode remembers per session.
 
 pub mod driver;
 mod evaluated;
