@@ -273,6 +273,13 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), ValidationError> {
             format!("character {c:?} is not allowed (use letters, digits, '.', '_' and '-')"),
         ));
     }
+    // Names are URL path segments, and clients collapse these two before sending.
+    if name == "." || name == ".." {
+        return Err(ValidationError::new(
+            field,
+            format!("{name:?} reads as a path, not a name"),
+        ));
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use vane_core::protocol::Transport;
 
 use crate::control::Control;
+use crate::http::HttpLimits;
 use crate::hub::Hub;
 use crate::session::{Refusal, SessionConfig, driver};
 use crate::store::sqlite::SqliteStore;
@@ -38,10 +39,16 @@ pub struct ServerConfig {
     pub history_window: usize,
     /// Most concurrent protocol connections; more are refused.
     pub max_connections: usize,
+    /// Connections the kernel queues for the TCP listener before the server accepts them. A
+    /// reconnect storm arrives at once, so this is large; the kernel caps it at
+    /// `net.core.somaxconn`.
+    pub listen_backlog: u32,
     /// How long shutdown waits for sessions to leave after GoAway.
     pub drain_timeout: Duration,
     /// Create the `demo` environment with a few flags and a server key.
     pub demo: bool,
+    /// Limits of the HTTP listener.
+    pub http_limits: HttpLimits,
     /// Per-session settings.
     pub session: SessionConfig,
 }
@@ -56,8 +63,10 @@ impl ServerConfig {
             quic: true,
             history_window: 1000,
             max_connections: 100_000,
+            listen_backlog: default_backlog(),
             drain_timeout: Duration::from_secs(10),
             demo: false,
+            http_limits: HttpLimits::default(),
             session: SessionConfig::default(),
         }
     }
@@ -118,6 +127,7 @@ impl Server {
 
         let (tcp, quic) = bind_protocol(
             config.listen,
+            config.listen_backlog,
             config.quic.then(|| tls.clone()),
             &config.session,
         )?;
@@ -192,12 +202,14 @@ impl Server {
             acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
-        let app = http::router(control.clone(), &admin_token);
-        let http_task = tokio::spawn(
-            axum::serve(http, app)
-                .with_graceful_shutdown(cancel.clone().cancelled_owned())
-                .into_future(),
-        );
+        let limits = config.http_limits;
+        let app = http::router(control.clone(), &admin_token, limits);
+        let http_task = tokio::spawn(http::serve::serve(
+            http,
+            app,
+            limits,
+            cancel.clone().cancelled_owned(),
+        ));
 
         // Sessions that arrive before this completes are told INITIALIZING.
         if let Err(e) = control.load().await {
@@ -233,10 +245,8 @@ impl Server {
                 warn!(error = %e, "QUIC driver task failed");
             }
         }
-        match http_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "HTTP server ended with an error"),
-            Err(e) => warn!(error = %e, "HTTP server task failed"),
+        if let Err(e) = http_task.await {
+            warn!(error = %e, "HTTP server task failed");
         }
         control.close().await.context("closing the store")?;
         info!("stopped");
@@ -267,6 +277,7 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
 /// for TCP is free on UDP too.
 fn bind_protocol(
     addr: SocketAddr,
+    backlog: u32,
     quic_tls: Option<Arc<rustls::ServerConfig>>,
     session: &SessionConfig,
 ) -> anyhow::Result<(TcpListener, Option<quic::Endpoint>)> {
@@ -274,8 +285,7 @@ fn bind_protocol(
     let mut last_err = None;
     for _ in 0..attempts {
         let std_tcp =
-            std::net::TcpListener::bind(addr).with_context(|| format!("binding TCP on {addr}"))?;
-        std_tcp.set_nonblocking(true)?;
+            listen_tcp(addr, backlog).with_context(|| format!("binding TCP on {addr}"))?;
         let port = std_tcp.local_addr()?.port();
         let Some(tls) = &quic_tls else {
             return Ok((TcpListener::from_std(std_tcp)?, None));
@@ -291,6 +301,26 @@ fn bind_protocol(
     }
     Err(last_err.map_or_else(|| anyhow::anyhow!("no port"), anyhow::Error::from))
         .with_context(|| format!("binding UDP for QUIC on {addr}"))
+}
+
+/// The largest backlog the kernel grants (`net.core.somaxconn`, 4096 on current Linux), so a
+/// storm of reconnects queues instead of overflowing (the standard library's listener asks 128).
+fn default_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// A non-blocking TCP listener on `addr` with this accept backlog.
+fn listen_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Every QUIC connection shares one UDP socket, so a burst (a change fanned out, a reconnect

@@ -146,6 +146,8 @@ async fn a_client_that_never_sends_hello_is_dropped() {
         TestServer::start_with(|c| c.session.hello_timeout = std::time::Duration::from_millis(300))
             .await;
     let mut raw = raw_tls(&server).await;
+    // Connected but silent: not a session (the gauge counts sessions past Hello).
+    assert_eq!(server.sessions("tcp").await, 0);
     assert_eq!(
         error_code(&read_to_end(&mut raw).await),
         Some(ErrorCode::Timeout)
@@ -198,4 +200,38 @@ async fn a_connection_that_does_not_negotiate_vane_1_gets_no_session() {
         .await
         .expect("an answer in time");
     assert!(refused.is_err(), "the QUIC handshake is refused");
+}
+
+/// Far more connections at once than the 128 the standard library's listener queues: every one
+/// gets its Welcome (the backlog is the kernel's maximum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_burst_beyond_the_old_backlog_is_all_served() {
+    let server = TestServer::start().await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let (addr, ca, key) = (server.protocol, server.ca.clone(), key.clone());
+        burst.spawn(async move {
+            let config = vane_core::client::tls_config(&ca).unwrap();
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect("127.0.0.1".try_into().unwrap(), tcp)
+                .await?;
+            tls.write_all(&codec::encode(&hello(&key))).await?;
+            let mut reader = vane_core::wire::FrameReader::new(codec::DEFAULT_MAX_FRAME_LEN);
+            let first = reader.read(&mut tls).await.map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((first.map(|f| f.kind_name()), tls))
+        });
+    }
+    let mut welcomed = Vec::new();
+    while let Some(done) = tokio::time::timeout(PATIENCE, burst.join_next())
+        .await
+        .expect("the burst is served in time")
+    {
+        let (first, tls) = done.unwrap().expect("connected");
+        assert_eq!(first, Some("Welcome"));
+        welcomed.push(tls);
+    }
+    assert_eq!(welcomed.len(), 1000);
+    assert_eq!(server.sessions("tcp").await, 1000);
 }

@@ -8,6 +8,7 @@ mod backpressure;
 mod delivery;
 mod faults;
 mod harness;
+mod hostile_http;
 mod load;
 mod mobile;
 mod resume;

@@ -97,12 +97,20 @@ pub struct ErrorDetail {
 pub enum ErrorCode {
     /// 400: the body is not the JSON the endpoint takes.
     BadJson,
+    /// 400: a request HTTP itself refuses (a query that does not parse, a body that broke off).
+    BadRequest,
     /// 401: no credentials, or wrong ones.
     Unauthorized,
     /// 403: the SDK key may not have what it asked for.
     Forbidden,
     /// 404: no such endpoint.
     NotFound,
+    /// 405: the endpoint does not take this method (`Allow` says which it takes).
+    MethodNotAllowed,
+    /// 408: the request (its body) did not arrive in time.
+    Timeout,
+    /// 413: the body is over the limit (2 MB).
+    PayloadTooLarge,
     /// 404.
     EnvironmentNotFound,
     /// 404.
@@ -125,6 +133,8 @@ pub enum ErrorCode {
     Initializing,
     /// 500.
     Internal,
+    /// 503: not serving now (other than while loading).
+    Unavailable,
     /// A code this client does not know (from a newer server).
     #[serde(other)]
     Unknown,
@@ -135,6 +145,11 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",

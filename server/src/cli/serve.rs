@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// Most concurrent protocol connections.
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
+    /// TCP connections the kernel may queue before they are accepted (default: the kernel's
+    /// maximum, net.core.somaxconn).
+    #[arg(long)]
+    pub listen_backlog: Option<u32>,
     /// Seconds over which clients spread their reconnects after a shutdown.
     #[arg(long, default_value_t = 5)]
     pub goaway_window: u64,
@@ -45,6 +49,9 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     config.demo = args.demo;
     config.history_window = args.history.max(1);
     config.max_connections = args.max_connections.max(1);
+    if let Some(backlog) = args.listen_backlog {
+        config.listen_backlog = backlog.max(1);
+    }
     config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
     config.session.goaway_window = Duration::from_secs(args.goaway_window);
     let stop = shutdown_signal()?;

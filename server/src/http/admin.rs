@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post, put};
@@ -15,7 +14,7 @@ use vane_core::client::Details;
 use vane_core::eval::Context;
 use vane_core::model::{Flag, Segment};
 
-use super::{ApiError, ApiResult, AppState, bad_json, parse};
+use super::{ApiError, ApiResult, AppState, Body, bad_json, parse};
 use crate::api::{
     At, CreateEnv, CreateKey, EnvInfo, EnvList, ErrorCode, EvaluateRequest, Explanation, FlagList,
     KeyInfo, KeyList, NewKeyInfo, Propagation, RuleRef, SegmentList, Toggle, Written, routes,
@@ -88,7 +87,7 @@ async fn list_envs(State(state): State<AppState>) -> Json<EnvList> {
 
 async fn create_env(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<EnvInfo>)> {
     let req: CreateEnv = parse(&body)?;
     let selector = state.control.create_env(&req.name).await?;
@@ -145,7 +144,7 @@ async fn get_flag(
 }
 
 /// Parses a flag or segment body; its `key`, if present, must match the path.
-fn keyed_body<T: DeserializeOwned>(body: &Bytes, key: &str) -> ApiResult<T> {
+fn keyed_body<T: DeserializeOwned>(body: &Body, key: &str) -> ApiResult<T> {
     let mut value: Value = parse(body)?;
     let Some(object) = value.as_object_mut() else {
         return Err(ApiError::new(
@@ -173,7 +172,7 @@ fn keyed_body<T: DeserializeOwned>(body: &Bytes, key: &str) -> ApiResult<T> {
 async fn put_flag(
     State(state): State<AppState>,
     Path((env, key)): Path<(String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<Written>> {
     let flag: Flag = keyed_body(&body, &key)?;
     edit(&state, &env, Edit::PutFlag(flag)).await
@@ -189,7 +188,7 @@ async fn delete_flag(
 async fn toggle_flag(
     State(state): State<AppState>,
     Path((env, key)): Path<(String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<Written>> {
     let Toggle { on } = parse(&body)?;
     edit(&state, &env, Edit::Toggle { key, on }).await
@@ -225,7 +224,7 @@ async fn get_segment(
 async fn put_segment(
     State(state): State<AppState>,
     Path((env, key)): Path<(String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<Written>> {
     let segment: Segment = keyed_body(&body, &key)?;
     edit(&state, &env, Edit::PutSegment(segment)).await
@@ -251,7 +250,7 @@ async fn list_keys(
 async fn create_key(
     State(state): State<AppState>,
     Path(env): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<NewKeyInfo>)> {
     let CreateKey { kind } = parse(&body)?;
     let key = state.control.create_key(&env, kind).await?;
@@ -287,7 +286,7 @@ async fn propagation(
 async fn evaluate_flag(
     State(state): State<AppState>,
     Path((env, key)): Path<(String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<Explanation>> {
     let EvaluateRequest { context } = parse(&body)?;
     let ctx = Context::new(context).map_err(|e| {

@@ -1,10 +1,11 @@
 //! The gates in front of the HTTP modules, as axum middleware: the admin token, the readiness
-//! gate, and SDK-key authentication (which hands the handler the key's [`Grant`]).
+//! gate, SDK-key authentication (which hands the handler the key's [`Grant`]), and the last
+//! word on every answer: an error is the API's JSON error, whoever made it.
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -81,4 +82,44 @@ pub async fn require_sdk_key(
     };
     req.extensions_mut().insert::<Arc<Grant>>(grant);
     next.run(req).await
+}
+
+/// Rewrites an error answer that is not the API's JSON (axum's own: 405 with an empty body,
+/// 413 and body errors as plain text) into `{"error": {…}}` with the same status, keeping its
+/// headers (`Allow`, `Retry-After`).
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json = HeaderValue::from_static("application/json");
+    if !(status.is_client_error() || status.is_server_error())
+        || response.headers().get(header::CONTENT_TYPE) == Some(&json)
+    {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::Timeout,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::BadJson,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        s if s.is_client_error() => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
 }

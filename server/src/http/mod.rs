@@ -12,15 +12,20 @@ pub mod admin;
 pub mod layers;
 pub mod ops;
 pub mod sdk;
+pub mod serve;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError};
 
 use crate::api::{ADMIN_PREFIX, ErrorBody, ErrorCode, ErrorDetail};
 use crate::control::{Control, ControlError};
@@ -41,8 +46,26 @@ impl AppState {
     }
 }
 
+/// How long a client may take to send a request, so a slow one is closed instead of held.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// To send the headers, from its first byte.
+    pub header_read_timeout: Duration,
+    /// To send the body.
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The whole HTTP router.
-pub fn router(control: Arc<Control>, admin_token: &str) -> Router {
+pub fn router(control: Arc<Control>, admin_token: &str, limits: HttpLimits) -> Router {
     let state = AppState {
         control,
         admin_token: keys::hash_secret(admin_token),
@@ -72,6 +95,10 @@ pub fn router(control: Arc<Control>, admin_token: &str) -> Router {
         .nest(ADMIN_PREFIX, admin)
         .merge(sdk)
         .with_state(state)
+        // A body trickled in slower than this is cut off (a slowloris on the body; the
+        // headers have their own timeout in `serve`).
+        .layer(RequestBodyTimeoutLayer::new(limits.body_timeout))
+        .layer(middleware::map_response(layers::json_errors))
 }
 
 /// An error answer.
@@ -156,9 +183,44 @@ impl From<ControlError> for ApiError {
 /// A handler's result.
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// A request's body, read whole. Reading it can fail in three ways, each its own answer: over
+/// the size limit (413), not arrived within the body timeout (408), or broken off (400).
+#[derive(Debug)]
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Body, ApiError> {
+        match Bytes::from_request(req, state).await {
+            Ok(bytes) => Ok(Body(bytes)),
+            Err(rejection) => Err(body_error(&rejection)),
+        }
+    }
+}
+
+fn body_error(rejection: &BytesRejection) -> ApiError {
+    let message = rejection.body_text();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<TimeoutError>() {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, ErrorCode::Timeout, message);
+        }
+        cause = e.source();
+    }
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            message,
+        ),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message),
+    }
+}
+
 /// Parses a JSON body, answering 400 with serde's line/column message when it is not valid.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(bad_json)
+fn parse<T: DeserializeOwned>(body: &Body) -> ApiResult<T> {
+    serde_json::from_slice(&body.0).map_err(bad_json)
 }
 
 fn bad_json(e: serde_json::Error) -> ApiError {
@@ -185,7 +247,13 @@ mod tests {
         let control = Control::new(Arc::new(store), Arc::new(Hub::new(10)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, router(control.clone(), "t")).into_future());
+        tokio::spawn(
+            axum::serve(
+                listener,
+                router(control.clone(), "t", HttpLimits::default()),
+            )
+            .into_future(),
+        );
         (control, base, dir)
     }
 

@@ -15,7 +15,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use super::AppState;
+use super::{ApiError, AppState};
+use crate::api::ErrorCode;
 use crate::hub::{EnvHub, Hub};
 
 /// The operations routes.
@@ -33,7 +34,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.hub().is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "initializing\n").into_response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Initializing,
+            "server is loading its state",
+        )
+        .into_response()
     }
 }
 

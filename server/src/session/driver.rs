@@ -42,7 +42,6 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _counted = hub.count_session(transport);
     let (id, now) = (hub.next_session_id(), Instant::now());
     let mut session = match refusal {
         None => Session::new(id, config.clone(), now),
@@ -71,6 +70,8 @@ pub async fn run<S>(
     };
 
     if let Some(Subscription { mut changes, grant }) = subscription {
+        // Counted from Hello on: a connection that never says Hello is not a session.
+        let _counted = hub.count_session(transport);
         let mut revoked = pin!(grant.ended());
         while flush(&mut session, stream, config).await {
             timer.arm(session.poll_timeout());
@@ -246,7 +247,7 @@ mod tests {
         assert_eq!(
             hub.session_counts()[1].1,
             0,
-            "the session is no longer counted"
+            "a refused session is never counted"
         );
     }
 
