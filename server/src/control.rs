@@ -164,6 +164,9 @@ impl Control {
     /// Loads the store into the hub and marks it ready.
     pub async fn load(&self) -> Result<(), ControlError> {
         let loaded = self.store.load(self.hub.window()).await?;
+        for env in &loaded.envs {
+            env.check()?;
+        }
         self.hub.load(loaded);
         Ok(())
     }

@@ -122,7 +122,21 @@ impl Server {
         }
         let tls = tls::server_config(dir)?;
         let (admin_token, created_token) = admin_token(dir)?;
-        let store = SqliteStore::open(&dir.join("vane.db")).context("opening the store")?;
+        let db = dir.join("vane.db");
+        let store = SqliteStore::open(&db)
+            .with_context(|| format!("opening the store {}", db.display()))?;
+        // A directory whose token was made by an earlier start held a server: an empty store
+        // there is a lost or damaged database, not a new server.
+        if store.created() && !created_token {
+            anyhow::bail!(
+                "{} is missing or empty, but this data directory was used before ({} exists): \
+                 refusing to start with no environments. Restore the database from a backup, \
+                 or remove {} to start a new server here.",
+                db.display(),
+                dir.join("admin-token").display(),
+                dir.join("admin-token").display()
+            );
+        }
         let control = Control::new(Arc::new(store), Arc::new(Hub::new(config.history_window)));
 
         let (tcp, quic) = bind_protocol(

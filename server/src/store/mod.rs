@@ -115,6 +115,48 @@ pub struct LogTail {
     pub changes: Vec<Change>,
 }
 
+impl LoadedEnv {
+    /// Checks that what was loaded holds together: the newest logged change is the
+    /// environment's version, the log is contiguous, and no item is newer than the environment.
+    /// A store only gets here by being changed outside Vane (or damaged): the server refuses to
+    /// serve it rather than fail every later write.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let at = self.selector.version;
+        let corrupt = |what: String| {
+            StoreError::Corrupt(format!(
+                "environment {:?} is at version {at}, but {what}; the store was changed outside vane \
+                 or damaged: restore it from a backup",
+                self.name
+            ))
+        };
+        if let Some(last) = self.changes.last()
+            && last.version != at
+        {
+            return Err(corrupt(format!(
+                "its change log ends at version {}",
+                last.version
+            )));
+        }
+        if let Some(pair) = self
+            .changes
+            .windows(2)
+            .find(|w| w[1].version != w[0].version + 1)
+        {
+            return Err(corrupt(format!(
+                "its change log skips from version {} to {}",
+                pair[0].version, pair[1].version
+            )));
+        }
+        if let Some(item) = self.items.iter().find(|i| i.version() > at) {
+            return Err(corrupt(format!(
+                "an item was written at version {}",
+                item.version()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Everything the hub is built from.
 #[derive(Debug, Default)]
 pub struct Loaded {

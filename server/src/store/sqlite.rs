@@ -21,6 +21,8 @@ use crate::keys::{KeyKind, KeyRecord, SecretHash};
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// This open made the schema: the file was new, empty, or held no Vane tables.
+    created: bool,
 }
 
 const SCHEMA: &str = "
@@ -119,6 +121,13 @@ impl SqliteStore {
                 "database schema {version} is newer than this server ({SCHEMA_VERSION}); upgrade vane"
             )));
         }
+        let created: bool = conn
+            .query_row(
+                "SELECT COUNT(*) = 0 FROM sqlite_master WHERE type = 'table' AND name = 'environments'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         // Databases from before segments: their change log has no `kind` column.
         let has_kind: bool = conn
@@ -136,7 +145,13 @@ impl SqliteStore {
             .map_err(db)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            created,
         })
+    }
+
+    /// Whether this open created the schema (a new or empty file).
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Runs `f` on the connection, on the blocking pool.
