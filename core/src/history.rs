@@ -19,8 +19,8 @@ use crate::protocol::Selector;
 pub struct FlagEntry {
     /// The compiled flag (holds the flag as written).
     pub compiled: CompiledFlag,
-    /// The wire form.
-    pub wire: pb::Flag,
+    /// The wire form, shared with the history window (which keeps no compiled state).
+    pub wire: Arc<pb::Flag>,
 }
 
 /// A segment in memory.
@@ -28,8 +28,8 @@ pub struct FlagEntry {
 pub struct SegmentEntry {
     /// The compiled segment.
     pub compiled: CompiledSegment,
-    /// The wire form.
-    pub wire: pb::Segment,
+    /// The wire form, shared with the history window.
+    pub wire: Arc<pb::Segment>,
 }
 
 /// What a change wrote: a flag or a segment, or `None` for a deletion.
@@ -44,12 +44,12 @@ pub enum Item {
 impl Item {
     /// Compiles a flag (checking it fully).
     pub fn flag(flag: Flag) -> Result<Item, ValidationError> {
-        Ok(Item::Flag(Arc::new(FlagEntry::new(flag)?)))
+        Ok(Item::Flag(Arc::new(FlagEntry::new(flag, None)?)))
     }
 
     /// Compiles a segment (checking all but its references).
     pub fn segment(segment: Segment) -> Result<Item, ValidationError> {
-        Ok(Item::Segment(Arc::new(SegmentEntry::new(segment)?)))
+        Ok(Item::Segment(Arc::new(SegmentEntry::new(segment, None)?)))
     }
 
     /// Reads an item back from its stored JSON (see [`Item::body`]) and compiles it. Every
@@ -94,32 +94,35 @@ impl Item {
 }
 
 impl FlagEntry {
-    fn new(flag: Flag) -> Result<FlagEntry, ValidationError> {
-        let wire = pb::Flag::from(&flag);
+    fn new(flag: Flag, previous: Option<&FlagEntry>) -> Result<FlagEntry, ValidationError> {
+        let wire = Arc::new(pb::Flag::from(&flag));
         Ok(FlagEntry {
-            compiled: CompiledFlag::new(flag)?,
+            compiled: CompiledFlag::after(flag, previous.map(|p| &p.compiled))?,
             wire,
         })
     }
 
     fn set_version(&mut self, version: u64) {
         self.compiled.set_version(version);
-        self.wire.version = version;
+        Arc::make_mut(&mut self.wire).version = version;
     }
 }
 
 impl SegmentEntry {
-    fn new(segment: Segment) -> Result<SegmentEntry, ValidationError> {
-        let wire = pb::Segment::from(&segment);
+    fn new(
+        segment: Segment,
+        previous: Option<&SegmentEntry>,
+    ) -> Result<SegmentEntry, ValidationError> {
+        let wire = Arc::new(pb::Segment::from(&segment));
         Ok(SegmentEntry {
-            compiled: CompiledSegment::new(segment)?,
+            compiled: CompiledSegment::after(segment, previous.map(|p| &p.compiled))?,
             wire,
         })
     }
 
     fn set_version(&mut self, version: u64) {
         self.compiled.set_version(version);
-        self.wire.version = version;
+        Arc::make_mut(&mut self.wire).version = version;
     }
 }
 
@@ -167,12 +170,26 @@ pub enum Write {
 impl Write {
     /// Compiles a flag to write (checking it fully; its segment references are the caller's).
     pub fn flag(flag: Flag) -> Result<Write, ValidationError> {
-        FlagEntry::new(flag).map(Write::Flag)
+        Write::flag_after(flag, None)
+    }
+
+    /// The same, for a flag replacing `previous`: rules it did not change are not compiled
+    /// again but shared with it (a toggle of a flag full of regular expressions costs nothing).
+    pub fn flag_after(flag: Flag, previous: Option<&FlagEntry>) -> Result<Write, ValidationError> {
+        FlagEntry::new(flag, previous).map(Write::Flag)
     }
 
     /// Compiles a segment to write (checking all but its references).
     pub fn segment(segment: Segment) -> Result<Write, ValidationError> {
-        SegmentEntry::new(segment).map(Write::Segment)
+        Write::segment_after(segment, None)
+    }
+
+    /// The same, sharing the compiled rules of `previous` if they did not change.
+    pub fn segment_after(
+        segment: Segment,
+        previous: Option<&SegmentEntry>,
+    ) -> Result<Write, ValidationError> {
+        SegmentEntry::new(segment, previous).map(Write::Segment)
     }
 
     /// Flag or segment.
@@ -233,6 +250,73 @@ pub struct Change {
     pub item: Option<Item>,
 }
 
+/// A change as the history window keeps it: what a delta needs (the wire form), none of the
+/// compiled state, so an old version of a flag costs its size on the wire and no more.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// The environment version this change produced.
+    pub version: u64,
+    /// Flag or segment.
+    pub kind: ItemKind,
+    /// Its key.
+    pub key: String,
+    /// The item after the change, as sent; `None` when it was deleted.
+    pub wire: Option<Wire>,
+}
+
+/// An item in wire form.
+#[derive(Debug, Clone)]
+pub enum Wire {
+    /// A flag.
+    Flag(Arc<pb::Flag>),
+    /// A segment.
+    Segment(Arc<pb::Segment>),
+}
+
+impl Logged {
+    /// Reads a logged change back from its stored JSON, without compiling it: its definition
+    /// was checked when it was committed, and only its wire form is kept.
+    pub fn parse(
+        version: u64,
+        kind: ItemKind,
+        key: String,
+        body: Option<&str>,
+    ) -> Result<Logged, String> {
+        let wire = match body {
+            None => None,
+            Some(body) => Some(
+                match kind {
+                    ItemKind::Flag => serde_json::from_str::<Flag>(body)
+                        .map(|f| Wire::Flag(Arc::new(pb::Flag::from(&f)))),
+                    ItemKind::Segment => serde_json::from_str::<Segment>(body)
+                        .map(|s| Wire::Segment(Arc::new(pb::Segment::from(&s)))),
+                }
+                .map_err(|e| format!("stored {} JSON: {e}", kind.as_str()))?,
+            ),
+        };
+        Ok(Logged {
+            version,
+            kind,
+            key,
+            wire,
+        })
+    }
+}
+
+impl From<&Change> for Logged {
+    fn from(c: &Change) -> Logged {
+        Logged {
+            version: c.version,
+            kind: c.kind,
+            key: c.key.clone(),
+            wire: c.item.as_ref().map(|item| match item {
+                Item::Flag(e) => Wire::Flag(e.wire.clone()),
+                Item::Segment(e) => Wire::Segment(e.wire.clone()),
+            }),
+        }
+    }
+}
+
 /// An environment's flags, segments and recent history.
 #[derive(Debug, Clone)]
 pub struct EnvHistory {
@@ -240,7 +324,7 @@ pub struct EnvHistory {
     flags: BTreeMap<String, Arc<FlagEntry>>,
     segments: BTreeMap<String, Arc<SegmentEntry>>,
     /// Changes in version order, the last one at `selector.version`; at most `window` of them.
-    changes: VecDeque<Change>,
+    changes: VecDeque<Logged>,
     window: usize,
 }
 
@@ -275,7 +359,7 @@ impl EnvHistory {
     pub fn new(
         selector: Selector,
         items: impl IntoIterator<Item = Item>,
-        changes: impl IntoIterator<Item = Change>,
+        changes: impl IntoIterator<Item = Logged>,
         window: usize,
     ) -> Self {
         let mut history = EnvHistory {
@@ -357,7 +441,7 @@ impl EnvHistory {
             (None, ItemKind::Segment) => drop(self.segments.remove(&key)),
         }
         self.selector.version = version;
-        self.changes.push_back(change);
+        self.changes.push_back(Logged::from(&change));
         self.trim();
         self.delta_since(version - 1)
             .expect("the change just recorded is in the window")
@@ -375,7 +459,7 @@ impl EnvHistory {
     }
 
     /// The changes after `from`, in version order; `None` if the window no longer reaches back.
-    fn changes_since(&self, from: u64) -> Option<impl Iterator<Item = &Change>> {
+    fn changes_since(&self, from: u64) -> Option<impl Iterator<Item = &Logged>> {
         if from < self.oldest_resumable() || from > self.selector.version {
             return None;
         }
@@ -430,9 +514,9 @@ impl EnvHistory {
     /// The changes after `from`, merged so each item appears once; `None` if the window no
     /// longer reaches back to `from`.
     pub fn delta_since(&self, from: u64) -> Option<pb::Delta> {
-        let mut latest: BTreeMap<(ItemKind, &str), &Option<Item>> = BTreeMap::new();
+        let mut latest: BTreeMap<(ItemKind, &str), &Option<Wire>> = BTreeMap::new();
         for change in self.changes_since(from)? {
-            latest.insert((change.kind, &change.key), &change.item);
+            latest.insert((change.kind, &change.key), &change.wire);
         }
         let mut delta = pb::Delta {
             epoch: self.selector.epoch,
@@ -442,8 +526,8 @@ impl EnvHistory {
         };
         for ((kind, key), item) in latest {
             match (item, kind) {
-                (Some(Item::Flag(e)), _) => delta.upserts.push(e.wire.clone()),
-                (Some(Item::Segment(e)), _) => delta.segment_upserts.push(e.wire.clone()),
+                (Some(Wire::Flag(f)), _) => delta.upserts.push((**f).clone()),
+                (Some(Wire::Segment(s)), _) => delta.segment_upserts.push((**s).clone()),
                 (None, ItemKind::Flag) => delta.deletes.push(key.to_owned()),
                 (None, ItemKind::Segment) => delta.segment_deletes.push(key.to_owned()),
             }
@@ -455,8 +539,8 @@ impl EnvHistory {
     pub fn snapshot(&self, reason: pb::SnapshotReason) -> pb::Snapshot {
         pb::Snapshot {
             selector: Some(self.selector.into()),
-            flags: self.flags.values().map(|e| e.wire.clone()).collect(),
-            segments: self.segments.values().map(|e| e.wire.clone()).collect(),
+            flags: self.flags.values().map(|e| (*e.wire).clone()).collect(),
+            segments: self.segments.values().map(|e| (*e.wire).clone()).collect(),
             reason: reason.into(),
             values: Vec::new(),
         }
@@ -540,6 +624,47 @@ mod tests {
         assert_eq!(a.compiled.flag(), b.compiled.flag());
         assert_eq!(a.wire, b.wire);
         assert!(Item::parse(ItemKind::Segment, "{").is_err());
+    }
+
+    #[test]
+    fn versions_of_a_flag_share_compiled_rules_and_the_window_keeps_only_the_wire() {
+        let costly: Flag = serde_json::from_str(
+            r#"{"key": "f", "on": true, "variants": {"a": 1, "b": 2}, "off_variant": "a",
+                "rules": [{"clauses": [{"attribute": "email", "op": "matches", "values": ["^(.+)@(vane|example)[.]dev$"]}],
+                           "serve": {"variant": "b"}}],
+                "fallthrough": {"variant": "a"}}"#,
+        )
+        .unwrap();
+        let mut h = env(100);
+        put(&mut h, costly.clone());
+        let first = h.flag("f").unwrap().clone();
+        let toggled = Flag {
+            on: false,
+            ..costly.clone()
+        };
+        commit(&mut h, Write::flag_after(toggled, Some(&first)).unwrap());
+        let second = h.flag("f").unwrap().clone();
+        assert!(
+            second.compiled.shares_rules_with(&first.compiled),
+            "a toggle compiles nothing"
+        );
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "the history no longer holds the old version"
+        );
+        let mut changed = costly;
+        changed.rules[0].clauses[0].values = vec![serde_json::json!("^x$")];
+        commit(&mut h, Write::flag_after(changed, Some(&second)).unwrap());
+        assert!(
+            !h.flag("f")
+                .unwrap()
+                .compiled
+                .shares_rules_with(&second.compiled)
+        );
+        // The old versions still make a delta, from their wire form.
+        let d = h.delta_since(0).unwrap();
+        assert_eq!((d.upserts.len(), d.upserts[0].version), (1, 3));
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct FlagSet {
     flags: HashMap<String, Arc<CompiledFlag>>,
     segments: HashMap<String, Arc<CompiledSegment>>,
     values: HashMap<String, Arc<EvaluatedValue>>,
+    /// Flags whose definition this client refused to compile (over the limits every Vane
+    /// build enforces; a server that sent one is not a Vane server of this version), and why.
+    /// They evaluate to the caller's default with `PARSE_ERROR`.
+    refused: HashMap<String, String>,
     /// Loaded from the offline cache and not yet confirmed by a live connection: evaluations
     /// report reason `CACHED`.
     cached: bool,
@@ -133,6 +137,8 @@ impl FlagSet {
             flag.evaluate(ctx, &self.segments)
         } else if let Some(value) = self.values.get(key) {
             value.as_evaluation()
+        } else if self.refused.contains_key(key) {
+            return Evaluation::failed(ErrorCode::ParseError);
         } else {
             return Evaluation::not_found();
         };
@@ -150,6 +156,11 @@ impl FlagSet {
     /// A live connection confirmed the cached state.
     pub(crate) fn confirm_live(&mut self) {
         self.cached = false;
+    }
+
+    /// Why the definition of `key` was refused, if it was (see [`FlagSet::evaluate`]).
+    pub fn refused(&self, key: &str) -> Option<&str> {
+        self.refused.get(key).map(String::as_str)
     }
 
     /// The flag definition with this key (rules mode).
@@ -196,13 +207,18 @@ impl FlagSet {
             ..FlagSet::default()
         };
         for wire in snapshot.segments {
-            let seg = compile_segment(wire)?;
-            next.segments
-                .insert(seg.segment().key.clone(), Arc::new(seg));
+            let previous = self.segments.get(&wire.key).map(|s| &**s);
+            if let Some(seg) = compile_segment(wire, previous) {
+                next.segments
+                    .insert(seg.segment().key.clone(), Arc::new(seg));
+            }
         }
         for wire in snapshot.flags {
-            let flag = compile_flag(wire)?;
-            next.flags.insert(flag.flag().key.clone(), Arc::new(flag));
+            let key = wire.key.clone();
+            match compile_flag(wire, self.flags.get(&key).map(|f| &**f)) {
+                Ok(flag) => drop(next.flags.insert(key, Arc::new(flag))),
+                Err(reason) => drop(next.refused.insert(key, reason)),
+            }
         }
         for v in &snapshot.values {
             next.values
@@ -214,6 +230,12 @@ impl FlagSet {
                 changed.insert(k.clone());
             }
         }
+        changed.extend(
+            next.refused
+                .iter()
+                .filter(|(k, reason)| self.refused.get(*k) != Some(reason))
+                .map(|(k, _)| k.clone()),
+        );
         for (k, v) in &next.values {
             if self.values.get(k) != Some(v) {
                 changed.insert(k.clone());
@@ -223,7 +245,12 @@ impl FlagSet {
             self.flags
                 .keys()
                 .chain(self.values.keys())
-                .filter(|k| !next.flags.contains_key(*k) && !next.values.contains_key(*k))
+                .chain(self.refused.keys())
+                .filter(|k| {
+                    !next.flags.contains_key(*k)
+                        && !next.values.contains_key(*k)
+                        && !next.refused.contains_key(*k)
+                })
                 .cloned(),
         );
         let changed_segments: Vec<String> = next
@@ -249,17 +276,25 @@ impl FlagSet {
 
     /// Applies `delta`, which the caller has checked starts at this set's version.
     pub(crate) fn apply(&mut self, delta: pb::Delta) -> Result<Vec<String>, String> {
-        // Convert everything first so a bad item leaves the set untouched.
-        let flags = delta
+        // Convert everything first so a bad value leaves the set untouched. A definition over
+        // the limits is refused on its own (the rest of the delta applies).
+        let flags: Vec<(String, Result<CompiledFlag, String>)> = delta
             .upserts
             .into_iter()
-            .map(compile_flag)
-            .collect::<Result<Vec<_>, _>>()?;
-        let segments = delta
+            .map(|wire| {
+                let key = wire.key.clone();
+                let compiled = compile_flag(wire, self.flags.get(&key).map(|f| &**f));
+                (key, compiled)
+            })
+            .collect();
+        let segments: Vec<CompiledSegment> = delta
             .segment_upserts
             .into_iter()
-            .map(compile_segment)
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|wire| {
+                let previous = self.segments.get(&wire.key).map(|s| &**s);
+                compile_segment(wire, previous)
+            })
+            .collect();
         let values = delta
             .values
             .iter()
@@ -278,16 +313,28 @@ impl FlagSet {
                 changed_segments.push(key);
             }
         }
-        for flag in flags {
-            changed_flags.push(flag.flag().key.clone());
-            self.flags.insert(flag.flag().key.clone(), Arc::new(flag));
+        for (key, compiled) in flags {
+            changed_flags.push(key.clone());
+            match compiled {
+                Ok(flag) => {
+                    self.refused.remove(&key);
+                    self.flags.insert(key, Arc::new(flag));
+                }
+                Err(reason) => {
+                    self.flags.remove(&key);
+                    self.refused.insert(key, reason);
+                }
+            }
         }
         for (key, value) in values {
             changed_flags.push(key.clone());
             self.values.insert(key, Arc::new(value));
         }
         for key in delta.deletes {
-            if self.flags.remove(&key).is_some() | self.values.remove(&key).is_some() {
+            let held = self.flags.remove(&key).is_some()
+                | self.values.remove(&key).is_some()
+                | self.refused.remove(&key).is_some();
+            if held {
                 changed_flags.push(key);
             }
         }
@@ -312,14 +359,86 @@ impl FlagSet {
     }
 }
 
-fn compile_flag(wire: pb::Flag) -> Result<CompiledFlag, String> {
-    let flag = Flag::try_from(wire).map_err(|e| e.to_string())?;
-    let key = flag.key.clone();
-    CompiledFlag::new(flag).map_err(|e| format!("flag {key:?}: {e}"))
+/// Compiles a flag from the wire, sharing unchanged rules with the version it replaces. One
+/// that is not valid, or over the limits the server enforces too, is refused here, with a
+/// warning, instead of costing this process what it would take to compile.
+fn compile_flag(wire: pb::Flag, previous: Option<&CompiledFlag>) -> Result<CompiledFlag, String> {
+    let key = wire.key.clone();
+    let compiled = Flag::try_from(wire)
+        .map_err(|e| e.to_string())
+        .and_then(|flag| CompiledFlag::after(flag, previous).map_err(|e| e.to_string()));
+    compiled.inspect_err(|reason| {
+        tracing::warn!(flag = %key, %reason, "refused a flag definition; it evaluates to the caller's default");
+    })
 }
 
-fn compile_segment(wire: pb::Segment) -> Result<CompiledSegment, String> {
+/// The same for a segment; a refused one is left out (the flags that use it then fail to
+/// evaluate, as with any missing segment).
+fn compile_segment(
+    wire: pb::Segment,
+    previous: Option<&CompiledSegment>,
+) -> Option<CompiledSegment> {
     let seg = Segment::from(wire);
     let key = seg.key.clone();
-    CompiledSegment::new(seg).map_err(|e| format!("segment {key:?}: {e}"))
+    CompiledSegment::after(seg, previous)
+        .inspect_err(|reason| {
+            tracing::warn!(segment = %key, %reason, "refused a segment definition");
+        })
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costly(key: &str, patterns: usize) -> pb::Flag {
+        let heavy = "a{0,40}b{0,40}c{0,40}".repeat(8);
+        let flag: Flag = serde_json::from_value(serde_json::json!({
+            "key": key, "on": true, "variants": {"a": 1, "b": 2}, "off_variant": "a",
+            "rules": [{"clauses": [{"attribute": "x", "op": "matches", "values": vec![heavy; patterns]}],
+                       "serve": {"variant": "b"}}],
+            "fallthrough": {"variant": "a"}
+        }))
+        .unwrap();
+        pb::Flag::from(&flag)
+    }
+
+    #[test]
+    fn a_definition_over_the_limits_is_refused_alone_and_reported() {
+        let mut set = FlagSet::default();
+        let snapshot = pb::Snapshot {
+            selector: Some(pb::Selector {
+                epoch: 1,
+                version: 1,
+            }),
+            flags: vec![costly("heavy", 200), costly("fine", 1)],
+            ..Default::default()
+        };
+        let changed = set.replace(snapshot).unwrap();
+        assert_eq!(changed, ["fine", "heavy"]);
+        let ctx = Context::default();
+        let e = set.evaluate("heavy", &ctx);
+        assert_eq!(
+            (e.reason, e.error),
+            (Reason::Error, Some(ErrorCode::ParseError))
+        );
+        assert!(
+            set.refused("heavy").unwrap().contains("together"),
+            "{:?}",
+            set.refused("heavy")
+        );
+        assert_eq!(set.evaluate("fine", &ctx).variant, Some("a"));
+
+        // A later definition within the limits replaces the refusal.
+        let delta = pb::Delta {
+            epoch: 1,
+            from_version: 1,
+            to_version: 2,
+            upserts: vec![costly("heavy", 1)],
+            ..Default::default()
+        };
+        assert_eq!(set.apply(delta).unwrap(), ["heavy"]);
+        assert!(set.refused("heavy").is_none());
+        assert_eq!(set.evaluate("heavy", &ctx).variant, Some("a"));
+    }
 }

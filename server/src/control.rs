@@ -89,7 +89,8 @@ impl Edit {
                 let refs = flag.segment_refs().count();
                 check_segment_graph(None, flag.segment_refs(), &|k| segment_refs_in(h, k))?;
                 let expect = if refs > 0 { at } else { Expect::Nothing };
-                (Write::flag(flag)?, expect)
+                let previous = h.flag(&flag.key).cloned();
+                (Write::flag_after(flag, previous.as_deref())?, expect)
             }
             Edit::DeleteFlag(key) => (Write::Delete(ItemKind::Flag, key), Expect::Nothing),
             Edit::Toggle { key, on } => {
@@ -98,7 +99,11 @@ impl Edit {
                     .ok_or_else(|| StoreError::FlagNotFound(key.clone()))?;
                 let mut flag = entry.compiled.flag().clone();
                 flag.on = on;
-                (Write::flag(flag)?, Expect::ItemAt(entry.wire.version))
+                let version = entry.wire.version;
+                (
+                    Write::flag_after(flag, Some(entry))?,
+                    Expect::ItemAt(version),
+                )
             }
             Edit::PutSegment(segment) => {
                 let refs = segment.segment_refs().count();
@@ -106,7 +111,8 @@ impl Edit {
                     segment_refs_in(h, k)
                 })?;
                 let expect = if refs > 0 { at } else { Expect::Nothing };
-                (Write::segment(segment)?, expect)
+                let previous = h.segment_entry(&segment.key).cloned();
+                (Write::segment_after(segment, previous.as_deref())?, expect)
             }
             Edit::DeleteSegment(key) => {
                 let flags = h
@@ -333,6 +339,29 @@ mod tests {
         let env = control.hub().env("e").unwrap();
         assert_eq!(env.selector().version, 13, "the hub holds every entry");
         assert_eq!(env.with_history(|h| h.flags().count()), 5);
+    }
+
+    #[tokio::test]
+    async fn a_toggle_shares_the_compiled_rules_of_the_version_it_replaces() {
+        let (control, _dir) = control().await;
+        let flag: Flag = serde_json::from_str(
+            r#"{"key": "f", "on": true, "variants": {"a": 1, "b": 2}, "off_variant": "a",
+                "rules": [{"clauses": [{"attribute": "email", "op": "matches", "values": ["@vane[.]dev$"]}],
+                           "serve": {"variant": "b"}}],
+                "fallthrough": {"variant": "a"}}"#,
+        )
+        .unwrap();
+        control.edit("e", Edit::PutFlag(flag)).await.unwrap();
+        let env = control.hub().env("e").unwrap();
+        let before = env.with_history(|h| h.flag("f").unwrap().clone());
+        let toggle = Edit::Toggle {
+            key: "f".into(),
+            on: false,
+        };
+        control.edit("e", toggle).await.unwrap();
+        let after = env.with_history(|h| h.flag("f").unwrap().clone());
+        assert!(!after.compiled.flag().on);
+        assert!(after.compiled.shares_rules_with(&before.compiled));
     }
 
     #[tokio::test]

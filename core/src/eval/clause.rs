@@ -7,7 +7,8 @@ use regex_lite::Regex;
 use serde_json::Value as Json;
 
 use super::context::{Context, Path};
-use super::{ErrorCode, MAX_REGEX_LEN, REGEX_SIZE_LIMIT, SegmentSource};
+use super::regex::{self, Budget};
+use super::{ErrorCode, SegmentSource};
 use crate::model::{Clause, Operator, ValidationError};
 
 #[derive(Debug)]
@@ -85,7 +86,11 @@ enum Op {
     Segment(Vec<String>),
 }
 
-fn compile_clause(field: &str, clause: &Clause) -> Result<CompiledClause, ValidationError> {
+fn compile_clause(
+    field: &str,
+    clause: &Clause,
+    budget: &mut Budget,
+) -> Result<CompiledClause, ValidationError> {
     let err = |i: usize, msg: String| ValidationError::new(format!("{field}.values[{i}]"), msg);
     if clause.values.len() > crate::model::MAX_VALUES {
         return Err(ValidationError::new(
@@ -142,17 +147,7 @@ fn compile_clause(field: &str, clause: &Clause) -> Result<CompiledClause, Valida
         Operator::Matches => {
             let mut regexes = Vec::new();
             for (i, pattern) in strings()?.into_iter().enumerate() {
-                if pattern.chars().count() > MAX_REGEX_LEN {
-                    return Err(err(
-                        i,
-                        format!("regular expression longer than {MAX_REGEX_LEN} characters"),
-                    ));
-                }
-                let re = regex_lite::RegexBuilder::new(&pattern)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                    .map_err(|e| err(i, format!("invalid regular expression: {e}")))?;
-                regexes.push(re);
+                regexes.push(regex::compile(&pattern, budget).map_err(|e| err(i, e))?);
             }
             Op::Matches(regexes)
         }
@@ -205,6 +200,7 @@ fn compile_clause(field: &str, clause: &Clause) -> Result<CompiledClause, Valida
 pub(super) fn compile_clauses(
     field: &str,
     clauses: &[Clause],
+    budget: &mut Budget,
 ) -> Result<Vec<CompiledClause>, ValidationError> {
     if clauses.len() > crate::model::MAX_CLAUSES {
         return Err(ValidationError::new(
@@ -215,7 +211,7 @@ pub(super) fn compile_clauses(
     clauses
         .iter()
         .enumerate()
-        .map(|(i, c)| compile_clause(&format!("{field}[{i}]"), c))
+        .map(|(i, c)| compile_clause(&format!("{field}[{i}]"), c, budget))
         .collect()
 }
 

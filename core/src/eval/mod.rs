@@ -15,6 +15,7 @@
 
 mod clause;
 mod context;
+mod regex;
 mod rollout;
 mod segment;
 
@@ -28,14 +29,12 @@ use crate::model::{Flag, FlagValue, Serve, ValidationError};
 
 use clause::{CompiledClause, all_hold, compile_clauses};
 pub use context::{Context, ContextError};
+use regex::Budget;
+pub use regex::{MAX_REGEX_LEN, REGEX_BUDGET, REGEX_SIZE_LIMIT};
 pub use rollout::bucket;
 use rollout::{CompiledRollout, compile_rollout};
 pub use segment::CompiledSegment;
 
-/// Longest regular expression accepted, in characters.
-pub const MAX_REGEX_LEN: usize = 1024;
-/// Most memory one compiled regular expression may use.
-pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 /// How deep segments may refer to segments (validation forbids cycles; this bounds evaluation).
 pub const MAX_SEGMENT_DEPTH: usize = 16;
 
@@ -158,6 +157,11 @@ impl<'a> Evaluation<'a> {
         Evaluation::error(ErrorCode::FlagNotFound, None)
     }
 
+    /// The result for a flag that cannot be evaluated: the caller's default, with `code`.
+    pub fn failed(code: ErrorCode) -> Evaluation<'static> {
+        Evaluation::error(code, None)
+    }
+
     /// This result as seen by a typed getter: a value of another type becomes `TYPE_MISMATCH`.
     pub fn typed(self, want: crate::model::ValueType) -> Evaluation<'a> {
         match self.value {
@@ -211,7 +215,8 @@ pub struct CompiledFlag {
     flag: Flag,
     variants: Vec<(String, FlagValue)>,
     off: usize,
-    rules: Vec<CompiledRule>,
+    /// Shared between versions of the flag whose rules are the same (see [`CompiledFlag::after`]).
+    rules: Arc<[CompiledRule]>,
     fallthrough: CompiledServe,
 }
 
@@ -230,11 +235,31 @@ enum CompiledServe {
 impl CompiledFlag {
     /// Checks and compiles a flag. Errors name the field.
     pub fn new(flag: Flag) -> Result<CompiledFlag, ValidationError> {
-        flag.check_structure()?;
-        CompiledFlag::compile(flag)
+        CompiledFlag::after(flag, None)
     }
 
-    fn compile(flag: Flag) -> Result<CompiledFlag, ValidationError> {
+    /// Checks and compiles a flag that replaces `previous`. Rules it left as they were (a
+    /// toggle, a new description, a changed fallthrough) are shared with `previous` rather
+    /// than compiled again, so versions of a flag with costly rules share one copy of them.
+    pub fn after(
+        flag: Flag,
+        previous: Option<&CompiledFlag>,
+    ) -> Result<CompiledFlag, ValidationError> {
+        flag.check_structure()?;
+        let reusable = previous
+            .filter(|p| {
+                p.flag.key == flag.key
+                    && p.flag.rules == flag.rules
+                    && p.flag.variants.keys().eq(flag.variants.keys())
+            })
+            .map(|p| p.rules.clone());
+        CompiledFlag::compile(flag, reusable)
+    }
+
+    fn compile(
+        flag: Flag,
+        reusable: Option<Arc<[CompiledRule]>>,
+    ) -> Result<CompiledFlag, ValidationError> {
         let variants: Vec<(String, FlagValue)> = flag
             .variants
             .iter()
@@ -258,13 +283,24 @@ impl CompiledFlag {
             })
         };
         let off = index("off_variant", &flag.off_variant)?;
-        let mut rules = Vec::with_capacity(flag.rules.len());
-        for (i, rule) in flag.rules.iter().enumerate() {
-            rules.push(CompiledRule {
-                clauses: compile_clauses(&format!("rules[{i}].clauses"), &rule.clauses)?,
-                serve: serve(&format!("rules[{i}].serve"), &rule.serve)?,
-            });
-        }
+        let rules = match reusable {
+            Some(rules) => rules,
+            None => {
+                let mut rules = Vec::with_capacity(flag.rules.len());
+                let mut budget = Budget::new();
+                for (i, rule) in flag.rules.iter().enumerate() {
+                    rules.push(CompiledRule {
+                        clauses: compile_clauses(
+                            &format!("rules[{i}].clauses"),
+                            &rule.clauses,
+                            &mut budget,
+                        )?,
+                        serve: serve(&format!("rules[{i}].serve"), &rule.serve)?,
+                    });
+                }
+                rules.into()
+            }
+        };
         let fallthrough = serve("fallthrough", &flag.fallthrough)?;
         Ok(CompiledFlag {
             variants,
@@ -278,6 +314,11 @@ impl CompiledFlag {
     /// The flag as written.
     pub fn flag(&self) -> &Flag {
         &self.flag
+    }
+
+    /// Whether this flag shares its compiled rules with `other` (no second copy in memory).
+    pub fn shares_rules_with(&self, other: &CompiledFlag) -> bool {
+        Arc::ptr_eq(&self.rules, &other.rules)
     }
 
     /// Records the environment version the flag was committed at (it does not change how it

@@ -1,6 +1,9 @@
 //! Segments: explicit targeting keys, then rules, compiled like a flag's clauses.
 
+use std::sync::Arc;
+
 use super::clause::{CompiledClause, StrSet, all_hold, compile_clauses};
+use super::regex::Budget;
 use super::{Context, ErrorCode, MAX_SEGMENT_DEPTH, SegmentSource};
 use crate::model::{Segment, ValidationError};
 
@@ -10,24 +13,38 @@ pub struct CompiledSegment {
     segment: Segment,
     included: StrSet,
     excluded: StrSet,
-    rules: Vec<Vec<CompiledClause>>,
+    /// Shared between versions whose rules are the same.
+    rules: Arc<[Vec<CompiledClause>]>,
 }
 
 impl CompiledSegment {
     /// Checks and compiles a segment (all but its references to other segments).
     pub fn new(segment: Segment) -> Result<CompiledSegment, ValidationError> {
-        segment.check_structure()?;
-        CompiledSegment::compile(segment)
+        CompiledSegment::after(segment, None)
     }
 
-    fn compile(segment: Segment) -> Result<CompiledSegment, ValidationError> {
-        let mut rules = Vec::with_capacity(segment.rules.len());
-        for (i, rule) in segment.rules.iter().enumerate() {
-            rules.push(compile_clauses(
-                &format!("rules[{i}].clauses"),
-                &rule.clauses,
-            )?);
-        }
+    /// Checks and compiles a segment that replaces `previous`, sharing its compiled rules if
+    /// they did not change (adding keys to a segment compiles nothing again).
+    pub fn after(
+        segment: Segment,
+        previous: Option<&CompiledSegment>,
+    ) -> Result<CompiledSegment, ValidationError> {
+        segment.check_structure()?;
+        let rules = match previous.filter(|p| p.segment.rules == segment.rules) {
+            Some(p) => p.rules.clone(),
+            None => {
+                let mut rules = Vec::with_capacity(segment.rules.len());
+                let mut budget = Budget::new();
+                for (i, rule) in segment.rules.iter().enumerate() {
+                    rules.push(compile_clauses(
+                        &format!("rules[{i}].clauses"),
+                        &rule.clauses,
+                        &mut budget,
+                    )?);
+                }
+                rules.into()
+            }
+        };
         Ok(CompiledSegment {
             included: StrSet::new(segment.included.clone()),
             excluded: StrSet::new(segment.excluded.clone()),
@@ -64,7 +81,7 @@ impl CompiledSegment {
                 return Ok(false);
             }
         }
-        for rule in &self.rules {
+        for rule in self.rules.iter() {
             if all_hold(rule, ctx, segments, depth)? {
                 return Ok(true);
             }

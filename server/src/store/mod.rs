@@ -14,7 +14,7 @@ pub mod sqlite;
 
 use std::fmt;
 
-use vane_core::history::{Change, Item, Write};
+use vane_core::history::{Change, Item, Logged, Write};
 use vane_core::protocol::Selector;
 
 use crate::keys::KeyRecord;
@@ -102,8 +102,8 @@ pub struct LoadedEnv {
     pub selector: Selector,
     /// Current flags and segments, compiled.
     pub items: Vec<Item>,
-    /// The newest changes, oldest first.
-    pub changes: Vec<Change>,
+    /// The newest changes, oldest first, as the history window keeps them (not compiled).
+    pub changes: Vec<Logged>,
 }
 
 /// Entries read from an environment's log.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use vane_core::history::{Change, Item, ItemKind, Write};
+use vane_core::history::{Change, Item, ItemKind, Logged, Write};
 use vane_core::protocol::Selector;
 
 use super::{
@@ -203,8 +203,15 @@ const RECENT: &str =
 /// At most ?3 log entries after version ?2.
 const AFTER: &str = "SELECT version, kind, key, body FROM changes WHERE env = ?1 AND version > ?2 ORDER BY version LIMIT ?3";
 
-/// The log entries `sql` selects, oldest first.
-fn log<P: rusqlite::Params>(conn: &Connection, sql: &str, p: P) -> Result<Vec<Change>, StoreError> {
+/// A row of the change log: version, kind, key, body (none for a deletion).
+type LogRow = (u64, ItemKind, String, Option<String>);
+
+/// The log rows `sql` selects, oldest first.
+fn log_rows<P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    p: P,
+) -> Result<Vec<LogRow>, StoreError> {
     let mut stmt = conn.prepare_cached(sql).map_err(db)?;
     let rows = stmt
         .query_map(p, |r| {
@@ -216,21 +223,45 @@ fn log<P: rusqlite::Params>(conn: &Connection, sql: &str, p: P) -> Result<Vec<Ch
             ))
         })
         .map_err(db)?;
-    let mut changes = Vec::new();
+    let mut out = Vec::new();
     for row in rows {
         let (version, kind, key, body) = row.map_err(db)?;
         let kind = ItemKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("change kind {kind:?}")))?;
-        let item = body.map(|b| parse_item(kind, &b)).transpose()?;
-        changes.push(Change {
-            version: from_sql(version),
-            kind,
-            key,
-            item,
-        });
+        out.push((from_sql(version), kind, key, body));
     }
-    changes.sort_by_key(|c| c.version);
-    Ok(changes)
+    out.sort_by_key(|(version, ..)| *version);
+    Ok(out)
+}
+
+/// Log entries to apply to a hub: compiled.
+fn log<P: rusqlite::Params>(conn: &Connection, sql: &str, p: P) -> Result<Vec<Change>, StoreError> {
+    log_rows(conn, sql, p)?
+        .into_iter()
+        .map(|(version, kind, key, body)| {
+            let item = body.map(|b| parse_item(kind, &b)).transpose()?;
+            Ok(Change {
+                version,
+                kind,
+                key,
+                item,
+            })
+        })
+        .collect()
+}
+
+/// Log entries for the history window: parsed, not compiled.
+fn logged<P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    p: P,
+) -> Result<Vec<Logged>, StoreError> {
+    log_rows(conn, sql, p)?
+        .into_iter()
+        .map(|(version, kind, key, body)| {
+            Logged::parse(version, kind, key, body.as_deref()).map_err(StoreError::Corrupt)
+        })
+        .collect()
 }
 
 fn query_keys<P: rusqlite::Params>(
@@ -372,7 +403,7 @@ impl Store for SqliteStore {
                 let mut items_ = items(conn, &name, ItemKind::Segment)?;
                 items_.extend(items(conn, &name, ItemKind::Flag)?);
                 let window = i64::try_from(window).unwrap_or(i64::MAX);
-                let changes = log(conn, RECENT, params![name, window])?;
+                let changes = logged(conn, RECENT, params![name, window])?;
                 envs.push(LoadedEnv {
                     name,
                     selector: Selector {
@@ -563,7 +594,7 @@ mod tests {
             "the newest `window` changes, oldest first"
         );
         assert!(
-            env.changes[1].item.is_none(),
+            env.changes[1].wire.is_none(),
             "a delete is logged without a body"
         );
 
