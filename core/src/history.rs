@@ -55,15 +55,11 @@ impl Item {
     /// Reads an item back from its stored JSON (see [`Item::body`]) and compiles it. Every
     /// store uses this, so what one backend wrote any other reads the same way.
     pub fn parse(kind: ItemKind, body: &str) -> Result<Item, String> {
-        let compiled = match kind {
-            ItemKind::Flag => serde_json::from_str::<Flag>(body)
-                .map_err(|e| e.to_string())
-                .and_then(|f| Item::flag(f).map_err(|e| e.to_string())),
-            ItemKind::Segment => serde_json::from_str::<Segment>(body)
-                .map_err(|e| e.to_string())
-                .and_then(|s| Item::segment(s).map_err(|e| e.to_string())),
+        let compiled = match Stored::read(kind, body)? {
+            Stored::Flag(f) => Item::flag(f),
+            Stored::Segment(s) => Item::segment(s),
         };
-        compiled.map_err(|e| format!("stored {} JSON: {e}", kind.as_str()))
+        compiled.map_err(|e| format!("stored {}: {e}", kind.as_str()))
     }
 
     /// The item as stored: its JSON as written, version included.
@@ -123,6 +119,22 @@ impl SegmentEntry {
     fn set_version(&mut self, version: u64) {
         self.compiled.set_version(version);
         Arc::make_mut(&mut self.wire).version = version;
+    }
+}
+
+/// An item's stored JSON, read back into the model (the one reader of every store's bodies).
+enum Stored {
+    Flag(Flag),
+    Segment(Segment),
+}
+
+impl Stored {
+    fn read(kind: ItemKind, body: &str) -> Result<Stored, String> {
+        match kind {
+            ItemKind::Flag => serde_json::from_str(body).map(Stored::Flag),
+            ItemKind::Segment => serde_json::from_str(body).map(Stored::Segment),
+        }
+        .map_err(|e| format!("stored {} JSON: {e}", kind.as_str()))
     }
 }
 
@@ -282,17 +294,10 @@ impl Logged {
         key: String,
         body: Option<&str>,
     ) -> Result<Logged, String> {
-        let wire = match body {
+        let wire = match body.map(|b| Stored::read(kind, b)).transpose()? {
             None => None,
-            Some(body) => Some(
-                match kind {
-                    ItemKind::Flag => serde_json::from_str::<Flag>(body)
-                        .map(|f| Wire::Flag(Arc::new(pb::Flag::from(&f)))),
-                    ItemKind::Segment => serde_json::from_str::<Segment>(body)
-                        .map(|s| Wire::Segment(Arc::new(pb::Segment::from(&s)))),
-                }
-                .map_err(|e| format!("stored {} JSON: {e}", kind.as_str()))?,
-            ),
+            Some(Stored::Flag(f)) => Some(Wire::Flag(Arc::new(pb::Flag::from(&f)))),
+            Some(Stored::Segment(s)) => Some(Wire::Segment(Arc::new(pb::Segment::from(&s)))),
         };
         Ok(Logged {
             version,

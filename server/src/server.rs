@@ -375,25 +375,28 @@ fn quic_endpoint(
     Ok(quic::Endpoint::new(socket, config)?)
 }
 
-async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) {
+/// The next connection on `listener` (`what` names it in the log). An accept error, typically
+/// running out of file descriptors, is waited out, 5 ms doubling to 1 s, rather than retried in
+/// a spin. Cancel-safe.
+pub(crate) async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (sock, peer) = match accepted {
-            Ok(ok) => {
-                backoff = Duration::from_millis(5);
-                ok
-            }
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
             Err(e) => {
-                // Typically out of file descriptors: wait for some to free up.
-                warn!(error = %e, ?backoff, "accept failed");
+                warn!(error = %e, ?backoff, "{what} accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
             }
+        }
+    }
+}
+
+async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = accept(&listener, "protocol") => accepted,
         };
         let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
             debug!(%peer, "connection limit reached; refusing");

@@ -44,8 +44,7 @@ pub(super) fn compile(pattern: &str, budget: &mut Budget) -> Result<Regex, Strin
     loop {
         let cap = limit.min(REGEX_SIZE_LIMIT);
         match RegexBuilder::new(&pattern).size_limit(cap).build() {
-            Ok(re) if cap > budget.left => {
-                drop(re);
+            Ok(_) if cap > budget.left => {
                 return Err(format!(
                     "the regular expressions of this flag or segment compile to more than {} KiB together; simplify them or split the definition",
                     REGEX_BUDGET / 1024

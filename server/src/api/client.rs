@@ -115,16 +115,30 @@ impl AdminClient {
         }
     }
 
+    fn unreachable(&self, e: reqwest::Error) -> AdminError {
+        AdminError::Unreachable {
+            base: self.base.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// A `GET` of an operations endpoint (no token).
+    async fn ops(&self, path: &str) -> Result<reqwest::Response, AdminError> {
+        let url = format!("{}{path}", self.base);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))
+    }
+
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Vec<u8>), AdminError> {
-        let unreachable = |e: reqwest::Error| AdminError::Unreachable {
-            base: self.base.clone(),
-            message: e.to_string(),
-        };
+        let unreachable = |e| self.unreachable(e);
         let url = format!("{}{ADMIN_PREFIX}{path}", self.base);
         let mut req = self.http.request(method, url).bearer_auth(&self.token);
         if let Some(body) = body {
@@ -200,31 +214,13 @@ impl AdminClient {
 
     /// Whether the server has loaded its state (`/readyz`; no token needed).
     pub async fn ready(&self) -> Result<bool, AdminError> {
-        let resp = self
-            .http
-            .get(format!("{}/readyz", self.base))
-            .send()
-            .await
-            .map_err(|e| AdminError::Unreachable {
-                base: self.base.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(resp.status().is_success())
+        Ok(self.ops("/readyz").await?.status().is_success())
     }
 
     /// The server's metrics in the OpenMetrics text format (`/metrics`; no token needed).
     pub async fn metrics(&self) -> Result<String, AdminError> {
-        let unreachable = |e: reqwest::Error| AdminError::Unreachable {
-            base: self.base.clone(),
-            message: e.to_string(),
-        };
-        let resp = self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        resp.text().await.map_err(unreachable)
+        let resp = self.ops("/metrics").await?;
+        resp.text().await.map_err(|e| self.unreachable(e))
     }
 
     /// Every environment.

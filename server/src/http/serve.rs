@@ -1,6 +1,6 @@
 //! Serving the router on its listener, with the limits a public HTTP port needs: a request's
 //! headers must arrive in time ([`HttpLimits`]: a slowloris client is closed, not kept),
-//! accept errors back off, and shutdown lets requests in flight finish for a bounded time.
+//! accept errors back off (as the protocol listener's do), and shutdown lets requests in flight finish for a bounded time.
 //! HTTP/1.1 only, on hyper directly (`axum::serve` has no header timeout).
 
 use std::future::Future;
@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::HttpLimits;
 
@@ -32,24 +32,10 @@ pub async fn serve(
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut backoff = Duration::from_millis(5);
     loop {
-        let accepted = tokio::select! {
+        let (sock, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            r = listener.accept() => r,
-        };
-        let (sock, peer) = match accepted {
-            Ok(ok) => {
-                backoff = Duration::from_millis(5);
-                ok
-            }
-            Err(e) => {
-                // Typically out of file descriptors: wait for some to free up.
-                warn!(error = %e, ?backoff, "HTTP accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+            accepted = crate::server::accept(&listener, "HTTP") => accepted,
         };
         let _ = sock.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());

@@ -183,29 +183,27 @@ fn read_some<S: AsyncRead + Unpin>(stream: &mut S) -> impl Future<Output = io::R
 /// One timer for the session's deadline, re-armed only when the deadline moves.
 struct Timer {
     sleep: Pin<Box<Sleep>>,
-    armed: Option<Instant>,
 }
 
 impl Timer {
     fn new() -> Timer {
         Timer {
             sleep: Box::pin(tokio::time::sleep_until(far_future())),
-            armed: None,
         }
     }
 
+    /// Moves the deadline to `at` (a session always has one until it ends).
     fn arm(&mut self, at: Option<Instant>) {
-        if self.armed != at {
-            let deadline = at.map_or_else(far_future, tokio::time::Instant::from);
-            self.sleep.as_mut().reset(deadline);
-            self.armed = at;
+        if let Some(at) = at.map(tokio::time::Instant::from)
+            && self.sleep.deadline() != at
+        {
+            self.sleep.as_mut().reset(at);
         }
     }
 
     /// Resolves when the armed deadline passes.
     async fn fired(&mut self) {
-        (&mut self.sleep).await;
-        self.armed = None;
+        (&mut self.sleep).await
     }
 }
 

@@ -112,8 +112,8 @@ pub struct Session {
     out: Outbox,
     /// When a complete frame last arrived.
     last_heard: Instant,
-    /// Handed to the driver by [`Session::take_subscription`].
-    subscription: Option<Subscription>,
+    /// The environment's changes, until [`Session::take_subscription`] hands them to the driver.
+    changes: Option<watch::Receiver<Published>>,
     end: Option<End>,
 }
 
@@ -219,7 +219,7 @@ impl Session {
             partial: BytesMut::new(),
             out: Outbox::default(),
             last_heard: now,
-            subscription: None,
+            changes: None,
             end: None,
         }
     }
@@ -258,7 +258,14 @@ impl Session {
 
     /// What a live session's driver waits on; `Some` once, when the session goes live.
     pub fn take_subscription(&mut self) -> Option<Subscription> {
-        self.subscription.take()
+        let State::Live(live) = &self.state else {
+            return None;
+        };
+        let changes = self.changes.take()?;
+        Some(Subscription {
+            changes,
+            grant: live.grant.clone(),
+        })
     }
 
     fn silence_deadline(&self) -> Instant {
@@ -493,7 +500,7 @@ impl Session {
         let at = env.selector();
         let mut live = Live {
             env,
-            grant: grant.clone(),
+            grant,
             delivery,
             push: hello.push(),
             sent: at,
@@ -503,7 +510,7 @@ impl Session {
         };
         let catch_up = live.catch_up(hello.selector.map(Selector::from));
         self.state = State::Live(live);
-        self.subscription = Some(Subscription { changes, grant });
+        self.changes = Some(changes);
         self.send(welcome);
         self.send(catch_up);
         Ok(())
@@ -540,7 +547,7 @@ impl Session {
             live.env.session_ended(self.id);
         }
         self.state = State::Ended;
-        self.subscription = None;
+        self.changes = None;
         self.partial = BytesMut::new();
         match &end {
             End::Error(code, message) => self.out.push(error_frame(*code, message)),
