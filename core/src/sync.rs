@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
 use crate::eval::Context;
-use crate::protocol::{MISSED_HEARTBEATS, Selector};
+use crate::protocol::Selector;
 use crate::state::FlagSet;
 
 /// Settings of the sync machine.
@@ -48,6 +48,14 @@ pub struct SyncConfig {
     /// Largest frame body accepted from the server, announced in Hello; the server never
     /// sends a larger one (it ends the session with `FRAME_TOO_LARGE` instead).
     pub max_frame_len: usize,
+    /// How long past a heartbeat interval the client waits for any frame before it probes the
+    /// path with a `Fetch` (at most a fifth of the interval). The server pings every interval,
+    /// so a healthy connection is never probed and this costs no traffic.
+    pub probe_grace: Duration,
+    /// How long the server has to answer that probe (every server answers a Fetch at once)
+    /// before the path is called dead. A silent path is noticed within the heartbeat interval
+    /// plus `probe_grace` plus this: 15 + 2 + 3 = 20 s with the defaults.
+    pub probe_timeout: Duration,
 }
 
 impl SyncConfig {
@@ -65,6 +73,8 @@ impl SyncConfig {
             backoff_max: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_frame_len: vane_proto::codec::DEFAULT_MAX_FRAME_LEN,
+            probe_grace: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -118,7 +128,8 @@ pub enum DisconnectReason {
     Transport(String),
     /// No Welcome within the handshake timeout.
     HandshakeTimeout,
-    /// Nothing heard for [`MISSED_HEARTBEATS`] heartbeat intervals.
+    /// Nothing heard for a heartbeat interval and its grace, and no answer to the probe sent
+    /// then ([`SyncConfig::probe_timeout`]): the path is dead, or the server is gone.
     HeartbeatTimeout,
     /// The server is going away.
     GoAway(String),
@@ -140,7 +151,9 @@ impl std::fmt::Display for DisconnectReason {
         match self {
             DisconnectReason::Transport(e) => write!(f, "transport: {e}"),
             DisconnectReason::HandshakeTimeout => f.write_str("no Welcome from the server in time"),
-            DisconnectReason::HeartbeatTimeout => f.write_str("no heartbeat from the server"),
+            DisconnectReason::HeartbeatTimeout => {
+                f.write_str("no heartbeat from the server, and no answer to a probe")
+            }
             DisconnectReason::GoAway(m) => write!(f, "server going away: {m}"),
             DisconnectReason::Server { code, message } => {
                 write!(f, "server error {}: {message}", code.as_str_name())
@@ -196,10 +209,12 @@ enum Phase {
     Backoff { until: Instant },
     /// Transport up, Hello sent, waiting for Welcome.
     Handshaking { deadline: Instant },
-    /// Welcomed; `last_heard` is when any frame last arrived.
+    /// Welcomed; `last_heard` is when any frame last arrived, `probed` when the liveness probe
+    /// now unanswered was sent.
     Live {
         last_heard: Instant,
         heartbeat: Duration,
+        probed: Option<Instant>,
     },
     /// Suspended by the application: no connection, no attempts, until resumed.
     Suspended,
@@ -320,7 +335,11 @@ impl SyncMachine {
             Phase::Live {
                 last_heard,
                 heartbeat,
-            } => Some(last_heard + heartbeat * MISSED_HEARTBEATS),
+                probed,
+            } => Some(match probed {
+                Some(sent) => sent + self.config.probe_timeout,
+                None => last_heard + heartbeat + self.probe_grace(heartbeat),
+            }),
             Phase::Idle | Phase::Suspended | Phase::Stopped => None,
         }
     }
@@ -417,10 +436,27 @@ impl SyncMachine {
                 self.close(now, DisconnectReason::HandshakeTimeout, None);
             }
             Phase::Live {
+                probed: Some(sent), ..
+            } if now >= sent + self.config.probe_timeout => {
+                self.close(now, DisconnectReason::HeartbeatTimeout, None);
+            }
+            Phase::Live {
                 last_heard,
                 heartbeat,
-            } if now >= last_heard + heartbeat * MISSED_HEARTBEATS => {
-                self.close(now, DisconnectReason::HeartbeatTimeout, None);
+                probed: None,
+            } if now >= last_heard + heartbeat + self.probe_grace(heartbeat) => {
+                // A Ping is overdue. Every server answers a Fetch at once (UpToDate when
+                // current); a server restarted under this QUIC connection answers the packet
+                // with a stateless reset, which ends it at once.
+                self.phase = Phase::Live {
+                    last_heard,
+                    heartbeat,
+                    probed: Some(now),
+                };
+                self.fetching = Some(now);
+                self.transmit(pb::Fetch {
+                    selector: self.flags.selector().map(Into::into),
+                });
             }
             _ => {}
         }
@@ -438,6 +474,7 @@ impl SyncMachine {
             self.phase = Phase::Live {
                 last_heard: now,
                 heartbeat,
+                probed: None,
             };
         }
         let Some(kind) = frame.kind else {
@@ -455,6 +492,7 @@ impl SyncMachine {
                 self.phase = Phase::Live {
                     last_heard: now,
                     heartbeat,
+                    probed: None,
                 };
                 self.emit(Event::Welcomed {
                     session_id: w.session_id,
@@ -596,6 +634,11 @@ impl SyncMachine {
                 selector: self.flags.selector().map(Into::into),
             });
         }
+    }
+
+    /// How long past a heartbeat interval the machine waits before it probes.
+    fn probe_grace(&self, heartbeat: Duration) -> Duration {
+        self.config.probe_grace.min(heartbeat / 5)
     }
 
     fn ack(&mut self) {

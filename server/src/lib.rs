@@ -9,7 +9,7 @@
 //!   quinn-proto) or a TLS connection; [`server`] binds and runs the listeners.
 //! - [`http`]: the admin API, SDK endpoints and operations, behind shared layers, speaking the
 //!   typed [`api`] that the CLI, the tests and `vane-load` use too; [`keys`]: SDK keys and the
-//!   admin token.
+//!   admin token; [`limits`]: what one source address may ask of the listeners and the admin API.
 //! - [`cli`]: the `vane` binary.
 //!
 //! Tests and embedders start it the way the binary does:
@@ -34,6 +34,7 @@ mod demo;
 pub mod http;
 pub mod hub;
 pub mod keys;
+pub mod limits;
 mod quic;
 pub mod server;
 pub mod session;

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +20,7 @@ use vane_core::protocol::Transport;
 use crate::control::Control;
 use crate::http::HttpLimits;
 use crate::hub::Hub;
+use crate::limits::{self, Handshake, Limits, LimitsConfig, Refused, Source};
 use crate::session::{Refusal, SessionConfig, driver};
 use crate::store::sqlite::SqliteStore;
 use crate::{http, quic, tls, tls_stream};
@@ -49,6 +50,8 @@ pub struct ServerConfig {
     pub demo: bool,
     /// Limits of the HTTP listener.
     pub http_limits: HttpLimits,
+    /// What one source address may ask: connection rate, handshakes, wrong admin tokens.
+    pub limits: LimitsConfig,
     /// Per-session settings.
     pub session: SessionConfig,
 }
@@ -67,6 +70,7 @@ impl ServerConfig {
             drain_timeout: Duration::from_secs(10),
             demo: false,
             http_limits: HttpLimits::default(),
+            limits: LimitsConfig::default(),
             session: SessionConfig::default(),
         }
     }
@@ -89,7 +93,18 @@ pub struct Server {
 const NO_ALPN: Refusal = Refusal {
     code: vane_proto::v1::ErrorCode::ProtocolViolation,
     message: "this connection did not negotiate ALPN vane/1 (docs/PROTOCOL.md section 1)",
+    retry_after_ms: 0,
 };
+
+/// What a connection from a source over its connection rate is told, once its handshake is
+/// done, with when to come back.
+fn rate_limited(wait: Duration) -> Refusal {
+    Refusal {
+        code: vane_proto::v1::ErrorCode::RateLimited,
+        message: "too many connections from this address; retry after retry_after_ms",
+        retry_after_ms: u32::try_from(limits::retry_after(wait).as_millis()).unwrap_or(u32::MAX),
+    }
+}
 
 /// What sessions share.
 #[derive(Debug)]
@@ -98,10 +113,18 @@ struct Ctx {
     session: Arc<SessionConfig>,
     shutdown: CancellationToken,
     slots: Arc<Semaphore>,
+    limits: Arc<Limits>,
     tracker: TaskTracker,
 }
 
 impl Ctx {
+    /// The refusal for a connection that came over its source's rate, counted and logged.
+    fn over_rate(&self, rate: Result<(), Duration>, peer: SocketAddr) -> Option<Refusal> {
+        let wait = rate.err()?;
+        self.limits.refused(Refused::ConnectRate, peer);
+        Some(rate_limited(wait))
+    }
+
     async fn run_session<S>(&self, stream: &mut S, transport: Transport, refusal: Option<Refusal>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -139,12 +162,12 @@ impl Server {
         }
         let control = Control::new(Arc::new(store), Arc::new(Hub::new(config.history_window)));
 
-        let (tcp, quic) = bind_protocol(
-            config.listen,
-            config.listen_backlog,
-            config.quic.then(|| tls.clone()),
-            &config.session,
-        )?;
+        let quic = match config.quic {
+            true => Some((tls.clone(), quic_reset_key(dir)?)),
+            false => None,
+        };
+        let (tcp, quic) =
+            bind_protocol(config.listen, config.listen_backlog, quic, &config.session)?;
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("binding HTTP on {}", config.http))?;
@@ -208,6 +231,7 @@ impl Server {
             session: Arc::new(config.session.clone()),
             shutdown: cancel.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections)),
+            limits: Limits::new(config.limits),
             tracker: TaskTracker::new(),
         });
         let acceptors = TaskTracker::new();
@@ -217,7 +241,7 @@ impl Server {
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
         let limits = config.http_limits;
-        let app = http::router(control.clone(), &admin_token, limits);
+        let app = http::router(control.clone(), &admin_token, limits, ctx.limits.clone());
         let http_task = tokio::spawn(http::serve::serve(
             http,
             app,
@@ -287,12 +311,40 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
     }
 }
 
+/// Reads `dir/quic-reset-key`, creating it (mode 0600) on first start: the key QUIC stateless
+/// resets are made from. It outlives restarts, so a client still holding a connection to the
+/// process before (killed, or crashed) gets a reset at the first packet it sends, and
+/// reconnects at once, rather than waiting for its connection to time out.
+fn quic_reset_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
+    let path = dir.join("quic-reset-key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(text.trim(), &mut key).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is damaged ({e}): it must hold 64 hexadecimal digits; delete it to \
+                     have a new key made (clients connected before then reconnect by timeout)",
+                    path.display()
+                )
+            })?;
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rand::random::<[u8; 32]>();
+            tls::write_private(&path, format!("{}\n", hex::encode(key)).as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// Binds TCP and (optionally) UDP on one port. With port 0, retries until the kernel's choice
 /// for TCP is free on UDP too.
 fn bind_protocol(
     addr: SocketAddr,
     backlog: u32,
-    quic_tls: Option<Arc<rustls::ServerConfig>>,
+    quic: Option<(Arc<rustls::ServerConfig>, [u8; 32])>,
     session: &SessionConfig,
 ) -> anyhow::Result<(TcpListener, Option<quic::Endpoint>)> {
     let attempts = if addr.port() == 0 { 50 } else { 1 };
@@ -301,13 +353,13 @@ fn bind_protocol(
         let std_tcp =
             listen_tcp(addr, backlog).with_context(|| format!("binding TCP on {addr}"))?;
         let port = std_tcp.local_addr()?.port();
-        let Some(tls) = &quic_tls else {
+        let Some((tls, reset_key)) = &quic else {
             return Ok((TcpListener::from_std(std_tcp)?, None));
         };
         match UdpSocket::bind(SocketAddr::new(addr.ip(), port)) {
             Ok(udp) => {
                 grow_receive_buffer(&udp);
-                let endpoint = quic_endpoint(udp, tls.clone(), session)?;
+                let endpoint = quic_endpoint(udp, tls.clone(), reset_key, session)?;
                 return Ok((TcpListener::from_std(std_tcp)?, Some(endpoint)));
             }
             Err(e) => last_err = Some(e),
@@ -358,6 +410,7 @@ fn grow_receive_buffer(udp: &UdpSocket) {
 fn quic_endpoint(
     socket: UdpSocket,
     tls: Arc<rustls::ServerConfig>,
+    reset_key: &[u8; 32],
     session: &SessionConfig,
 ) -> anyhow::Result<quic::Endpoint> {
     let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)?;
@@ -372,7 +425,21 @@ fn quic_endpoint(
     let idle = session.heartbeat * (vane_core::protocol::MISSED_HEARTBEATS + 1);
     transport.max_idle_timeout(Some(quinn_proto::IdleTimeout::try_from(idle)?));
     config.transport_config(Arc::new(transport));
-    Ok(quic::Endpoint::new(socket, config)?)
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    // The connection IDs carry a check value the endpoint verifies before it answers a packet
+    // for a connection it does not know with a reset; its key must outlive restarts too.
+    let tag = ring::hmac::sign(&key, b"vane connection id check");
+    let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("a SHA-256 tag"));
+    let mut endpoint = quinn_proto::EndpointConfig::new(Arc::new(key));
+    endpoint.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // After a restart every client of the old process sends into the void at about the same
+    // time; quinn's default of one reset per 20 ms would answer 50 of them a second and leave
+    // the rest to time out. A reset is smaller than the packet it answers, so it amplifies
+    // nothing; one per 100 µs bounds what a flood of unknown packets can make the server send.
+    endpoint.min_reset_interval(Duration::from_micros(100));
+    Ok(quic::Endpoint::new(socket, endpoint, config)?)
 }
 
 /// The next connection on `listener` (`what` names it in the log). An accept error, typically
@@ -398,32 +465,72 @@ async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ctx: 
             _ = ctx.shutdown.cancelled() => return,
             accepted = accept(&listener, "protocol") => accepted,
         };
-        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
-            debug!(%peer, "connection limit reached; refusing");
+        let source = Source::of(peer.ip());
+        // Closed before TLS: a source with this many handshakes open is not finishing them.
+        let Some(handshake) = ctx.limits.handshakes.begin(source) else {
+            ctx.limits.refused(Refused::Handshakes, peer);
             continue;
         };
+        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+            ctx.limits.refused(Refused::Capacity, peer);
+            continue;
+        };
+        let rate = ctx.limits.connects.take(source, Instant::now());
+        let refusal = ctx.over_rate(rate, peer);
         let (tls, c) = (tls.clone(), ctx.clone());
         ctx.tracker.spawn(async move {
             let _slot = slot;
-            serve_tcp(sock, peer, tls, &c).await;
+            serve_tcp(sock, peer, tls, &c, handshake, refusal).await;
         });
     }
 }
 
-async fn serve_tcp(sock: TcpStream, peer: SocketAddr, tls: Arc<rustls::ServerConfig>, ctx: &Ctx) {
+/// Unsent bytes the kernel may hold for one connection before a write waits. Without a limit a
+/// socket takes megabytes that a slow reader will take minutes to drain, and the kernel then
+/// wakes the writer only once half of them are gone: a client reading 40 KiB/s was dropped as
+/// not reading. With it, what a session writes waits in the session, where the next change
+/// replaces it (one merged delta), and a slow reader gets the latest state, not a backlog.
+/// Bytes in flight are not limited, so throughput on long paths is not either.
+const TCP_UNSENT_LIMIT: u32 = 128 * 1024;
+
+/// Serves one TCP connection: TLS (counted as a handshake of its source until done), then the
+/// session, or `refusal` (its source is over its connection rate).
+async fn serve_tcp(
+    sock: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: &Ctx,
+    handshake: Handshake,
+    refusal: Option<Refusal>,
+) {
     let _ = sock.set_nodelay(true);
-    let mut stream = match timeout(ctx.session.hello_timeout, tls_stream::accept(sock, tls)).await {
+    if let Err(e) = socket2::SockRef::from(&sock).set_tcp_notsent_lowat(TCP_UNSENT_LIMIT) {
+        debug!(%peer, error = %e, "cannot limit unsent bytes (TCP_NOTSENT_LOWAT)");
+    }
+    // The handshake counts for its source until TLS is done (owned by this future, so that
+    // the connection's task does not keep its place once the session runs).
+    let handshaking = async move {
+        let stream = tls_stream::accept(sock, tls).await;
+        drop(handshake);
+        stream
+    };
+    let mut stream = match timeout(ctx.session.hello_timeout, handshaking).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
     };
     // rustls refuses a client that offers only other protocols; one that offers none gets
     // through the handshake, and is told why it gets no session.
-    let refusal = (stream.alpn_protocol() != Some(vane_proto::ALPN)).then_some(NO_ALPN);
+    let refusal = if stream.alpn_protocol() != Some(vane_proto::ALPN) {
+        Some(NO_ALPN)
+    } else {
+        refusal
+    };
     ctx.run_session(&mut stream, Transport::Tcp, refusal).await;
 }
 
 async fn accept_quic(endpoint: quic::Endpoint, ctx: Arc<Ctx>) {
+    let limits = &ctx.limits;
     loop {
         let incoming = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -432,30 +539,61 @@ async fn accept_quic(endpoint: quic::Endpoint, ctx: Arc<Ctx>) {
                 None => return,
             },
         };
-        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
-            debug!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+        let (peer, now) = (incoming.remote_address(), Instant::now());
+        let source = Source::of(peer.ip());
+        // Under load, or from a source over its rate, an address not yet validated is asked
+        // to prove itself first: a Retry costs one stateless packet, and a spoofed source
+        // never comes back.
+        if !incoming.remote_address_validated()
+            && (limits.handshakes.in_progress() >= limits.config.quic_retry_above
+                || limits.connects.check(source, now).is_err())
+        {
+            limits.retried();
+            incoming.retry();
+            continue;
+        }
+        let Some(handshake) = limits.handshakes.begin(source) else {
+            limits.refused(Refused::Handshakes, peer);
             incoming.refuse();
             continue;
         };
+        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+            limits.refused(Refused::Capacity, peer);
+            incoming.refuse();
+            continue;
+        };
+        let refusal = ctx.over_rate(limits.connects.take(source, now), peer);
         let c = ctx.clone();
         ctx.tracker.spawn(async move {
             let _slot = slot;
-            serve_quic(incoming, &c).await;
+            serve_quic(incoming, &c, handshake, refusal).await;
         });
     }
 }
 
-async fn serve_quic(incoming: quic::Incoming, ctx: &Ctx) {
+/// Serves one QUIC connection: the handshake (counted for its source until done), then the
+/// session, or `refusal`.
+async fn serve_quic(
+    incoming: quic::Incoming,
+    ctx: &Ctx,
+    handshake: Handshake,
+    refusal: Option<Refusal>,
+) {
     let peer = incoming.remote_address();
     // The handshake and the client opening its stream; dropping this on timeout closes the
     // connection ("no session stream").
-    let mut stream = match timeout(ctx.session.hello_timeout, incoming.accept()).await {
+    let handshaking = async move {
+        let stream = incoming.accept().await;
+        drop(handshake);
+        stream
+    };
+    let mut stream = match timeout(ctx.session.hello_timeout, handshaking).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return debug!(%peer, error = %e, "QUIC connection failed before its stream"),
         Err(_) => return debug!(%peer, "no QUIC session stream in time"),
     };
     // QUIC's handshake already refused a client without ALPN vane/1.
-    ctx.run_session(&mut stream, Transport::Quic, None).await;
+    ctx.run_session(&mut stream, Transport::Quic, refusal).await;
     // Dropping the stream hands the connection to the endpoint, which waits (briefly) for the
     // client to read the last frame and close it.
 }
@@ -480,12 +618,15 @@ mod tests {
             session: Arc::new(SessionConfig::default()),
             shutdown: CancellationToken::new(),
             slots: Arc::new(Semaphore::new(1)),
+            limits: Limits::new(LimitsConfig::default()),
             tracker: TaskTracker::new(),
         };
-        let task = serve_tcp(sock, peer, tls, &ctx);
+        let handshake = ctx.limits.handshakes.begin(Source::of(peer.ip())).unwrap();
+        let task = serve_tcp(sock, peer, tls, &ctx, handshake, None);
         let size = std::mem::size_of_val(&task);
         println!("TLS connection task: {size} bytes");
-        // 2,576 bytes before the session became a state machine; 2,384 after.
+        // 2,576 bytes before the session became a state machine; 2,384 after; 2,456 with the
+        // per-source limits.
         assert!(size <= 2576, "the TLS task grew to {size} bytes");
     }
 }

@@ -3,82 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const PATIENCE: Duration = Duration::from_secs(30);
+mod common;
 
-fn vane(data: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vane"));
-    cmd.arg("--data")
-        .arg(data)
-        .env_remove("VANE_ADMIN_TOKEN")
-        .env("VANE_LOG", "warn");
-    cmd
-}
-
-/// A child process whose stdout lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn spawn(mut cmd: Command) -> Running {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(PATIENCE)
-            .expect("a line of output in time")
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "process did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Running, serve as serve_process, vane};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run vane")
@@ -97,42 +29,8 @@ fn stdout(out: &Output) -> String {
 
 /// Starts `vane serve` on ephemeral ports; returns it with its protocol and HTTP addresses.
 fn serve(data: &Path) -> (Running, String, String) {
-    let mut cmd = vane(data);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
-    let server = Running::spawn(cmd);
-    let banner = server.line();
-    // "vane X serving: protocol 127.0.0.1:P (QUIC and TCP+TLS), HTTP http://127.0.0.1:Q"
-    let protocol = banner
-        .split("protocol ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .expect("protocol address in banner")
-        .to_owned();
-    let http = banner
-        .split("HTTP ")
-        .nth(1)
-        .expect("HTTP URL in banner")
-        .to_owned();
-    wait_ready(&http);
-    (server, protocol, http)
-}
-
-fn wait_ready(http: &str) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let addr = http.trim_start_matches("http://");
-    while std::time::Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-            let mut answer = String::new();
-            let _ = s.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("server at {http} never became ready");
+    let served = serve_process(data);
+    (served.process, served.protocol, served.http)
 }
 
 #[test]

@@ -138,7 +138,7 @@ async fn session(
                     if let Err(e) = write_frame(&mut wr, &frame).await {
                         machine.on_disconnected(
                             Instant::now(),
-                            DisconnectReason::Transport(e.to_string()),
+                            DisconnectReason::Transport(with_causes(&e)),
                         );
                     }
                 }
@@ -157,7 +157,7 @@ async fn session(
                     Ok(Some(frame)) => machine.on_frame(now, frame),
                     Ok(None) => machine.on_disconnected(now, DisconnectReason::Transport("server closed the connection".into())),
                     Err(ReadError::Decode(e)) => machine.on_malformed(now, e.to_string()),
-                    Err(ReadError::Io(e)) => machine.on_disconnected(now, DisconnectReason::Transport(e.to_string())),
+                    Err(ReadError::Io(e)) => machine.on_disconnected(now, DisconnectReason::Transport(with_causes(&e))),
                 }
             }
             _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
@@ -258,4 +258,19 @@ fn publish(
             });
         }
     }
+}
+
+/// An error with the causes it wraps: a QUIC stream error reads "connection lost", and why
+/// ("reset by peer", "timed out") is its source.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -120,15 +120,16 @@ fn unknown_frame_kinds_are_skipped() {
     assert!(m.poll_output().is_none());
 }
 
+/// The grace after a heartbeat interval before the client probes (2 s, under a fifth of 10 s).
+const GRACE: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[test]
-fn every_frame_pushes_the_heartbeat_deadline() {
+fn every_frame_pushes_the_probe_deadline() {
     let start = Instant::now();
     let mut m = live(start);
-    assert_eq!(
-        m.poll_timeout(),
-        Some(start + HEARTBEAT * MISSED_HEARTBEATS)
-    );
-    let later = start + HEARTBEAT * 2;
+    assert_eq!(m.poll_timeout(), Some(start + HEARTBEAT + GRACE));
+    let later = start + HEARTBEAT;
     m.on_frame(
         later,
         pb::Ping {
@@ -136,10 +137,73 @@ fn every_frame_pushes_the_heartbeat_deadline() {
         }
         .into(),
     );
-    assert_eq!(
-        m.poll_timeout(),
-        Some(later + HEARTBEAT * MISSED_HEARTBEATS)
+    assert_eq!(m.poll_timeout(), Some(later + HEARTBEAT + GRACE));
+}
+
+#[test]
+fn a_missed_heartbeat_is_probed_with_a_fetch_and_an_answer_keeps_the_connection() {
+    let start = Instant::now();
+    let mut m = live(start);
+    let due = start + HEARTBEAT + GRACE;
+    m.on_timeout(due - Duration::from_millis(1));
+    assert!(
+        transmitted(&mut m).is_empty(),
+        "not before the grace ran out"
     );
+    m.on_timeout(due);
+    let sent = transmitted(&mut m);
+    assert!(
+        matches!(&sent[..], [pb::Frame { kind: Some(Kind::Fetch(f)) }] if f.selector == selector(5)),
+        "{sent:?}"
+    );
+    assert_eq!(m.poll_timeout(), Some(due + PROBE_TIMEOUT));
+    // The answer: the probe is over and the next one is a whole interval away.
+    let answered = due + Duration::from_millis(40);
+    m.on_frame(
+        answered,
+        pb::UpToDate {
+            selector: selector(5),
+        }
+        .into(),
+    );
+    assert!(m.is_connected());
+    assert_eq!(m.poll_timeout(), Some(answered + HEARTBEAT + GRACE));
+}
+
+#[test]
+fn an_unanswered_probe_ends_the_connection_within_the_stated_bound() {
+    let start = Instant::now();
+    let mut m = live(start);
+    m.on_timeout(start + HEARTBEAT + GRACE);
+    transmitted(&mut m);
+    let dead = start + HEARTBEAT + GRACE + PROBE_TIMEOUT;
+    m.on_timeout(dead - Duration::from_millis(1));
+    assert!(m.is_connected());
+    m.on_timeout(dead);
+    assert!(!m.is_connected());
+    assert!(std::iter::from_fn(|| m.poll_output()).any(|o| matches!(
+        o,
+        Output::Event(Event::Disconnected {
+            reason: DisconnectReason::HeartbeatTimeout,
+            ..
+        })
+    )));
+}
+
+#[test]
+fn a_short_heartbeat_gets_a_proportionate_grace() {
+    let now = Instant::now();
+    let mut m = SyncMachine::new(SyncConfig::new("k"), FlagSet::default(), None, 7);
+    m.on_connected(now);
+    m.on_frame(
+        now,
+        pb::Welcome {
+            heartbeat_interval_ms: 500,
+            ..Default::default()
+        }
+        .into(),
+    );
+    assert_eq!(m.poll_timeout(), Some(now + Duration::from_millis(600)));
 }
 
 /// PROTOCOL.md 4.3: first "does it start at my version" (then apply, even when it ends there

@@ -135,6 +135,8 @@ pub enum ErrorCode {
     Internal,
     /// 503: not serving now (other than while loading).
     Unavailable,
+    /// 429: too many failed attempts from this address; retry after `Retry-After`.
+    RateLimited,
     /// A code this client does not know (from a newer server).
     #[serde(other)]
     Unknown,
@@ -164,6 +166,7 @@ impl ErrorCode {
             ErrorCode::InvalidContext => "invalid_context",
             ErrorCode::Initializing => "initializing",
             ErrorCode::Internal => "internal",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Failure, shutdown_signal};
+use crate::limits::Rate;
 use crate::server::{Server, ServerConfig};
 
 /// `vane serve`.
@@ -39,6 +40,14 @@ pub struct ServeArgs {
     /// Seconds over which clients spread their reconnects after a shutdown.
     #[arg(long, default_value_t = 5)]
     pub goaway_window: u64,
+    /// Protocol connections one source address may open per second, after its burst; more
+    /// are answered RATE_LIMITED with when to retry. 0: no limit (for a server whose clients
+    /// all arrive through one proxy).
+    #[arg(long, default_value_t = 200.0)]
+    pub connect_rate: f64,
+    /// Protocol connections one source address may open at once before the rate applies.
+    #[arg(long, default_value_t = 2000)]
+    pub connect_burst: u32,
 }
 
 pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
@@ -54,6 +63,10 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     }
     config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
     config.session.goaway_window = Duration::from_secs(args.goaway_window);
+    config.limits.connects = Rate {
+        per_second: args.connect_rate.max(0.0),
+        burst: f64::from(args.connect_burst),
+    };
     let stop = shutdown_signal()?;
     let server = Server::bind(config).await?;
     println!(

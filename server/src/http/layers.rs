@@ -2,9 +2,11 @@
 //! gate, SDK-key authentication (which hands the handler the key's [`Grant`]), and the last
 //! word on every answer: an error is the API's JSON error, whoever made it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +15,7 @@ use super::{ApiError, AppState};
 use crate::api::ErrorCode;
 use crate::hub::Grant;
 use crate::keys;
+use crate::limits::{self, Refused, Source};
 
 /// Seconds a client is told to wait while the server loads its state.
 const RETRY_WHILE_LOADING_S: u32 = 1;
@@ -32,15 +35,42 @@ fn unauthorized(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).into_response()
 }
 
-/// Lets the request through only with `Authorization: Bearer <admin token>`.
+/// Lets the request through only with `Authorization: Bearer <admin token>`. A source that
+/// has presented too many wrong tokens ([`crate::limits::LimitsConfig::admin_failures`]) is
+/// answered `429` with `Retry-After` until its allowance refills, before its token is looked
+/// at, so guessing gets no answers.
 pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match bearer(req.headers()) {
-        None => unauthorized("missing 'Authorization: Bearer <admin token>' header"),
-        Some(token) if !keys::secret_matches(token, &state.admin_token) => {
-            unauthorized("wrong admin token")
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let source = peer.map(|p| Source::of(p.ip()));
+    let failures = &state.limits.admin_failures;
+    if let Some(source) = source
+        && let Err(wait) = failures.check(source, Instant::now())
+    {
+        if let Some(peer) = peer {
+            state.limits.refused(Refused::AdminFailures, peer);
         }
-        Some(_) => next.run(req).await,
+        let secs = limits::retry_after(wait).as_secs_f64().ceil() as u32;
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many wrong admin tokens from this address; retry after Retry-After",
+        )
+        .retry_after(secs.max(1))
+        .into_response();
     }
+    let refusal = match bearer(req.headers()) {
+        None => "missing 'Authorization: Bearer <admin token>' header",
+        Some(token) if !keys::secret_matches(token, &state.admin_token) => "wrong admin token",
+        Some(_) => return next.run(req).await,
+    };
+    if let Some(source) = source {
+        // The failure spends one of the source's allowance (none left is checked above).
+        let _ = failures.take(source, Instant::now());
+    }
+    unauthorized(refusal)
 }
 
 /// Answers 503 with `Retry-After` until the store is loaded: before that the hub is

@@ -30,6 +30,7 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError};
 use crate::api::{ADMIN_PREFIX, ErrorBody, ErrorCode, ErrorDetail};
 use crate::control::{Control, ControlError};
 use crate::keys::{self, SecretHash};
+use crate::limits::Limits;
 use crate::store::StoreError;
 
 /// Shared by every handler and layer.
@@ -38,6 +39,8 @@ pub struct AppState {
     control: Arc<Control>,
     /// SHA-256 of the admin token.
     admin_token: SecretHash,
+    /// Per-source limits (wrong admin tokens), shared with the protocol listeners.
+    limits: Arc<Limits>,
 }
 
 impl AppState {
@@ -65,10 +68,16 @@ impl Default for HttpLimits {
 }
 
 /// The whole HTTP router.
-pub fn router(control: Arc<Control>, admin_token: &str, limits: HttpLimits) -> Router {
+pub fn router(
+    control: Arc<Control>,
+    admin_token: &str,
+    limits: HttpLimits,
+    per_source: Arc<Limits>,
+) -> Router {
     let state = AppState {
         control,
         admin_token: keys::hash_secret(admin_token),
+        limits: per_source,
     };
     // Layers run outermost-last-added: the admin token is checked before readiness (it is
     // known before the state loads); SDK keys only after (they are part of the state).
@@ -91,7 +100,10 @@ pub fn router(control: Arc<Control>, admin_token: &str, limits: HttpLimits) -> R
             layers::require_ready,
         ));
     Router::new()
-        .merge(ops::routes(state.control.hub().clone()))
+        .merge(ops::routes(
+            state.control.hub().clone(),
+            state.limits.clone(),
+        ))
         .nest(ADMIN_PREFIX, admin)
         .merge(sdk)
         .with_state(state)
@@ -250,7 +262,12 @@ mod tests {
         tokio::spawn(
             axum::serve(
                 listener,
-                router(control.clone(), "t", HttpLimits::default()),
+                router(
+                    control.clone(),
+                    "t",
+                    HttpLimits::default(),
+                    Limits::new(Default::default()),
+                ),
             )
             .into_future(),
         );

@@ -12,17 +12,20 @@ use axum::routing::get;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use super::{ApiError, AppState};
 use crate::api::ErrorCode;
 use crate::hub::{EnvHub, Hub};
+use crate::limits::Limits;
 
 /// The operations routes.
-pub fn routes(hub: Arc<Hub>) -> Router<AppState> {
+pub fn routes(hub: Arc<Hub>, limits: Arc<Limits>) -> Router<AppState> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(HubMetrics(hub)));
+    registry.register_collector(Box::new(LimitMetrics(limits)));
     let registry = Arc::new(registry);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -102,6 +105,32 @@ impl Collector for HubMetrics {
             &envs,
             |env| env.propagation().current as u64,
         )?;
+        Ok(())
+    }
+}
+
+/// What the per-source limits refused, read at each scrape.
+#[derive(Debug)]
+struct LimitMetrics(Arc<Limits>);
+
+impl Collector for LimitMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut refused = encoder.encode_descriptor(
+            "vane_refused",
+            "Connections and admin requests refused over the limits, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (why, n) in self.0.refusals() {
+            let labels = [("reason", why.as_str())];
+            ConstCounter::new(n).encode(refused.encode_family(&labels)?)?;
+        }
+        ConstCounter::new(self.0.retries()).encode(encoder.encode_descriptor(
+            "vane_quic_retries",
+            "QUIC attempts answered with a Retry to validate their address.",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

@@ -7,11 +7,15 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 use tracing::debug;
 
 use super::HttpLimits;
@@ -38,7 +42,13 @@ pub async fn serve(
             accepted = crate::server::accept(&listener, "HTTP") => accepted,
         };
         let _ = sock.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // Handlers and layers see who is asking (the admin token's failure limit is per
+        // source), as axum's `ConnectInfo`.
+        let service = app.clone().map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        });
+        let service = TowerToHyperService::new(service);
         let conn = http.serve_connection(TokioIo::new(sock), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

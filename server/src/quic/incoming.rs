@@ -30,6 +30,32 @@ impl Incoming {
             .remote_address()
     }
 
+    /// Whether the client has shown it receives at its address (a token from a Retry, or one
+    /// the server gave it before), so the address is not spoofed.
+    pub fn remote_address_validated(&self) -> bool {
+        self.incoming
+            .as_ref()
+            .is_some_and(|i| i.remote_address_validated())
+    }
+
+    /// Answers with a Retry: one stateless packet, after which the client comes back with a
+    /// token that validates its address. An attempt that came with such a token already is
+    /// ignored instead (a Retry may not be answered with another).
+    pub fn retry(mut self) {
+        if let Some(incoming) = self.incoming.take() {
+            let mut st = self.shared.lock();
+            let mut buf = Vec::new();
+            match st.endpoint.retry(*incoming, &mut buf) {
+                Ok(t) => {
+                    st.pending.push(&t, &buf);
+                    drop(st);
+                    self.shared.driver.notify_one();
+                }
+                Err(e) => st.endpoint.ignore(e.into_incoming()),
+            }
+        }
+    }
+
     /// Tells the client the server is busy.
     pub fn refuse(mut self) {
         if let Some(incoming) = self.incoming.take() {

@@ -154,14 +154,18 @@ impl State {
 }
 
 impl Endpoint {
-    /// Serves QUIC on `socket` with `config`. Call [`Endpoint::drive`] (once, in a task of its
-    /// own) for anything to happen.
-    pub fn new(socket: std::net::UdpSocket, config: proto::ServerConfig) -> io::Result<Endpoint> {
+    /// Serves QUIC on `socket` with `config`; `endpoint` holds the stateless-reset key. Call
+    /// [`Endpoint::drive`] (once, in a task of its own) for anything to happen.
+    pub fn new(
+        socket: std::net::UdpSocket,
+        endpoint: proto::EndpointConfig,
+        config: proto::ServerConfig,
+    ) -> io::Result<Endpoint> {
         socket.set_nonblocking(true)?;
         let udp = udp::UdpSocketState::new((&socket).into())?;
         let socket = tokio::net::UdpSocket::from_std(socket)?;
         let endpoint = proto::Endpoint::new(
-            Arc::new(proto::EndpointConfig::default()),
+            Arc::new(endpoint),
             Some(Arc::new(config)),
             !udp.may_fragment(),
             None,

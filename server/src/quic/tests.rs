@@ -23,7 +23,7 @@ fn pair(linger_idle: Duration) -> Pair {
     transport.max_idle_timeout(Some(proto::IdleTimeout::try_from(linger_idle).unwrap()));
     config.transport_config(Arc::new(transport));
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let server = Endpoint::new(socket, config).unwrap();
+    let server = Endpoint::new(socket, proto::EndpointConfig::default(), config).unwrap();
     let driver = tokio::spawn(server.clone().drive());
 
     let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();

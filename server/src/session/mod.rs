@@ -80,14 +80,16 @@ impl std::fmt::Display for End {
     }
 }
 
-/// A connection refused before its session starts (a TLS connection without ALPN `vane/1`):
-/// it is sent this `Error` and closed.
+/// A connection refused before its session starts (a TLS connection without ALPN `vane/1`, a
+/// source over its connection rate): it is sent this `Error` and closed.
 #[derive(Debug, Clone, Copy)]
 pub struct Refusal {
     /// The error code.
     pub code: ErrorCode,
     /// Why.
     pub message: &'static str,
+    /// When the client may try again, in milliseconds (`retry_after_ms`); 0: the code says.
+    pub retry_after_ms: u32,
 }
 
 /// What a live session's driver waits on besides the stream: the environment's published
@@ -188,11 +190,11 @@ impl Outbox {
 /// Seconds a refused client is told to wait when the server, or its environment, is not ready.
 const RETRY_WHEN_NOT_READY: Duration = Duration::from_secs(1);
 
-fn error_frame(code: ErrorCode, message: &str) -> Bytes {
-    let retry_after = match code {
+fn error_frame(code: ErrorCode, message: &str, retry_after: Option<Duration>) -> Bytes {
+    let retry_after = retry_after.unwrap_or(match code {
         ErrorCode::Initializing | ErrorCode::EnvironmentNotReady => RETRY_WHEN_NOT_READY,
         _ => Duration::ZERO,
-    };
+    });
     codec::encode(
         &pb::Error {
             code: code.into(),
@@ -227,7 +229,11 @@ impl Session {
     /// A session that is over before it starts: it sends the refusal's `Error` and ends.
     pub fn refused(id: u64, config: Arc<SessionConfig>, now: Instant, refusal: Refusal) -> Session {
         let mut session = Session::new(id, config, now);
-        session.finish(refuse(refusal.code, refusal.message));
+        session.finish_with(
+            refuse(refusal.code, refusal.message),
+            (refusal.retry_after_ms > 0)
+                .then(|| Duration::from_millis(u64::from(refusal.retry_after_ms))),
+        );
         session
     }
 
@@ -537,6 +543,12 @@ impl Session {
     /// Ends the session: the end's own frame (`Error`, `GoAway`) goes after what is queued;
     /// after a transport failure nothing more can be sent.
     fn finish(&mut self, end: End) {
+        self.finish_with(end, None);
+    }
+
+    /// [`Session::finish`], with the `retry_after` of its Error frame when the code alone does
+    /// not say it.
+    fn finish_with(&mut self, end: End, retry_after: Option<Duration>) {
         if self.end.is_some() {
             return;
         }
@@ -550,7 +562,7 @@ impl Session {
         self.changes = None;
         self.partial = BytesMut::new();
         match &end {
-            End::Error(code, message) => self.out.push(error_frame(*code, message)),
+            End::Error(code, message) => self.out.push(error_frame(*code, message, retry_after)),
             End::Shutdown => self.out.push(codec::encode(
                 &pb::GoAway {
                     reason: pb::GoAwayReason::Shutdown.into(),
