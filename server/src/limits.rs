@@ -94,25 +94,12 @@ impl Buckets {
 
     /// Takes a token for `source`: `Ok`, or how long until one will be there.
     pub fn take(&self, source: Source, now: Instant) -> Result<(), Duration> {
-        self.with(source, now, |b, rate| {
-            if b.tokens >= 1.0 {
-                b.tokens -= 1.0;
-                Ok(())
-            } else {
-                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_second))
-            }
-        })
+        self.with(source, now, true)
     }
 
     /// Whether `source` has a token, taking none: `Ok`, or how long until it has one.
     pub fn check(&self, source: Source, now: Instant) -> Result<(), Duration> {
-        self.with(source, now, |b, rate| {
-            if b.tokens >= 1.0 {
-                Ok(())
-            } else {
-                Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_second))
-            }
-        })
+        self.with(source, now, false)
     }
 
     /// Sources tracked now.
@@ -125,12 +112,7 @@ impl Buckets {
         self.len() == 0
     }
 
-    fn with(
-        &self,
-        source: Source,
-        now: Instant,
-        f: impl FnOnce(&mut Bucket, &Rate) -> Result<(), Duration>,
-    ) -> Result<(), Duration> {
+    fn with(&self, source: Source, now: Instant, take: bool) -> Result<(), Duration> {
         let rate = self.rate;
         if rate.is_off() {
             return Ok(());
@@ -140,7 +122,13 @@ impl Buckets {
             (b.tokens + secs * rate.per_second).min(rate.burst)
         };
         let mut table = self.table.lock();
-        if !table.buckets.contains_key(&source) && table.buckets.len() >= MAX_SOURCES {
+        let known = table.buckets.contains_key(&source);
+        if !known && !take {
+            // A source never seen has its whole burst (and a check must not fill the table:
+            // the addresses of unvalidated QUIC attempts may be spoofed).
+            return Ok(());
+        }
+        if !known && table.buckets.len() >= MAX_SOURCES {
             if table.full_until.is_some_and(|t| now < t) {
                 return Ok(());
             }
@@ -161,7 +149,15 @@ impl Buckets {
         });
         bucket.tokens = refill(bucket);
         bucket.at = now;
-        f(bucket, &rate)
+        if bucket.tokens < 1.0 {
+            return Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / rate.per_second,
+            ));
+        }
+        if take {
+            bucket.tokens -= 1.0;
+        }
+        Ok(())
     }
 }
 
@@ -409,6 +405,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(b.check(v4(1), t), Ok(()));
         }
+        assert!(b.is_empty(), "a check of an unknown source tracks nothing");
         let off = Buckets::new(Rate::OFF);
         for _ in 0..10_000 {
             assert_eq!(off.take(v4(1), t), Ok(()));

@@ -13,7 +13,7 @@ use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -106,23 +106,30 @@ pub async fn run<S>(
     }
 }
 
+/// How long the Error frame to a client dropped for not reading may take to write.
+const LAST_WORD: Duration = Duration::from_secs(1);
+
 /// Writes everything the session has queued; whether the session goes on.
 async fn flush<S: AsyncWrite + Unpin>(
     session: &mut Session,
     stream: &mut S,
     config: &SessionConfig,
 ) -> bool {
+    let mut limit = config.write_timeout;
     while let Some(bytes) = session.poll_transmit() {
-        match timeout(config.write_timeout, write_encoded(stream, &bytes)).await {
+        match timeout(limit, write_encoded(stream, &bytes)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 session.handle_transport_error(Instant::now(), e.to_string());
                 return false;
             }
             // The client is not reading. The session answers with its Error frame, which gets
-            // one more bounded attempt; if even the last frame stalls, stop.
+            // one short attempt (it is not reading, after all); if it stalls too, stop.
             Err(_) if session.end().is_some() => return false,
-            Err(_) => session.handle_stalled(Instant::now()),
+            Err(_) => {
+                session.handle_stalled(Instant::now());
+                limit = LAST_WORD.min(config.write_timeout);
+            }
         }
     }
     session.end().is_none()
