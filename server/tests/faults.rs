@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, Served, serve, serve_with, vane};
+use common::{PATIENCE, Served, admin, env_with_key, serve, serve_loopback, serve_with, vane};
 use tokio::sync::broadcast;
 use vane_core::client::{Client, ClientConfig, TransportPreference};
 use vane_core::model::Flag;
@@ -22,12 +22,6 @@ use vane_core::protocol::Selector;
 use vane_core::protocol::Transport;
 use vane_core::sync::{Update, UpdateKind};
 use vane_server::api::client::AdminClient;
-use vane_server::keys::KeyKind;
-
-fn admin(data: &Path, served: &Served) -> AdminClient {
-    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
-    AdminClient::new(served.http.clone(), token.trim())
-}
 
 fn client_config(
     data: &Path,
@@ -114,24 +108,9 @@ fn restart(data: &Path, served: &Served, extra: &[&str]) -> Served {
 async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let mut served = serve_with(
-        vane(data),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--heartbeat",
-            "2",
-        ],
-    );
+    let mut served = serve_loopback(data, &["--heartbeat", "2"]);
     let admin = admin(data, &served);
-    admin.create_env("prod").await.unwrap();
-    let key = admin
-        .create_key("prod", KeyKind::Server)
-        .await
-        .unwrap()
-        .secret;
+    let key = env_with_key(&admin, "prod").await;
     let mut clients = Vec::new();
     for transport in [TransportPreference::Quic, TransportPreference::Tcp] {
         for _ in 0..2 {
@@ -248,24 +227,9 @@ async fn quic_clients_of_a_killed_server_are_reset_by_its_successor_at_their_fir
     // With a 5 s heartbeat a client probes 6 s after the last Ping it heard and gives up on a
     // silent path 3 s later; a reset ends the connection at the probe.
     let args = ["--heartbeat", "5"];
-    let mut served = serve_with(
-        vane(data),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--heartbeat",
-            "5",
-        ],
-    );
+    let mut served = serve_loopback(data, &args);
     let admin = admin(data, &served);
-    admin.create_env("prod").await.unwrap();
-    let key = admin
-        .create_key("prod", KeyKind::Server)
-        .await
-        .unwrap()
-        .secret;
+    let key = env_with_key(&admin, "prod").await;
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(
@@ -394,12 +358,7 @@ async fn readers_that_stall_are_dropped_and_memory_stays_bounded() {
     let data = dir.path();
     let served = serve(data);
     let admin = admin(data, &served);
-    admin.create_env("prod").await.unwrap();
-    let key = admin
-        .create_key("prod", KeyKind::Server)
-        .await
-        .unwrap()
-        .secret;
+    let key = env_with_key(&admin, "prod").await;
     let good = watch(client_config(
         data,
         &served.protocol,

@@ -12,12 +12,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, Served, serve_with, vane_via};
+use common::{PATIENCE, Served, admin, env_with_key, serve_with, vane_via};
 use vane_core::client::{Client, ClientConfig, TransportPreference};
 use vane_core::model::Flag;
 use vane_core::protocol::Transport;
 use vane_server::api::client::AdminClient;
-use vane_server::keys::KeyKind;
 
 /// Runs a command that must succeed.
 fn sh(program: &str, args: &[&str]) {
@@ -157,14 +156,8 @@ async fn setup() -> Setup {
     let data = dir.path().to_owned();
     let ns = Netns::create();
     let served = ns.serve(&data);
-    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
-    let admin = AdminClient::new(served.http.clone(), token.trim());
-    admin.create_env("prod").await.unwrap();
-    let key = admin
-        .create_key("prod", KeyKind::Server)
-        .await
-        .unwrap()
-        .secret;
+    let admin = admin(&data, &served);
+    let key = env_with_key(&admin, "prod").await;
     admin
         .put_flag("prod", "a", &Flag::boolean("a", false, true))
         .await

@@ -135,10 +135,30 @@ pub struct Served {
 
 /// `vane serve` on ephemeral loopback ports.
 pub fn serve(data: &Path) -> Served {
-    serve_with(
-        vane(data),
-        &["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-    )
+    serve_loopback(data, &[])
+}
+
+/// The same, with more arguments.
+pub fn serve_loopback(data: &Path, extra: &[&str]) -> Served {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    serve_with(vane(data), &args)
+}
+
+/// The admin API of the server on `data`, with the token it made.
+pub fn admin(data: &Path, served: &Served) -> vane_server::api::client::AdminClient {
+    let token = std::fs::read_to_string(data.join("admin-token")).expect("admin token");
+    vane_server::api::client::AdminClient::new(served.http.clone(), token.trim())
+}
+
+/// Creates `env` with a server key; returns the key's secret.
+pub async fn env_with_key(admin: &vane_server::api::client::AdminClient, env: &str) -> String {
+    admin.create_env(env).await.expect("environment created");
+    admin
+        .create_key(env, vane_server::keys::KeyKind::Server)
+        .await
+        .expect("key created")
+        .secret
 }
 
 /// Runs `cmd` (a `vane --data …` command, or one that execs it) with `serve` and `args`, and
