@@ -13,5 +13,6 @@ mod hostile_http;
 mod limits;
 mod load;
 mod mobile;
+mod ofrep;
 mod resume;
 mod targeting;

@@ -2,14 +2,17 @@
 //!
 //! - [`admin`]: the admin API under `/api/v1`, behind the admin token and the readiness gate.
 //! - [`sdk`]: what SDKs call over HTTP, behind the readiness gate and SDK-key authentication.
+//! - [`ofrep`]: OpenFeature's Remote Evaluation Protocol, behind the same gates.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, for operators; no credentials.
 //! - [`layers`]: those gates, as middleware any new module (OFREP, the console) reuses.
 //!
 //! Requests and responses are the types of [`crate::api`]. Every error is
-//! `{"error": {"code": …, "message": …}}` with a precise status.
+//! `{"error": {"code": …, "message": …}}` with a precise status, but OFREP's answers, which are
+//! OFREP's own (`{"key", "errorCode", "errorDetails"}`).
 
 pub mod admin;
 pub mod layers;
+pub mod ofrep;
 pub mod ops;
 pub mod sdk;
 pub mod serve;
@@ -91,6 +94,7 @@ pub fn router(
             layers::require_admin,
         ));
     let sdk = sdk::routes()
+        .merge(ofrep::routes())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             layers::require_sdk_key,

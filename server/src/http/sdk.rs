@@ -39,7 +39,7 @@ struct SnapshotQuery {
     context: Option<String>,
 }
 
-fn etag(selector: Selector, context: Option<&Context>) -> String {
+pub(super) fn etag(selector: Selector, context: Option<&Context>) -> String {
     match context {
         None => format!("\"{}-{}\"", selector.epoch_hex(), selector.version),
         Some(ctx) => {
@@ -51,7 +51,7 @@ fn etag(selector: Selector, context: Option<&Context>) -> String {
 }
 
 /// Whether `If-None-Match` names `tag` (or is `*`).
-fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
+pub(super) fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
