@@ -402,6 +402,12 @@ impl Hub {
         });
     }
 
+    /// The grant of the key with public id `id`, if it is valid (for credentials that name a
+    /// key rather than carry its secret, such as a signed event-stream token).
+    pub fn grant(&self, id: &str) -> Option<Arc<Grant>> {
+        self.keys.read().values().find(|g| g.id == id).cloned()
+    }
+
     /// The grant of an SDK key secret, if it is valid.
     pub fn authenticate(&self, secret: &str) -> Option<Arc<Grant>> {
         self.keys.read().get(&keys::hash_secret(secret)).cloned()

@@ -87,6 +87,8 @@ pub struct Server {
     http: TcpListener,
     admin_token: String,
     created_token: bool,
+    /// The data directory's lasting secret (`quic-reset-key`).
+    secret: [u8; 32],
 }
 
 /// What a TLS connection that negotiated no ALPN is told, instead of getting a session.
@@ -162,10 +164,8 @@ impl Server {
         }
         let control = Control::new(Arc::new(store), Arc::new(Hub::new(config.history_window)));
 
-        let quic = match config.quic {
-            true => Some((tls.clone(), quic_reset_key(dir)?)),
-            false => None,
-        };
+        let secret = lasting_secret(dir)?;
+        let quic = config.quic.then(|| (tls.clone(), secret));
         let (tcp, quic) =
             bind_protocol(config.listen, config.listen_backlog, quic, &config.session)?;
         let http = TcpListener::bind(config.http)
@@ -180,6 +180,7 @@ impl Server {
             http,
             admin_token,
             created_token,
+            secret,
         })
     }
 
@@ -223,6 +224,7 @@ impl Server {
             quic,
             http,
             admin_token,
+            secret,
             ..
         } = self;
         let cancel = CancellationToken::new();
@@ -241,7 +243,13 @@ impl Server {
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
         let limits = config.http_limits;
-        let app = http::router(control.clone(), &admin_token, limits, ctx.limits.clone());
+        let app = http::router(
+            control.clone(),
+            &admin_token,
+            limits,
+            ctx.limits.clone(),
+            &secret,
+        );
         let http_task = tokio::spawn(http::serve::serve(
             http,
             app,
@@ -311,11 +319,12 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
     }
 }
 
-/// Reads `dir/quic-reset-key`, creating it (mode 0600) on first start: the key QUIC stateless
-/// resets are made from. It outlives restarts, so a client still holding a connection to the
-/// process before (killed, or crashed) gets a reset at the first packet it sends, and
-/// reconnects at once, rather than waiting for its connection to time out.
-fn quic_reset_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
+/// Reads `dir/quic-reset-key`, creating it (mode 0600) on first start: the server's lasting
+/// secret. QUIC stateless resets are made from it, so a client still holding a connection to
+/// the process before (killed, or crashed) gets a reset at the first packet it sends, and
+/// reconnects at once, rather than waiting for its connection to time out; keys for other
+/// purposes (OFREP event-stream tokens) are derived from it.
+fn lasting_secret(dir: &Path) -> anyhow::Result<[u8; 32]> {
     let path = dir.join("quic-reset-key");
     match std::fs::read_to_string(&path) {
         Ok(text) => {

@@ -342,3 +342,200 @@ async fn bulk_evaluation_has_an_etag_and_answers_304_until_a_change() {
     assert_eq!(body["errorCode"], "INVALID_CONTEXT");
     assert!(body.get("key").is_none(), "{body}");
 }
+
+/// An SSE stream read event by event.
+struct Events {
+    response: reqwest::Response,
+    buf: String,
+}
+
+#[derive(Debug)]
+struct SseEvent {
+    id: Option<String>,
+    event: Option<String>,
+    data: Value,
+}
+
+impl Events {
+    async fn open(o: &Ofrep, request_uri: &str, last_event_id: Option<&str>) -> Events {
+        let mut req = o.http.get(o.url(request_uri));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let response = req.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Events {
+            response,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped); `None` when the stream ends.
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, None, String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if !data.is_empty() {
+                    let data = serde_json::from_str(&data).expect("data is JSON");
+                    return Some(SseEvent { id, event, data });
+                }
+            }
+            let chunk = tokio::time::timeout(PATIENCE, self.response.chunk())
+                .await
+                .expect("an event in time")
+                .ok()??;
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
+
+/// The `sseEventData` of a refetch, checked against the schema; its ETag.
+fn refetch_etag(e: &SseEvent) -> String {
+    assert_eq!(e.event.as_deref(), Some("message"));
+    assert_eq!(e.data["type"], "refetchEvaluation");
+    assert!(e.data["lastModified"].as_u64().is_some());
+    let etag = e.data["etag"].as_str().unwrap().to_owned();
+    assert_eq!(e.id.as_deref(), Some(etag.trim_matches('"')));
+    etag
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_says_refetch_only_when_this_contexts_values_change() {
+    let o = setup().await;
+    let ctx = json!({"context": {"targetingKey": "u-1", "plan": "free"}});
+    let first = o.bulk(ctx.clone(), None).await;
+    let tag = first.headers()["etag"].to_str().unwrap().to_owned();
+    let body: Value = first.json().await.unwrap();
+    let stream = &body["eventStreams"][0];
+    assert_eq!(stream["type"], "sse");
+    assert_eq!(stream["inactivityDelaySec"], 120);
+    let uri = stream["endpoint"]["requestUri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(uri.starts_with("/ofrep/v1/events?token="), "{uri}");
+    assert!(
+        stream.get("url").is_none(),
+        "exactly one of url and endpoint"
+    );
+
+    // On connecting: where the values stand, so a change since the bulk answer is not missed.
+    let mut events = Events::open(&o, &uri, None).await;
+    assert_eq!(refetch_etag(&events.next().await.unwrap()), tag);
+
+    // A change that leaves this context's values alone (the rule for "pro" serves another
+    // variant to pros): no event, and the bulk ETag is the same.
+    o.server
+        .put_flag(
+            "prod",
+            "plan",
+            json!({"on": true, "variants": {"pro": "Pro", "free": "Free", "max": "Max"},
+                   "off_variant": "free",
+                   "rules": [{"id": "pros", "clauses": [{"attribute": "plan", "op": "in", "values": ["pro"]}],
+                              "serve": {"variant": "max"}}],
+                   "fallthrough": {"variant": "free"}}),
+        )
+        .await;
+    let unchanged = o.bulk(ctx.clone(), Some(&tag)).await;
+    assert_eq!(unchanged.status(), 304, "the values are the same");
+    // A change that does alter them: the next event is this one.
+    o.server.toggle("prod", "banner", false).await;
+    let after = o.bulk(ctx.clone(), None).await;
+    let new_tag = after.headers()["etag"].to_str().unwrap().to_owned();
+    assert_ne!(new_tag, tag);
+    let event = events.next().await.unwrap();
+    assert_eq!(
+        refetch_etag(&event),
+        new_tag,
+        "the unrelated change sent nothing"
+    );
+
+    // Reconnecting with Last-Event-ID of the current state: no event until the next change.
+    let mut resumed = Events::open(&o, &uri, Some(new_tag.trim_matches('"'))).await;
+    o.server.toggle("prod", "banner", true).await;
+    let back = refetch_etag(&resumed.next().await.unwrap());
+    assert_eq!(back, tag, "banner on again: the values of the first answer");
+
+    // Another context's stream is not told of a change that only concerns pros; a pro's is.
+    let pro = json!({"context": {"targetingKey": "u-2", "plan": "pro"}});
+    let pro_body: Value = o.bulk(pro.clone(), None).await.json().await.unwrap();
+    let pro_uri = pro_body["eventStreams"][0]["endpoint"]["requestUri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(pro_uri, uri, "the token names the context");
+    let mut pro_events = Events::open(&o, &pro_uri, None).await;
+    pro_events.next().await.unwrap();
+    o.server
+        .put_flag(
+            "prod",
+            "plan",
+            json!({"on": true, "variants": {"pro": "Pro", "free": "Free"}, "off_variant": "free",
+                   "rules": [{"id": "pros", "clauses": [{"attribute": "plan", "op": "in", "values": ["pro"]}],
+                              "serve": {"variant": "pro"}}],
+                   "fallthrough": {"variant": "free"}}),
+        )
+        .await;
+    let pro_tag = o.bulk(pro, None).await.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(refetch_etag(&pro_events.next().await.unwrap()), pro_tag);
+    o.server.toggle("prod", "limit", false).await;
+    let free_tag = o.bulk(ctx, None).await.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        refetch_etag(&resumed.next().await.unwrap()),
+        free_tag,
+        "the free user heard nothing of the pros' change, then of this one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_end_with_their_key_and_need_this_servers_token() {
+    let o = setup().await;
+    let ctx = json!({"context": {"targetingKey": "u-1"}});
+    let body: Value = o.bulk(ctx, None).await.json().await.unwrap();
+    let uri = body["eventStreams"][0]["endpoint"]["requestUri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut events = Events::open(&o, &uri, None).await;
+    events.next().await.unwrap();
+
+    // A token changed by one character is refused.
+    let mut forged = uri.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let refused = o.http.get(o.url(&forged)).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let missing = o.http.get(o.url("/ofrep/v1/events")).send().await.unwrap();
+    assert_eq!(missing.status(), 401);
+
+    // Revoking the key ends its streams, and they cannot be reopened.
+    let keys = o.server.admin.keys("prod").await.unwrap();
+    let id = keys
+        .keys
+        .iter()
+        .find(|k| k.kind == KeyKind::Server)
+        .unwrap()
+        .id
+        .clone();
+    o.server.admin.revoke_key("prod", &id).await.unwrap();
+    assert!(events.next().await.is_none(), "the stream ended");
+    let again = o.http.get(o.url(&uri)).send().await.unwrap();
+    assert_eq!(again.status(), 401);
+}

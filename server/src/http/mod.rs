@@ -44,6 +44,8 @@ pub struct AppState {
     admin_token: SecretHash,
     /// Per-source limits (wrong admin tokens), shared with the protocol listeners.
     limits: Arc<Limits>,
+    /// Signs the tokens of OFREP event streams.
+    stream_key: ring::hmac::Key,
 }
 
 impl AppState {
@@ -71,16 +73,23 @@ impl Default for HttpLimits {
 }
 
 /// The whole HTTP router.
+///
+/// `secret` is the server's lasting secret (the data directory's, so that what is signed with
+/// it, such as OFREP event-stream URLs, outlives restarts).
 pub fn router(
     control: Arc<Control>,
     admin_token: &str,
     limits: HttpLimits,
     per_source: Arc<Limits>,
+    secret: &[u8; 32],
 ) -> Router {
+    let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let stream_secret = ring::hmac::sign(&master, b"vane ofrep event stream tokens");
     let state = AppState {
         control,
         admin_token: keys::hash_secret(admin_token),
         limits: per_source,
+        stream_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, stream_secret.as_ref()),
     };
     // Layers run outermost-last-added: the admin token is checked before readiness (it is
     // known before the state loads); SDK keys only after (they are part of the state).
@@ -103,11 +112,16 @@ pub fn router(
             state.clone(),
             layers::require_ready,
         ));
+    let streams = ofrep::stream_routes().layer(middleware::from_fn_with_state(
+        state.clone(),
+        layers::require_ready,
+    ));
     Router::new()
         .merge(ops::routes(
             state.control.hub().clone(),
             state.limits.clone(),
         ))
+        .merge(streams)
         .nest(ADMIN_PREFIX, admin)
         .merge(sdk)
         .with_state(state)
@@ -271,6 +285,7 @@ mod tests {
                     "t",
                     HttpLimits::default(),
                     Limits::new(Default::default()),
+                    &[7; 32],
                 ),
             )
             .into_future(),

@@ -3,8 +3,15 @@
 //! (`Authorization: Bearer <key>` or `X-API-Key: <key>`):
 //!
 //! - `POST /ofrep/v1/evaluate/flags/{key}`: one flag for the request's context.
-//! - `POST /ofrep/v1/evaluate/flags`: every flag of the key's environment, with an `ETag` (the
-//!   environment's selector and the context); `If-None-Match` with it answers `304`.
+//! - `POST /ofrep/v1/evaluate/flags`: every flag of the key's environment, with an `ETag` that
+//!   names the values (not the version: a change that leaves this context's values as they were
+//!   leaves the tag too); `If-None-Match` with it answers `304`. The answer advertises an event
+//!   stream (ADR-0008).
+//! - `GET /ofrep/v1/events?token=…`: that stream, Server-Sent Events. It sends
+//!   `refetchEvaluation` with the new ETag when a change alters what the bulk answer for its
+//!   key and context would be, and nothing for changes that do not; the token in the URL
+//!   (browsers' `EventSource` sends no headers) is signed by the server and names the key and
+//!   the context, so a revoked key's streams end and cannot be reopened.
 //!
 //! Both kinds of key may ask: OFREP only ever answers values, never rules, which is all a
 //! mobile key may have. `context.targetingKey` is the context's key; its other properties are
@@ -12,34 +19,54 @@
 //! compiled flags the socket sessions read, under no lock but the history's read of one
 //! environment, and does no I/O.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use futures_util::Stream;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use vane_core::eval::{Context, ErrorCode as EvalError, Evaluation, Reason};
 use vane_core::history::EnvHistory;
 use vane_core::model::FlagValue;
 
 use super::AppState;
-use super::sdk::{etag, not_modified};
-use crate::hub::Grant;
+use super::sdk::not_modified;
+use crate::hub::{EnvHub, Grant};
 
 /// `POST`: one flag.
 pub const EVALUATE_FLAG: &str = "/ofrep/v1/evaluate/flags/{key}";
 /// `POST`: every flag (bulk).
 pub const EVALUATE_FLAGS: &str = "/ofrep/v1/evaluate/flags";
+/// `GET ?token=…`: the change events of a bulk answer (SSE).
+pub const EVENTS: &str = "/ofrep/v1/events";
 
-/// The OFREP routes.
+/// Seconds an inactive provider keeps its stream open (ADR-0008's `inactivityDelaySec`).
+const INACTIVITY_DELAY_S: u32 = 120;
+/// Between comments on a quiet stream, so proxies do not close it.
+const STREAM_HEARTBEAT: Duration = Duration::from_secs(15);
+/// The largest context (as JSON) a stream token carries; a bulk answer for a larger one
+/// advertises no stream, and the provider polls.
+const MAX_STREAM_CONTEXT: usize = 2048;
+
+/// The OFREP routes that take an SDK key in a header.
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(EVALUATE_FLAG, post(evaluate_one))
         .route(EVALUATE_FLAGS, post(evaluate_all))
+}
+
+/// The event stream, which authenticates by its signed token (behind the readiness gate only).
+pub fn stream_routes() -> Router<AppState> {
+    Router::new().route(EVENTS, get(events))
 }
 
 /// A successful evaluation (`evaluationSuccess`); `value` is absent when the flag defers to
@@ -52,7 +79,8 @@ struct Success<'a> {
     reason: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     variant: Option<&'a str>,
-    metadata: FlagMetadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<FlagMetadata>,
 }
 
 /// A failed evaluation (`evaluationFailure`, `flagNotFound`, or the bulk request's own).
@@ -65,7 +93,8 @@ struct Failure<'a> {
     error_details: String,
 }
 
-/// What every answer says of its flag: the version it was written at.
+/// What a single answer says of its flag: the version it was written at. (A bulk answer says
+/// nothing per flag: its ETag names the values, and a version would change where they did not.)
 #[derive(Debug, Serialize)]
 struct FlagMetadata {
     version: u64,
@@ -81,15 +110,33 @@ enum Item<'a> {
 
 /// `bulkEvaluationSuccess`.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Bulk<'a> {
     flags: Vec<Item<'a>>,
     metadata: BulkMetadata<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    event_streams: Vec<EventStream>,
 }
 
 #[derive(Debug, Serialize)]
 struct BulkMetadata<'a> {
     environment: &'a str,
-    version: u64,
+}
+
+/// `eventStream`: where to hear of changes; the origin is the provider's own.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventStream {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    endpoint: StreamEndpoint,
+    inactivity_delay_sec: u32,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StreamEndpoint {
+    request_uri: String,
 }
 
 /// An answer that is not a success: OFREP's failure body with its status.
@@ -193,14 +240,18 @@ fn value(v: &FlagValue) -> Value {
 }
 
 /// An evaluation as OFREP answers it, or the failure with its status.
-fn answer<'a>(key: &'a str, version: u64, e: &Evaluation<'a>) -> Result<Success<'a>, Refusal> {
+fn answer<'a>(
+    key: &'a str,
+    version: Option<u64>,
+    e: &Evaluation<'a>,
+) -> Result<Success<'a>, Refusal> {
     match e.error {
         None => Ok(Success {
             key,
             value: e.value.map(value),
             reason: reason(e.reason),
             variant: e.variant,
-            metadata: FlagMetadata { version },
+            metadata: version.map(|version| FlagMetadata { version }),
         }),
         Some(code) => {
             let (status, name) = match code {
@@ -256,7 +307,7 @@ async fn evaluate_one(
         .for_key(&key)),
         Some(entry) => {
             let e = entry.compiled.evaluate(&ctx, h);
-            answer(&key, entry.wire.version, &e).map(|s| Json(s).into_response())
+            answer(&key, Some(entry.wire.version), &e).map(|s| Json(s).into_response())
         }
     });
     match answered {
@@ -275,8 +326,15 @@ async fn evaluate_all(
         Ok(ctx) => ctx,
         Err(refusal) => return refusal.into_response(),
     };
+    let stream = stream_token(&state.stream_key, &grant.id, &ctx).map(|token| EventStream {
+        kind: "sse",
+        endpoint: StreamEndpoint {
+            request_uri: format!("{EVENTS}?token={token}"),
+        },
+        inactivity_delay_sec: INACTIVITY_DELAY_S,
+    });
     let answered = history_of(&state, &grant, |environment, h| {
-        let tag = etag(h.selector(), Some(&ctx));
+        let tag = values_etag(h, &ctx);
         if not_modified(&headers, &tag) {
             return (tag, None);
         }
@@ -285,7 +343,7 @@ async fn evaluate_all(
             .map(|entry| {
                 let key = entry.wire.key.as_str();
                 let e = entry.compiled.evaluate(&ctx, h);
-                match answer(key, entry.wire.version, &e) {
+                match answer(key, None, &e) {
                     Ok(success) => Item::Success(success),
                     Err(refusal) => Item::Failure(Failure {
                         key: Some(key),
@@ -297,10 +355,8 @@ async fn evaluate_all(
             .collect();
         let bulk = Bulk {
             flags,
-            metadata: BulkMetadata {
-                environment,
-                version: h.selector().version,
-            },
+            metadata: BulkMetadata { environment },
+            event_streams: stream.into_iter().collect(),
         };
         // Encoded here, while the history is read: the items borrow from it.
         (tag, Some(serde_json::to_vec(&bulk)))
@@ -331,6 +387,123 @@ async fn evaluate_all(
         Some(Err(e)) => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "GENERAL", e.to_string())
             .into_response(),
     }
+}
+
+/// The bulk answer's ETag for `ctx`: a digest of every flag's key and evaluation, so it
+/// changes exactly when the answer's values do.
+fn values_etag(h: &EnvHistory, ctx: &Context) -> String {
+    let mut digest = Sha256::new();
+    for entry in h.flags() {
+        let e = entry.compiled.evaluate(ctx, h);
+        digest.update(entry.wire.key.as_bytes());
+        digest.update([0]);
+        digest.update(vane_core::history::evaluation_hash(&e).to_le_bytes());
+    }
+    format!("\"{}\"", hex::encode(&digest.finalize()[..12]))
+}
+
+/// A token naming `key_id` and `ctx`, signed with the server's stream key; `None` when the
+/// context is too large to carry in a URL.
+fn stream_token(key: &ring::hmac::Key, key_id: &str, ctx: &Context) -> Option<String> {
+    let payload = format!("{key_id}\n{}", ctx.to_json());
+    if payload.len() > MAX_STREAM_CONTEXT {
+        return None;
+    }
+    let tag = ring::hmac::sign(key, payload.as_bytes());
+    Some(format!("{}.{}", hex::encode(payload), hex::encode(tag)))
+}
+
+/// The key id and context of a token this server signed.
+fn read_token(key: &ring::hmac::Key, token: &str) -> Option<(String, Context)> {
+    let (payload, tag) = token.split_once('.')?;
+    let payload = hex::decode(payload).ok()?;
+    ring::hmac::verify(key, &payload, &hex::decode(tag).ok()?).ok()?;
+    let text = String::from_utf8(payload).ok()?;
+    let (id, ctx) = text.split_once('\n')?;
+    Some((id.to_owned(), Context::parse(ctx).ok()?))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct EventsQuery {
+    token: String,
+}
+
+/// `refetchEvaluation` with `etag`, its id the tag (so `Last-Event-ID` says what the provider
+/// last heard of).
+fn refetch(etag: &str) -> Event {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let data = serde_json::json!({"type": "refetchEvaluation", "etag": etag, "lastModified": now});
+    Event::default()
+        .event("message")
+        .id(etag.trim_matches('"'))
+        .data(data.to_string())
+}
+
+async fn events(
+    State(state): State<AppState>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let unauthorized = |details: &str| {
+        Refusal::new(StatusCode::UNAUTHORIZED, "GENERAL", details.to_owned()).into_response()
+    };
+    let Some((id, ctx)) = query
+        .ok()
+        .and_then(|Query(q)| read_token(&state.stream_key, &q.token))
+    else {
+        return unauthorized("the event stream's token is missing or not this server's");
+    };
+    let Some(grant) = state.hub().grant(&id) else {
+        return unauthorized("the SDK key of this event stream was revoked");
+    };
+    let Some(env) = state.hub().env(&grant.env) else {
+        return unauthorized("the environment of this event stream was deleted");
+    };
+    let heard = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|id| format!("\"{id}\""));
+    Sse::new(change_events(env, grant, ctx, heard))
+        .keep_alive(KeepAlive::new().interval(STREAM_HEARTBEAT))
+        .into_response()
+}
+
+/// The events of one stream: at once, the current ETag unless `heard` is it (so a change
+/// between the bulk answer and the stream's start is not missed); then one per change that
+/// alters the values, until the key's grant ends.
+fn change_events(
+    env: Arc<EnvHub>,
+    grant: Arc<Grant>,
+    ctx: Context,
+    heard: Option<String>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let changes = env.subscribe();
+    let first = env.with_history(|h| values_etag(h, &ctx));
+    let state = (env, grant, ctx, changes, heard, Some(first));
+    futures_util::stream::unfold(
+        state,
+        |(env, grant, ctx, mut changes, mut sent, mut pending)| async move {
+            loop {
+                if let Some(tag) = pending.take()
+                    && sent.as_ref() != Some(&tag)
+                {
+                    let event = refetch(&tag);
+                    sent = Some(tag);
+                    return Some((Ok(event), (env, grant, ctx, changes, sent, None)));
+                }
+                tokio::select! {
+                    _ = grant.ended() => return None,
+                    changed = changes.changed() => {
+                        changed.ok()?;
+                        changes.borrow_and_update();
+                        pending = Some(env.with_history(|h| values_etag(h, &ctx)));
+                    }
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]
