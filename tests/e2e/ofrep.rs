@@ -539,3 +539,59 @@ async fn event_streams_end_with_their_key_and_need_this_servers_token() {
     let again = o.http.get(o.url(&uri)).send().await.unwrap();
     assert_eq!(again.status(), 401);
 }
+
+/// OpenFeature's own web provider (`tests/ofrep-web`, from npm; `scripts/test-all` installs it)
+/// under Node: it gets a value, then a change event over the stream, and the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_web_provider_gets_a_value_and_a_change_event() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ofrep-web");
+    assert!(
+        dir.join("node_modules/@openfeature/ofrep-web-provider")
+            .exists(),
+        "run `npm ci` in {} (scripts/test-all does)",
+        dir.display()
+    );
+    let o = setup().await;
+    let mut node = tokio::process::Command::new("node")
+        .arg(dir.join("check.mjs"))
+        .arg(format!("http://{}", o.server.http))
+        .arg(&o.mobile_key)
+        .arg("banner")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node (Node.js 20) is installed");
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("the provider said something in time")
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    let ready = next().await;
+    assert_eq!(ready["step"], "ready", "{ready}");
+    assert_eq!(
+        (&ready["value"], &ready["reason"]),
+        (&json!(true), &json!("STATIC"))
+    );
+    o.server.toggle("prod", "banner", false).await;
+    let changed = next().await;
+    assert_eq!(changed["step"], "changed", "{changed}");
+    assert_eq!(changed["value"], false, "{changed}");
+    assert_eq!(changed["reason"], "DISABLED");
+    assert!(
+        changed["flags"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("banner")),
+        "{changed}"
+    );
+    let status = tokio::time::timeout(PATIENCE, node.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
