@@ -9,7 +9,8 @@
 //!   quinn-proto) or a TLS connection; [`server`] binds and runs the listeners.
 //! - [`http`]: the admin API, SDK endpoints and operations, behind shared layers, speaking the
 //!   typed [`api`] that the CLI, the tests and `vane-load` use too; [`keys`]: SDK keys and the
-//!   admin token; [`limits`]: what one source address may ask of the listeners and the admin API.
+//!   admin token; [`limits`]: what one source address may ask of the listeners and the admin API;
+//!   [`events`]: evaluation events, queued without waiting and exported off the request path.
 //! - [`cli`]: the `vane` binary.
 //!
 //! Tests and embedders start it the way the binary does:
@@ -31,6 +32,7 @@ pub mod api;
 pub mod cli;
 pub mod control;
 mod demo;
+pub mod events;
 pub mod http;
 pub mod hub;
 pub mod keys;

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use vane_core::protocol::Transport;
 
 use crate::control::Control;
+use crate::events::{Events, EventsConfig};
 use crate::http::HttpLimits;
 use crate::hub::Hub;
 use crate::limits::{self, Handshake, Limits, LimitsConfig, Refused, Source};
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub http_limits: HttpLimits,
     /// What one source address may ask: connection rate, handshakes, wrong admin tokens.
     pub limits: LimitsConfig,
+    /// Evaluation events and their exporters.
+    pub events: EventsConfig,
     /// Per-session settings.
     pub session: SessionConfig,
 }
@@ -71,6 +74,7 @@ impl ServerConfig {
             demo: false,
             http_limits: HttpLimits::default(),
             limits: LimitsConfig::default(),
+            events: EventsConfig::default(),
             session: SessionConfig::default(),
         }
     }
@@ -243,12 +247,15 @@ impl Server {
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
         let limits = config.http_limits;
+        let (exporters, stop_events) = (TaskTracker::new(), CancellationToken::new());
+        let events = Events::start(&config.events, &exporters, stop_events.clone())?;
         let app = http::router(
             control.clone(),
             &admin_token,
             limits,
             ctx.limits.clone(),
             &secret,
+            events,
         );
         let http_task = tokio::spawn(http::serve::serve(
             http,
@@ -293,6 +300,15 @@ impl Server {
         }
         if let Err(e) = http_task.await {
             warn!(error = %e, "HTTP server task failed");
+        }
+        // The exporters write what they hold (the webhook gets one last attempt).
+        stop_events.cancel();
+        exporters.close();
+        if timeout(config.drain_timeout, exporters.wait())
+            .await
+            .is_err()
+        {
+            warn!("evaluation event exporters still busy after the drain timeout");
         }
         control.close().await.context("closing the store")?;
         info!("stopped");

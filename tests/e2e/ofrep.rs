@@ -595,3 +595,98 @@ async fn the_official_web_provider_gets_a_value_and_a_change_event() {
         .unwrap();
     assert!(status.success());
 }
+
+fn counter(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluation_events_reach_the_file_and_a_stalled_webhook_drops_without_blocking() {
+    // A webhook that accepts connections and never answers.
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/events", stall.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = stall.accept().await {
+            conns.push(c);
+        }
+    });
+    let server = TestServer::start_with(|c| {
+        c.events.enabled = true;
+        c.events.file = Some(c.data_dir.join("events.jsonl"));
+        c.events.webhook = Some(hook);
+        c.events.webhook_batch = 10;
+        c.events.webhook_interval = std::time::Duration::from_millis(20);
+        c.events.webhook_buffer = 50;
+    })
+    .await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
+    server.put_bool("prod", "banner", true).await;
+    let http = reqwest::Client::new();
+    const N: u64 = 500;
+    for i in 0..N {
+        let answer = http
+            .post(format!(
+                "http://{}/ofrep/v1/evaluate/flags/banner",
+                server.http
+            ))
+            .header("x-api-key", &key)
+            .json(&json!({"context": {"targetingKey": format!("u-{i}")}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status(),
+            200,
+            "every evaluation answered, the webhook stalled"
+        );
+    }
+    let written = "vane_evaluation_events_total{outcome=\"written\",stage=\"file\"} ";
+    let metrics = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let m = server.admin.metrics().await.unwrap();
+            if counter(&m, written) == N {
+                return m;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every event written to the file");
+    assert_eq!(
+        counter(
+            &metrics,
+            "vane_evaluations_total{env=\"prod\",flag=\"banner\",variant=\"true\",reason=\"STATIC\"} "
+        ),
+        N,
+        "{metrics}"
+    );
+    let dropped = "vane_evaluation_events_total{outcome=\"dropped\",stage=\"webhook\"} ";
+    assert!(
+        counter(&metrics, dropped) >= N - 50 - 10 - 1,
+        "the stalled webhook's events beyond its buffer were dropped and counted: {metrics}"
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "vane_evaluation_events_total{outcome=\"dropped\",stage=\"queue\"} "
+        ),
+        0
+    );
+    let text = std::fs::read_to_string(server.dir.path().join("events.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as u64, N);
+    assert_eq!(lines[0]["env"], "prod");
+    assert_eq!(lines[0]["flag"], "banner");
+    assert_eq!(lines[0]["variant"], "true");
+    assert_eq!(lines[0]["reason"], "STATIC");
+    assert_eq!(lines[0]["source"], "ofrep");
+    held.abort();
+}

@@ -48,6 +48,17 @@ pub struct ServeArgs {
     /// Protocol connections one source address may open at once before the rate applies.
     #[arg(long, default_value_t = 2000)]
     pub connect_burst: u32,
+    /// Record OFREP evaluations as events: counts per flag, variant and reason in /metrics,
+    /// and the exporters below. An evaluation never waits for its event.
+    #[arg(long)]
+    pub events: bool,
+    /// Append events as JSON lines to this file (rotated at 64 MiB, 5 kept); implies --events.
+    #[arg(long)]
+    pub events_file: Option<std::path::PathBuf>,
+    /// POST batches of events (`{"events": [...]}`) to this URL, retrying with backoff;
+    /// implies --events.
+    #[arg(long)]
+    pub events_webhook: Option<String>,
 }
 
 pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
@@ -63,6 +74,10 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     }
     config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
     config.session.goaway_window = Duration::from_secs(args.goaway_window);
+    config.events.enabled =
+        args.events || args.events_file.is_some() || args.events_webhook.is_some();
+    config.events.file = args.events_file;
+    config.events.webhook = args.events_webhook;
     config.limits.connects = Rate {
         per_second: args.connect_rate.max(0.0),
         burst: f64::from(args.connect_burst),

@@ -32,6 +32,7 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError};
 
 use crate::api::{ADMIN_PREFIX, ErrorBody, ErrorCode, ErrorDetail};
 use crate::control::{Control, ControlError};
+use crate::events::Events;
 use crate::keys::{self, SecretHash};
 use crate::limits::Limits;
 use crate::store::StoreError;
@@ -46,6 +47,8 @@ pub struct AppState {
     limits: Arc<Limits>,
     /// Signs the tokens of OFREP event streams.
     stream_key: ring::hmac::Key,
+    /// Where OFREP evaluations hand their events.
+    events: Events,
 }
 
 impl AppState {
@@ -82,6 +85,7 @@ pub fn router(
     limits: HttpLimits,
     per_source: Arc<Limits>,
     secret: &[u8; 32],
+    events: Events,
 ) -> Router {
     let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     let stream_secret = ring::hmac::sign(&master, b"vane ofrep event stream tokens");
@@ -90,6 +94,7 @@ pub fn router(
         admin_token: keys::hash_secret(admin_token),
         limits: per_source,
         stream_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, stream_secret.as_ref()),
+        events,
     };
     // Layers run outermost-last-added: the admin token is checked before readiness (it is
     // known before the state loads); SDK keys only after (they are part of the state).
@@ -120,6 +125,7 @@ pub fn router(
         .merge(ops::routes(
             state.control.hub().clone(),
             state.limits.clone(),
+            state.events.stats().clone(),
         ))
         .merge(streams)
         .nest(ADMIN_PREFIX, admin)
@@ -286,6 +292,7 @@ mod tests {
                     HttpLimits::default(),
                     Limits::new(Default::default()),
                     &[7; 32],
+                    Events::disabled(),
                 ),
             )
             .into_future(),

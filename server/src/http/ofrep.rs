@@ -40,6 +40,7 @@ use vane_core::model::FlagValue;
 
 use super::AppState;
 use super::sdk::not_modified;
+use crate::events::EvalEvent;
 use crate::hub::{EnvHub, Grant};
 
 /// `POST`: one flag.
@@ -273,6 +274,24 @@ fn answer<'a>(
     }
 }
 
+impl AppState {
+    /// Hands the evaluation's event to the queue (never waits; nothing when events are off).
+    fn record(&self, grant: &Grant, key: &str, e: &Evaluation<'_>) {
+        if self.events.enabled() {
+            let reason = match e.error {
+                Some(code) => code.as_str(),
+                None => reason(e.reason),
+            };
+            self.events.record(EvalEvent::now(
+                grant.env.as_str().into(),
+                key,
+                e.variant,
+                reason,
+            ));
+        }
+    }
+}
+
 fn history_of<T>(
     state: &AppState,
     grant: &Grant,
@@ -307,6 +326,7 @@ async fn evaluate_one(
         .for_key(&key)),
         Some(entry) => {
             let e = entry.compiled.evaluate(&ctx, h);
+            state.record(&grant, &key, &e);
             answer(&key, Some(entry.wire.version), &e).map(|s| Json(s).into_response())
         }
     });
@@ -343,6 +363,7 @@ async fn evaluate_all(
             .map(|entry| {
                 let key = entry.wire.key.as_str();
                 let e = entry.compiled.evaluate(&ctx, h);
+                state.record(&grant, key, &e);
                 match answer(key, None, &e) {
                     Ok(success) => Item::Success(success),
                     Err(refusal) => Item::Failure(Failure {

@@ -18,14 +18,16 @@ use prometheus_client::registry::Registry;
 
 use super::{ApiError, AppState};
 use crate::api::ErrorCode;
+use crate::events::EventStats;
 use crate::hub::{EnvHub, Hub};
 use crate::limits::Limits;
 
 /// The operations routes.
-pub fn routes(hub: Arc<Hub>, limits: Arc<Limits>) -> Router<AppState> {
+pub fn routes(hub: Arc<Hub>, limits: Arc<Limits>, events: Arc<EventStats>) -> Router<AppState> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(HubMetrics(hub)));
     registry.register_collector(Box::new(LimitMetrics(limits)));
+    registry.register_collector(Box::new(EventMetrics(events)));
     let registry = Arc::new(registry);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -131,6 +133,51 @@ impl Collector for LimitMetrics {
             None,
             MetricType::Counter,
         )?)?;
+        Ok(())
+    }
+}
+
+/// Evaluation counts and what the event pipeline took and dropped, read at each scrape.
+#[derive(Debug)]
+struct EventMetrics(Arc<EventStats>);
+
+impl Collector for EventMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = &self.0;
+        let mut evaluations = encoder.encode_descriptor(
+            "vane_evaluations",
+            "OFREP evaluations (with --events), by environment, flag, variant and reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ([env, flag, variant, reason], n) in stats.counts() {
+            let labels = [
+                ("env", env),
+                ("flag", flag),
+                ("variant", variant),
+                ("reason", reason),
+            ];
+            ConstCounter::new(n).encode(evaluations.encode_family(&labels)?)?;
+        }
+        let mut events = encoder.encode_descriptor(
+            "vane_evaluation_events",
+            "Evaluation events: accepted into the queue, written or sent by an exporter, or \
+             dropped (queue full, exporter behind or failing).",
+            None,
+            MetricType::Counter,
+        )?;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        for (outcome, stage, n) in [
+            ("accepted", "queue", load(&stats.accepted)),
+            ("dropped", "queue", load(&stats.dropped_queue)),
+            ("written", "file", load(&stats.written_file)),
+            ("dropped", "file", load(&stats.dropped_file)),
+            ("sent", "webhook", load(&stats.sent_webhook)),
+            ("dropped", "webhook", load(&stats.dropped_webhook)),
+        ] {
+            let labels = [("outcome", outcome), ("stage", stage)];
+            ConstCounter::new(n).encode(events.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
