@@ -567,7 +567,10 @@ mod tests {
         let batches = got.lock().clone();
         assert_eq!(batches.iter().sum::<usize>(), 100, "{batches:?}");
         assert!(batches.iter().all(|&n| n <= 25), "{batches:?}");
-        assert!(calls.load(Ordering::Relaxed) > batches.len() as u64, "a retry happened");
+        assert!(
+            calls.load(Ordering::Relaxed) > batches.len() as u64,
+            "a retry happened"
+        );
         stop.cancel();
         tracker.close();
         tracker.wait().await;
