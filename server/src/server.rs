@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub http: SocketAddr,
     /// Whether to serve QUIC as well as TCP+TLS.
     pub quic: bool,
+    /// Whether the HTTP listener speaks HTTPS, with the protocol listener's certificate (for
+    /// OFREP and polling clients that cross networks).
+    pub http_tls: bool,
     /// Changes kept per environment for resumption by delta.
     pub history_window: usize,
     /// Most concurrent protocol connections; more are refused.
@@ -67,6 +70,7 @@ impl ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             http: SocketAddr::from(([127, 0, 0, 1], 7480)),
             quic: true,
+            http_tls: false,
             history_window: 1000,
             max_connections: 100_000,
             listen_backlog: default_backlog(),
@@ -241,7 +245,7 @@ impl Server {
             tracker: TaskTracker::new(),
         });
         let acceptors = TaskTracker::new();
-        acceptors.spawn(accept_tcp(tcp, tls, ctx.clone()));
+        acceptors.spawn(accept_tcp(tcp, tls.clone(), ctx.clone()));
         let quic = quic.map(|endpoint| {
             acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
@@ -257,10 +261,16 @@ impl Server {
             &secret,
             events,
         );
+        let https = config.http_tls.then(|| {
+            let mut https = (*tls).clone();
+            https.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(https)
+        });
         let http_task = tokio::spawn(http::serve::serve(
             http,
             app,
             limits,
+            https,
             cancel.clone().cancelled_owned(),
         ));
 

@@ -690,3 +690,59 @@ async fn evaluation_events_reach_the_file_and_a_stalled_webhook_drops_without_bl
     assert_eq!(lines[0]["source"], "ofrep");
     held.abort();
 }
+
+/// An HTTPS request to `addr` trusting `ca`; the raw answer.
+async fn https_get(addr: std::net::SocketAddr, ca: &[u8], path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = (*vane_core::client::tls_config(ca).unwrap()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_serves_https_with_the_servers_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = vane_server::server::ServerConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.http = "127.0.0.1:0".parse().unwrap();
+    config.http_tls = true;
+    let server = vane_server::server::Server::bind(config).await.unwrap();
+    let (addr, ca) = (server.http_addr(), std::fs::read(server.ca_path()).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone().cancelled_owned()));
+    let answer = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(a) = https_get(addr, &ca, "/readyz").await
+                && a.starts_with("HTTP/1.1 200")
+            {
+                return a;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("ready over HTTPS");
+    assert!(answer.ends_with("ready\n"), "{answer}");
+    // Plain HTTP on that port gets no answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, plain.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -24,6 +24,9 @@ pub struct ServeArgs {
     /// Serve TCP+TLS only.
     #[arg(long)]
     pub no_quic: bool,
+    /// Serve the HTTP listener over TLS (HTTPS, TLS 1.3), with the server's certificate.
+    #[arg(long)]
+    pub http_tls: bool,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 15)]
     pub heartbeat: u64,
@@ -66,6 +69,7 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     config.listen = args.listen;
     config.http = args.http;
     config.quic = !args.no_quic;
+    config.http_tls = args.http_tls;
     config.demo = args.demo;
     config.history_window = args.history.max(1);
     config.max_connections = args.max_connections.max(1);

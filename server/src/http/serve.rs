@@ -4,6 +4,7 @@
 //! HTTP/1.1 only, on hyper directly (`axum::serve` has no header timeout).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -23,13 +24,15 @@ use super::HttpLimits;
 /// How long shutdown waits for requests in flight.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Serves `app` on `listener` until `shutdown` resolves.
+/// Serves `app` on `listener` until `shutdown` resolves; over TLS with `tls` (`--http-tls`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -49,11 +52,27 @@ pub async fn serve(
             req
         });
         let service = TowerToHyperService::new(service);
-        let conn = http.serve_connection(TokioIo::new(sock), service);
-        let conn = graceful.watch(conn);
+        let (http, watcher) = (http.clone(), graceful.watcher());
+        let Some(tls) = tls.clone() else {
+            let conn = watcher.watch(http.serve_connection(TokioIo::new(sock), service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%peer, error = %e, "HTTP connection ended");
+                }
+            });
+            continue;
+        };
+        // The handshake has the time the headers have.
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(sock)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "HTTPS handshake failed"),
+                Err(_) => return debug!(%peer, "HTTPS handshake timed out"),
+            };
+            let conn = watcher.watch(http.serve_connection(TokioIo::new(stream), service));
             if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "HTTP connection ended");
+                debug!(%peer, error = %e, "HTTPS connection ended");
             }
         });
     }
