@@ -31,9 +31,11 @@ struct Args {
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Requests per second in all, sent on a fixed schedule (open loop: a latency counts from
-    /// when the request was due, so a stall is not hidden by sending less). 0: each connection
-    /// sends back to back (closed loop, the most the machine does).
+    /// Requests per second in all, sent on a fixed schedule (open loop). A latency counts from
+    /// the send; how late each send was against its schedule is reported beside it (tokio's
+    /// timer wakes to the millisecond, so up to ~1 ms is the timer; more means a connection
+    /// fell behind, which closed-loop figures would hide). 0: each connection sends back to
+    /// back (closed loop, the most the machine does).
     #[arg(long, default_value_t = 0)]
     rate: u64,
     /// HTTP port of the servers started (loopback); the protocol port is the next one.
@@ -110,6 +112,8 @@ struct Run {
     latencies: Vec<u32>,
     seconds: f64,
     statuses: Vec<u16>,
+    /// How late each send was against its schedule (open loop), µs, sorted.
+    slips: Vec<u32>,
 }
 
 /// `connections` tasks, each sending `request` back to back until the time is up.
@@ -134,18 +138,23 @@ async fn drive(
         let offset = gap.map(|g| g.mul_f64(c as f64 / args.connections as f64));
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(200_000);
+            let mut slips = Vec::with_capacity(200_000);
             let mut statuses = Vec::new();
             let mut n = 0u64;
             let first = Instant::now() + offset.unwrap_or_default();
             loop {
-                let started = match gap {
-                    Some(gap) => {
-                        let due = first + gap.mul_f64(n as f64);
-                        tokio::time::sleep_until(due.into()).await;
-                        due
-                    }
-                    None => Instant::now(),
-                };
+                let due = gap.map(|gap| first + gap.mul_f64(n as f64));
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let started = Instant::now();
+                if due.unwrap_or(started) >= warm {
+                    slips.push(
+                        started
+                            .saturating_duration_since(due.unwrap_or(started))
+                            .as_micros() as u32,
+                    );
+                }
                 if started >= end {
                     break;
                 }
@@ -160,17 +169,19 @@ async fn drive(
                 }
                 n += 1;
             }
-            (latencies, statuses)
+            (latencies, statuses, slips)
         }));
     }
     let mut run = Run {
         latencies: Vec::new(),
         seconds: args.seconds as f64,
         statuses: Vec::new(),
+        slips: Vec::new(),
     };
     for t in tasks {
-        let (l, s) = t.await.expect("task");
+        let (l, s, slips) = t.await.expect("task");
         run.latencies.extend(l);
+        run.slips.extend(slips);
         for s in s {
             if !run.statuses.contains(&s) {
                 run.statuses.push(s);
@@ -178,6 +189,7 @@ async fn drive(
         }
     }
     run.latencies.sort_unstable();
+    run.slips.sort_unstable();
     run
 }
 
@@ -191,8 +203,17 @@ fn quantile(sorted: &[u32], q: f64) -> f64 {
 
 fn row(name: &str, run: &Run, note: &str) {
     let l = &run.latencies;
+    let slip = if run.slips.iter().any(|&s| s > 0) {
+        format!(
+            "send late by p99 {:.3}, max {:.3} ms; ",
+            quantile(&run.slips, 0.99),
+            quantile(&run.slips, 1.0)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:?} | {note} |",
+        "| {name} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:?} | {slip}{note} |",
         l.len() as f64 / run.seconds,
         quantile(l, 0.5),
         quantile(l, 0.99),
@@ -315,7 +336,7 @@ async fn main() {
         args.connections, args.seconds
     );
     println!();
-    println!("| run | requests/s | p50 | p99 | p99.9 | max | statuses | events |");
+    println!("| run | requests/s | p50 | p99 | p99.9 | max | statuses | notes |");
     println!("|---|---|---|---|---|---|---|---|");
     single(&args, "single, events off", &[], false).await;
     let files = tempfile::tempdir().expect("temp dir");
