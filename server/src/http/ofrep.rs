@@ -354,17 +354,18 @@ async fn evaluate_all(
         inactivity_delay_sec: INACTIVITY_DELAY_S,
     });
     let answered = history_of(&state, &grant, |environment, h| {
-        let tag = values_etag(h, &ctx);
+        // Each flag is evaluated once: for the ETag, and then (if it does not match) the body.
+        let evaluated = evaluate_every_flag(h, &ctx);
+        let tag = values_etag(&evaluated);
         if not_modified(&headers, &tag) {
             return (tag, None);
         }
-        let flags = h
-            .flags()
-            .map(|entry| {
-                let key = entry.wire.key.as_str();
-                let e = entry.compiled.evaluate(&ctx, h);
-                state.record(&grant, key, &e);
-                match answer(key, None, &e) {
+        let flags = evaluated
+            .iter()
+            .map(|(key, e)| {
+                let key = *key;
+                state.record(&grant, key, e);
+                match answer(key, None, e) {
                     Ok(success) => Item::Success(success),
                     Err(refusal) => Item::Failure(Failure {
                         key: Some(key),
@@ -410,15 +411,21 @@ async fn evaluate_all(
     }
 }
 
-/// The bulk answer's ETag for `ctx`: a digest of every flag's key and evaluation, so it
-/// changes exactly when the answer's values do.
-fn values_etag(h: &EnvHistory, ctx: &Context) -> String {
+/// Every flag of the environment evaluated for `ctx`, by key.
+fn evaluate_every_flag<'h>(h: &'h EnvHistory, ctx: &Context) -> Vec<(&'h str, Evaluation<'h>)> {
+    h.flags()
+        .map(|entry| (entry.wire.key.as_str(), entry.compiled.evaluate(ctx, h)))
+        .collect()
+}
+
+/// The bulk answer's ETag: a digest of every flag's key and evaluation, so it changes exactly
+/// when the answer's values do.
+fn values_etag(evaluated: &[(&str, Evaluation<'_>)]) -> String {
     let mut digest = Sha256::new();
-    for entry in h.flags() {
-        let e = entry.compiled.evaluate(ctx, h);
-        digest.update(entry.wire.key.as_bytes());
+    for (key, e) in evaluated {
+        digest.update(key.as_bytes());
         digest.update([0]);
-        digest.update(vane_core::history::evaluation_hash(&e).to_le_bytes());
+        digest.update(vane_core::history::evaluation_hash(e).to_le_bytes());
     }
     format!("\"{}\"", hex::encode(&digest.finalize()[..12]))
 }
@@ -501,7 +508,7 @@ fn change_events(
     heard: Option<String>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let changes = env.subscribe();
-    let first = env.with_history(|h| values_etag(h, &ctx));
+    let first = env.with_history(|h| values_etag(&evaluate_every_flag(h, &ctx)));
     let state = (env, grant, ctx, changes, heard, Some(first));
     futures_util::stream::unfold(
         state,
@@ -519,7 +526,7 @@ fn change_events(
                     changed = changes.changed() => {
                         changed.ok()?;
                         changes.borrow_and_update();
-                        pending = Some(env.with_history(|h| values_etag(h, &ctx)));
+                        pending = Some(env.with_history(|h| values_etag(&evaluate_every_flag(h, &ctx))));
                     }
                 }
             }
