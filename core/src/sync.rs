@@ -414,6 +414,33 @@ impl SyncMachine {
         self.transmit(hello);
     }
 
+    /// Connection attempts that failed in a row (reset once a session brings the client
+    /// current); the driver polls over HTTP once there have been enough.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// A snapshot read over HTTP (polling, when no streaming transport gets through) is applied
+    /// as a streamed one would be: the same checks, an update event, and the selector it is at,
+    /// from which the next streaming session resumes by delta. It does not count as a session:
+    /// the backoff of streaming attempts goes on.
+    pub fn on_polled(&mut self, snapshot: pb::Snapshot) -> Result<(), String> {
+        let selector = snapshot.selector.map(Selector::from);
+        let changed = Arc::make_mut(&mut self.flags).replace(snapshot)?;
+        self.values_for = match self.config.mode {
+            pb::DeliveryMode::Evaluated => Some(self.config.context.to_json().to_string()),
+            _ => None,
+        };
+        if let Some(selector) = selector {
+            self.emit(Event::Updated(Update {
+                kind: UpdateKind::Snapshot,
+                selector,
+                changed,
+            }));
+        }
+        Ok(())
+    }
+
     /// A connection attempt failed before any transport came up.
     pub fn on_connect_failed(&mut self, now: Instant, reason: String) {
         if self.wants_connect(now) {

@@ -271,3 +271,53 @@ async fn with_random_loss_both_transports_converge() {
     quic.close().await;
     tcp.close().await;
 }
+
+/// Only HTTP gets through: UDP and the protocol's TCP port are dropped.
+const HTTP_ONLY: &str = "chain input { type filter hook input priority 0; meta l4proto udp drop; tcp dport 7443 drop; }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_only_http_gets_through_the_client_polls_and_streams_again_when_it_can() {
+    let s = setup().await;
+    s.ns.rules(HTTP_ONLY);
+    let ca = std::fs::read(s.data.join("tls/ca.pem")).unwrap();
+    let mut config = ClientConfig::new(s.served.protocol.clone(), &s.key, ca);
+    config.server_name = Some("localhost".into());
+    config.http_endpoint = Some(s.served.http.clone());
+    config.poll_after_failures = 2;
+    config.connect_timeout = Duration::from_secs(1);
+    config.sync.backoff_initial = Duration::from_millis(50);
+    config.sync.backoff_max = Duration::from_millis(500);
+    let started = Instant::now();
+    let client = Client::start(config).unwrap();
+    client.wait_for_initialization(PATIENCE).await.unwrap();
+    let initialized = started.elapsed();
+    let status = client.status();
+    assert!(status.polling, "{status:?}");
+    assert_eq!(status.transport, None);
+    assert!(!client.bool_value("a", true));
+    // Changes arrive by polling.
+    let version = s.toggle(true).await;
+    let by_poll = reaches(&client, version).await;
+    assert!(client.status().polling);
+    assert!(client.bool_value("a", false));
+    // The protocol port opens again: the client streams, from where it stands (by delta).
+    s.ns.rules("");
+    let mut status = client.watch_status();
+    let streaming = tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|s| s.transport.is_some() && !s.polling),
+    )
+    .await
+    .expect("streaming again")
+    .unwrap()
+    .clone();
+    let back = s.toggle(false).await;
+    reaches(&client, back).await;
+    assert!(!client.bool_value("a", true));
+    eprintln!(
+        "HTTP only: initialized by polling after {initialized:?}, a change arrived by polling \
+         after {by_poll:?}; streaming again over {:?} once the port opened",
+        streaming.transport
+    );
+    client.close().await;
+}

@@ -112,6 +112,11 @@ impl Connector {
         })
     }
 
+    /// A poller of the server's HTTP listener at `base`, with this connector's TLS settings.
+    pub(crate) fn poller(&self, base: &str, sdk_key: &str) -> Result<super::poll::Poller, String> {
+        super::poll::Poller::new(base, &self.tls, &self.server_name, sdk_key)
+    }
+
     /// Connects by the configured preference. The error says what each transport did.
     pub async fn connect(&mut self) -> Result<Connected, String> {
         let addr = tokio::net::lookup_host(&self.endpoint)

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::connect::{Connected, Connector, Duplex};
+use super::poll::{Polled, Poller};
 use super::{Command, ConnectionState, Shared};
 use crate::cache::Cache;
 use crate::protocol::Transport;
@@ -18,9 +19,13 @@ use crate::sync::{DisconnectReason, Event, Output, SyncMachine};
 use crate::wire::{FrameReader, ReadError, write_frame};
 use tokio::sync::watch;
 
+/// The HTTP poller, after how many failed streaming attempts it polls, and its timeout.
+pub(super) type Polling = (Poller, u32, std::time::Duration);
+
 pub(super) async fn run(
     mut machine: SyncMachine,
     mut connector: Connector,
+    poller: Option<Polling>,
     shared: Arc<Shared>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     cache: Option<Cache>,
@@ -39,6 +44,7 @@ pub(super) async fn run(
         shared: &shared,
         cache: cache_tx.as_ref(),
     };
+    let mut etag: Option<String> = None;
     loop {
         drain_offline(&mut machine, &shared);
         if machine.is_stopped() || cancel.is_cancelled() {
@@ -66,10 +72,21 @@ pub(super) async fn run(
         match conn {
             Ok(conn) => {
                 debug!(transport = %conn.transport, "connected");
+                shared.shared.status.send_modify(|s| s.polling = false);
                 machine.on_connected(Instant::now());
                 session(&mut machine, conn, &shared, &mut commands, &cancel).await;
             }
-            Err(e) => machine.on_connect_failed(Instant::now(), e),
+            Err(e) => {
+                machine.on_connect_failed(Instant::now(), e);
+                if let Some((poller, after, timeout)) = &poller
+                    && machine.failures() >= *after
+                {
+                    tokio::select! {
+                        _ = poll(&mut machine, poller, *timeout, &mut etag, &shared) => {}
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            }
         }
     }
     shared.shared.status.send_modify(|s| {
@@ -80,6 +97,47 @@ pub(super) async fn run(
     if let Some(task) = cache_task {
         let _ = task.await; // the last state is on disk before close() returns
     }
+}
+
+/// One poll of the HTTP snapshot; what it brings is applied and published as an update.
+async fn poll(
+    machine: &mut SyncMachine,
+    poller: &Poller,
+    timeout: std::time::Duration,
+    etag: &mut Option<String>,
+    shared: &Published<'_>,
+) {
+    // An ETag names a version the client holds; after a session it may hold a later one.
+    if machine.flags().selector().is_none() {
+        *etag = None;
+    }
+    let polled = poller.poll(etag.as_deref(), timeout).await;
+    let applied = match polled {
+        Ok(Polled::NotModified) => Ok(()),
+        Ok(Polled::Snapshot(snapshot, tag)) => {
+            *etag = tag;
+            machine.on_polled(snapshot)
+        }
+        Err(e) => Err(e),
+    };
+    match applied {
+        Ok(()) => {
+            debug!("polled the HTTP snapshot");
+            shared.shared.status.send_modify(|s| {
+                s.polling = true;
+                s.state = ConnectionState::Connecting;
+                s.transport = None;
+            });
+        }
+        Err(e) => {
+            debug!(error = %e, "polling failed");
+            shared
+                .shared
+                .status
+                .send_modify(|s| s.last_error = Some(format!("polling: {e}")));
+        }
+    }
+    drain_offline(machine, shared);
 }
 
 /// What the cache writer persists: the flags, and the context (JSON) they were evaluated for.

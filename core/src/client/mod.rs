@@ -21,6 +21,7 @@
 
 mod connect;
 mod driver;
+mod poll;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +85,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Why the client stopped, if the server rejected it.
     pub fatal: Option<Fatal>,
+    /// Whether the flags come from polling the server's HTTP listener, because no streaming
+    /// transport got through (`transport` is then `None`).
+    pub polling: bool,
 }
 
 /// Errors from the client API.
@@ -130,6 +134,14 @@ pub struct ClientConfig {
     pub sync: SyncConfig,
     /// Where to persist the last applied state, so a cold start has flags without a network.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// The server's HTTP listener (`http://HOST:PORT`, or `https://` with `--http-tls`): when
+    /// neither QUIC nor TCP+TLS has got through `poll_after_failures` times in a row, the
+    /// client polls `/sdk/v1/snapshot` there, once after each failed streaming attempt (so as
+    /// often as the reconnect backoff, at most `backoff_max` apart), and goes back to
+    /// streaming as soon as an attempt succeeds. `None`: no polling.
+    pub http_endpoint: Option<String>,
+    /// Failed streaming attempts in a row before polling starts.
+    pub poll_after_failures: u32,
 }
 
 impl ClientConfig {
@@ -149,6 +161,8 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             sync: SyncConfig::new(sdk_key),
             cache_dir: None,
+            http_endpoint: None,
+            poll_after_failures: 3,
         }
     }
 
@@ -246,6 +260,22 @@ impl Client {
         config: ClientConfig,
     ) -> Result<(Client, broadcast::Receiver<Update>), ClientError> {
         let connector = connect::Connector::new(&config)?;
+        let poller = match &config.http_endpoint {
+            None => None,
+            Some(base) => {
+                let mut poller = connector
+                    .poller(base, &config.sync.sdk_key)
+                    .map_err(ClientError::Config)?;
+                if config.sync.mode == DeliveryMode::Evaluated {
+                    poller.evaluated(&config.sync.context);
+                }
+                Some((
+                    poller,
+                    config.poll_after_failures.max(1),
+                    config.connect_timeout,
+                ))
+            }
+        };
         let context = Arc::new(config.sync.context.clone());
         let evaluated = config.sync.mode == DeliveryMode::Evaluated;
         let cache = config
@@ -267,6 +297,7 @@ impl Client {
             initialized: false,
             last_error: None,
             fatal: None,
+            polling: false,
         });
         let (updates, first_updates) = broadcast::channel(256);
         let shared = Arc::new(Shared {
@@ -280,6 +311,7 @@ impl Client {
         let task = tokio::spawn(driver::run(
             machine,
             connector,
+            poller,
             shared.clone(),
             command_rx,
             cache,
