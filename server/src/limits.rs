@@ -231,9 +231,9 @@ pub struct LimitsConfig {
     /// Handshakes one source may have in progress; over it, a TCP connection is closed before
     /// TLS and a QUIC attempt refused. 0: no limit.
     pub handshakes_per_source: usize,
-    /// QUIC handshakes in progress (all sources) above which an attempt from an address not
-    /// yet validated is sent a Retry, so that a flood of spoofed Initial packets costs one
-    /// stateless answer each. 0: always.
+    /// Handshakes in progress (TCP and QUIC, all sources) above which a QUIC attempt from an
+    /// address not yet validated is sent a Retry, so that a flood of spoofed Initial packets
+    /// costs one stateless answer each. 0: always.
     pub quic_retry_above: usize,
     /// Wrong admin tokens per source. Once the bucket is empty, every admin request from that
     /// source is answered `429` with `Retry-After`, before its token is looked at.
