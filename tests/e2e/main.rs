@@ -14,5 +14,6 @@ mod limits;
 mod load;
 mod mobile;
 mod ofrep;
+mod openfeature;
 mod resume;
 mod targeting;
