@@ -238,6 +238,10 @@ pub struct LimitsConfig {
     /// Wrong admin tokens per source. Once the bucket is empty, every admin request from that
     /// source is answered `429` with `Retry-After`, before its token is looked at.
     pub admin_failures: Rate,
+    /// SDK requests over HTTP (OFREP, snapshot polling) per source; over it, `429` with
+    /// `Retry-After`. Off by default: one backend host may rightly evaluate thousands of
+    /// times a second (`--sdk-request-rate`).
+    pub sdk_requests: Rate,
 }
 
 impl Default for LimitsConfig {
@@ -255,6 +259,7 @@ impl Default for LimitsConfig {
                 per_second: 1.0 / 6.0,
                 burst: 20.0,
             },
+            sdk_requests: Rate::OFF,
         }
     }
 }
@@ -270,15 +275,18 @@ pub enum Refused {
     Capacity,
     /// An admin request from a source over its failures: `429`.
     AdminFailures,
+    /// An SDK request over HTTP from a source over its rate: `429`.
+    SdkRequests,
 }
 
 impl Refused {
     /// Every reason, for the metrics.
-    pub const ALL: [Refused; 4] = [
+    pub const ALL: [Refused; 5] = [
         Refused::ConnectRate,
         Refused::Handshakes,
         Refused::Capacity,
         Refused::AdminFailures,
+        Refused::SdkRequests,
     ];
 
     /// The metric label.
@@ -288,6 +296,7 @@ impl Refused {
             Refused::Handshakes => "handshakes",
             Refused::Capacity => "capacity",
             Refused::AdminFailures => "admin_failures",
+            Refused::SdkRequests => "sdk_requests",
         }
     }
 }
@@ -303,9 +312,11 @@ pub struct Limits {
     pub handshakes: Arc<Handshakes>,
     /// Wrong admin tokens.
     pub admin_failures: Buckets,
-    refused: [AtomicU64; 4],
+    /// SDK requests over HTTP.
+    pub sdk_requests: Buckets,
+    refused: [AtomicU64; 5],
     /// When each reason was last logged at WARN, and how many since.
-    logged: Mutex<[(Option<Instant>, u64); 4]>,
+    logged: Mutex<[(Option<Instant>, u64); 5]>,
     /// QUIC attempts sent a Retry.
     retries: AtomicU64,
 }
@@ -318,8 +329,9 @@ impl Limits {
             connects: Buckets::new(config.connects),
             handshakes: Handshakes::new(config.handshakes_per_source),
             admin_failures: Buckets::new(config.admin_failures),
+            sdk_requests: Buckets::new(config.sdk_requests),
             refused: Default::default(),
-            logged: Mutex::new([(None, 0); 4]),
+            logged: Mutex::new([(None, 0); 5]),
             retries: AtomicU64::new(0),
         })
     }
@@ -341,7 +353,7 @@ impl Limits {
     }
 
     /// Refusals so far, by reason.
-    pub fn refusals(&self) -> [(Refused, u64); 4] {
+    pub fn refusals(&self) -> [(Refused, u64); 5] {
         Refused::ALL.map(|r| (r, self.refused[r as usize].load(Ordering::Relaxed)))
     }
 

@@ -219,3 +219,55 @@ async fn a_source_guessing_admin_tokens_is_answered_429() {
     // /metrics takes no token, so it is not limited.
     assert!(refused(&server, "admin_failures").await >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_over_its_sdk_request_rate_is_answered_429() {
+    let server = TestServer::start_with(|c| {
+        c.limits.sdk_requests = Rate {
+            per_second: 0.5,
+            burst: 3.0,
+        }
+    })
+    .await;
+    let key = server.env_with_key("prod", KeyKind::Server).await;
+    server.put_bool("prod", "banner", true).await;
+    let url = format!("http://{}/ofrep/v1/evaluate/flags/banner", server.http);
+    let body = serde_json::json!({"context": {"targetingKey": "u-1"}});
+    let ask = |http: reqwest::Client| {
+        let (url, key, body) = (url.clone(), key.clone(), body.clone());
+        async move {
+            http.post(url)
+                .header("x-api-key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        assert_eq!(ask(http.clone()).await.status(), 200);
+    }
+    let limited = ask(http.clone()).await;
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2..=4).contains(&retry), "Retry-After {retry}");
+    // The snapshot endpoint shares the allowance; another address has its own.
+    let snapshot = http
+        .get(format!("http://{}/sdk/v1/snapshot", server.http))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(snapshot.status(), 429);
+    let other = reqwest::Client::builder()
+        .local_address(IpAddr::from(OTHER))
+        .build()
+        .unwrap();
+    assert_eq!(ask(other).await.status(), 200);
+    assert_eq!(refused(&server, "sdk_requests").await, 2);
+}

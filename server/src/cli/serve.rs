@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// Protocol connections one source address may open at once before the rate applies.
     #[arg(long, default_value_t = 2000)]
     pub connect_burst: u32,
+    /// SDK requests over HTTP (OFREP, snapshot polling) one source address may make per
+    /// second, with a burst of ten seconds' worth; more are answered 429 with Retry-After.
+    /// 0 (the default): no limit.
+    #[arg(long, default_value_t = 0.0)]
+    pub sdk_request_rate: f64,
     /// Record OFREP evaluations as events: counts per flag, variant and reason in /metrics,
     /// and the exporters below. An evaluation never waits for its event.
     #[arg(long)]
@@ -82,6 +87,10 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
         args.events || args.events_file.is_some() || args.events_webhook.is_some();
     config.events.file = args.events_file;
     config.events.webhook = args.events_webhook;
+    config.limits.sdk_requests = Rate {
+        per_second: args.sdk_request_rate.max(0.0),
+        burst: args.sdk_request_rate.max(0.0) * 10.0,
+    };
     config.limits.connects = Rate {
         per_second: args.connect_rate.max(0.0),
         burst: f64::from(args.connect_burst),

@@ -89,12 +89,32 @@ pub async fn require_ready(State(state): State<AppState>, req: Request, next: Ne
 }
 
 /// Authenticates an SDK key from `Authorization: Bearer <key>` or `X-API-Key: <key>` and puts
-/// its [`Grant`] in the request's extensions.
+/// its [`Grant`] in the request's extensions; first, a source over its SDK request rate
+/// ([`crate::limits::LimitsConfig::sdk_requests`], off by default) is answered `429`.
 pub async fn require_sdk_key(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    if let Some(peer) = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        && let Err(wait) = state
+            .limits
+            .sdk_requests
+            .take(Source::of(peer.ip()), Instant::now())
+    {
+        state.limits.refused(Refused::SdkRequests, peer);
+        let secs = limits::retry_after(wait).as_secs_f64().ceil() as u32;
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many SDK requests from this address; retry after Retry-After",
+        )
+        .retry_after(secs.max(1))
+        .into_response();
+    }
     let headers = req.headers();
     let presented = bearer(headers).or_else(|| {
         headers
