@@ -358,3 +358,10 @@ pub fn refusal<T: std::fmt::Debug>(r: Result<T, AdminError>) -> (u16, ErrorCode,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// A string flag serving "A" or "B" by a 50/50 rollout on the targeting key.
+pub fn fifty_fifty() -> serde_json::Value {
+    serde_json::json!({"on": true, "variants": {"a": "A", "b": "B"}, "off_variant": "a",
+        "fallthrough": {"rollout": {"variants": [{"variant": "a", "weight": 50000},
+                                                  {"variant": "b", "weight": 50000}]}}})
+}

@@ -79,6 +79,24 @@ fn check_failure(v: &Value, codes: &[&str]) {
     }
 }
 
+/// "plan": `variants` (each serving its capitalised name), the rule for `plan: pro` serving
+/// `pros_get`, everyone else "free".
+fn plan_flag(variants: &[&str], pros_get: &str) -> Value {
+    let values: serde_json::Map<String, Value> = variants
+        .iter()
+        .map(|v| {
+            (
+                v.to_string(),
+                json!(format!("{}{}", v[..1].to_uppercase(), &v[1..])),
+            )
+        })
+        .collect();
+    json!({"on": true, "variants": values, "off_variant": "free",
+           "rules": [{"id": "pros", "clauses": [{"attribute": "plan", "op": "in", "values": ["pro"]}],
+                      "serve": {"variant": pros_get}}],
+           "fallthrough": {"variant": "free"}})
+}
+
 struct Ofrep {
     server: TestServer,
     server_key: String,
@@ -99,14 +117,7 @@ async fn setup() -> Ofrep {
         )
         .await;
     server
-        .put_flag(
-            "prod",
-            "plan",
-            json!({"on": true, "variants": {"pro": "Pro", "free": "Free"}, "off_variant": "free",
-                   "rules": [{"id": "pros", "clauses": [{"attribute": "plan", "op": "in", "values": ["pro"]}],
-                              "serve": {"variant": "pro"}}],
-                   "fallthrough": {"variant": "free"}}),
-        )
+        .put_flag("prod", "plan", plan_flag(&["pro", "free"], "pro"))
         .await;
     server
         .put_flag(
@@ -124,15 +135,7 @@ async fn setup() -> Ofrep {
                    "off_variant": "light", "fallthrough": {"variant": "dark"}}),
         )
         .await;
-    server
-        .put_flag(
-            "prod",
-            "split",
-            json!({"on": true, "variants": {"a": "A", "b": "B"}, "off_variant": "a",
-                   "fallthrough": {"rollout": {"variants": [{"variant": "a", "weight": 50000},
-                                                             {"variant": "b", "weight": 50000}]}}}),
-        )
-        .await;
+    server.put_flag("prod", "split", fifty_fifty()).await;
     Ofrep {
         server,
         server_key,
@@ -437,15 +440,7 @@ async fn the_event_stream_says_refetch_only_when_this_contexts_values_change() {
     // A change that leaves this context's values alone (the rule for "pro" serves another
     // variant to pros): no event, and the bulk ETag is the same.
     o.server
-        .put_flag(
-            "prod",
-            "plan",
-            json!({"on": true, "variants": {"pro": "Pro", "free": "Free", "max": "Max"},
-                   "off_variant": "free",
-                   "rules": [{"id": "pros", "clauses": [{"attribute": "plan", "op": "in", "values": ["pro"]}],
-                              "serve": {"variant": "max"}}],
-                   "fallthrough": {"variant": "free"}}),
-        )
+        .put_flag("prod", "plan", plan_flag(&["pro", "free", "max"], "max"))
         .await;
     let unchanged = o.bulk(ctx.clone(), Some(&tag)).await;
     assert_eq!(unchanged.status(), 304, "the values are the same");
@@ -478,14 +473,7 @@ async fn the_event_stream_says_refetch_only_when_this_contexts_values_change() {
     let mut pro_events = Events::open(&o, &pro_uri, None).await;
     pro_events.next().await.unwrap();
     o.server
-        .put_flag(
-            "prod",
-            "plan",
-            json!({"on": true, "variants": {"pro": "Pro", "free": "Free"}, "off_variant": "free",
-                   "rules": [{"id": "pros", "clauses": [{"attribute": "plan", "op": "in", "values": ["pro"]}],
-                              "serve": {"variant": "pro"}}],
-                   "fallthrough": {"variant": "free"}}),
-        )
+        .put_flag("prod", "plan", plan_flag(&["pro", "free"], "pro"))
         .await;
     let pro_tag = o.bulk(pro, None).await.headers()["etag"]
         .to_str()

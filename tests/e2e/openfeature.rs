@@ -33,15 +33,7 @@ async fn openfeatures_api_resolves_through_the_vane_client_and_sees_changes() {
                    "off_variant": "light", "fallthrough": {"variant": "dark"}}),
         )
         .await;
-    server
-        .put_flag(
-            "prod",
-            "split",
-            json!({"on": true, "variants": {"a": "A", "b": "B"}, "off_variant": "a",
-                   "fallthrough": {"rollout": {"variants": [{"variant": "a", "weight": 50000},
-                                                             {"variant": "b", "weight": 50000}]}}}),
-        )
-        .await;
+    server.put_flag("prod", "split", fifty_fifty()).await;
     let (client, _updates) = server.client(&key, TransportPreference::Tcp).await;
     let provider = VaneProvider::new(client);
     let mut changes = provider.changes();

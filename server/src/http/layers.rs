@@ -31,6 +31,33 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Who is asking (the listener puts it in every request; a router served otherwise has none,
+/// and then no per-source limit applies).
+fn peer(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// `429 rate_limited` with `Retry-After` for `peer`, over the limit `why` by `wait`; counted.
+fn too_many(
+    state: &AppState,
+    why: Refused,
+    peer: SocketAddr,
+    wait: std::time::Duration,
+    message: &str,
+) -> Response {
+    state.limits.refused(why, peer);
+    let secs = limits::retry_after(wait).as_secs_f64().ceil() as u32;
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        message,
+    )
+    .retry_after(secs.max(1))
+    .into_response()
+}
+
 fn unauthorized(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).into_response()
 }
@@ -40,26 +67,19 @@ fn unauthorized(message: &str) -> Response {
 /// answered `429` with `Retry-After` until its allowance refills, before its token is looked
 /// at, so guessing gets no answers.
 pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = peer(&req);
     let source = peer.map(|p| Source::of(p.ip()));
     let failures = &state.limits.admin_failures;
-    if let Some(source) = source
-        && let Err(wait) = failures.check(source, Instant::now())
+    if let Some(peer) = peer
+        && let Err(wait) = failures.check(Source::of(peer.ip()), Instant::now())
     {
-        if let Some(peer) = peer {
-            state.limits.refused(Refused::AdminFailures, peer);
-        }
-        let secs = limits::retry_after(wait).as_secs_f64().ceil() as u32;
-        return ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
+        return too_many(
+            &state,
+            Refused::AdminFailures,
+            peer,
+            wait,
             "too many wrong admin tokens from this address; retry after Retry-After",
-        )
-        .retry_after(secs.max(1))
-        .into_response();
+        );
     }
     let refusal = match bearer(req.headers()) {
         None => "missing 'Authorization: Bearer <admin token>' header",
@@ -96,24 +116,19 @@ pub async fn require_sdk_key(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if let Some(peer) = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
+    if let Some(peer) = peer(&req)
         && let Err(wait) = state
             .limits
             .sdk_requests
             .take(Source::of(peer.ip()), Instant::now())
     {
-        state.limits.refused(Refused::SdkRequests, peer);
-        let secs = limits::retry_after(wait).as_secs_f64().ceil() as u32;
-        return ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
+        return too_many(
+            &state,
+            Refused::SdkRequests,
+            peer,
+            wait,
             "too many SDK requests from this address; retry after Retry-After",
-        )
-        .retry_after(secs.max(1))
-        .into_response();
+        );
     }
     let headers = req.headers();
     let presented = bearer(headers).or_else(|| {
