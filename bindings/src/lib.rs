@@ -211,6 +211,11 @@ pub struct VaneConfig {
     /// The name to verify the certificate against; default: the endpoint's host.
     #[uniffi(default = None)]
     pub server_name: Option<String>,
+    /// The server's HTTP listener (`https://host:port`, or `http://`): where neither QUIC nor
+    /// TCP+TLS gets through (networks that pass only HTTP(S)), the SDK polls the snapshot there
+    /// and streams again as soon as it can. `null`: no polling.
+    #[uniffi(default = None)]
+    pub http_endpoint: Option<String>,
 }
 
 /// A value with how it was decided.
@@ -405,6 +410,7 @@ impl VaneClient {
                 .evaluated(context);
         core.cache_dir = config.cache_dir.map(Into::into);
         core.server_name = config.server_name;
+        core.http_endpoint = config.http_endpoint;
         core.transport = match config.transport.unwrap_or(TransportPreference::Auto) {
             TransportPreference::Auto => client::TransportPreference::Auto,
             TransportPreference::Quic => client::TransportPreference::Quic,

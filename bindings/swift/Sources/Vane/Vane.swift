@@ -25,7 +25,8 @@ public final class Vane {
         context: String,
         cacheDir: String? = nil,
         transport: TransportPreference? = nil,
-        serverName: String? = nil
+        serverName: String? = nil,
+        httpEndpoint: String? = nil
     ) throws {
         let config = VaneConfig(
             endpoint: endpoint,
@@ -34,7 +35,8 @@ public final class Vane {
             contextJson: context,
             cacheDir: cacheDir,
             transport: transport,
-            serverName: serverName
+            serverName: serverName,
+            httpEndpoint: httpEndpoint
         )
         client = try VaneClient(config: config)
     }

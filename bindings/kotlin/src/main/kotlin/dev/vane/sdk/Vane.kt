@@ -60,6 +60,7 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
         private var cacheDir: String? = null
         private var transport: TransportPreference? = null
         private var serverName: String? = null
+        private var httpEndpoint: String? = null
 
         /** PEM of the CA that signed the server's certificate. */
         fun caPem(pem: String) = apply { caPem = pem }
@@ -76,9 +77,15 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
         /** The name the server certificate is checked against (default: the endpoint's host). */
         fun serverName(name: String) = apply { serverName = name }
 
+        /**
+         * The server's HTTP listener (`https://host:port`): where neither QUIC nor TCP+TLS gets
+         * through, the SDK polls the snapshot there, and streams again as soon as it can.
+         */
+        fun httpEndpoint(url: String) = apply { httpEndpoint = url }
+
         /** Starts the client; it connects in the background. */
         @Throws(VaneException::class)
-        fun build(): Vane = Vane(VaneClient(VaneConfig(endpoint, sdkKey, caPem, contextJson, cacheDir, transport, serverName)))
+        fun build(): Vane = Vane(VaneClient(VaneConfig(endpoint, sdkKey, caPem, contextJson, cacheDir, transport, serverName, httpEndpoint)))
     }
 
     companion object {
