@@ -124,9 +124,13 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
     // Four writers, each putting new flags until the server is gone.
     let acked = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let in_doubt = Arc::new(Mutex::new(Vec::<String>::new()));
+    // How many writes are acknowledged so far, for the kill to wait on.
+    let (progress, mut acks) = tokio::sync::watch::channel(0usize);
+    let progress = Arc::new(progress);
     let mut writers = Vec::new();
     for w in 0..4 {
         let (admin, acked, in_doubt) = (admin.clone(), acked.clone(), in_doubt.clone());
+        let progress = progress.clone();
         writers.push(tokio::spawn(async move {
             for n in 0..100_000 {
                 let key = format!("w{w}-{n}");
@@ -136,6 +140,7 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
                 {
                     Ok(written) => {
                         acked.lock().unwrap().insert(key, written.at.version);
+                        progress.send_modify(|n| *n += 1);
                     }
                     Err(_) => {
                         // Sent, but no answer: committed or not, either is correct.
@@ -146,7 +151,11 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Killed in the middle of the writes: once hundreds are acknowledged, with more in flight.
+    tokio::time::timeout(PATIENCE, acks.wait_for(|n| *n >= 400))
+        .await
+        .expect("the writers got going")
+        .unwrap();
     let killed_at = Instant::now();
     served.process.kill9();
     for w in writers {
@@ -154,7 +163,7 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
     }
     let acked = acked.lock().unwrap().clone();
     let in_doubt = in_doubt.lock().unwrap().clone();
-    assert!(acked.len() > 20, "the writers got going: {}", acked.len());
+    assert!(acked.len() >= 400, "the writers got going: {}", acked.len());
 
     let served = restart(data, &served, &["--heartbeat", "2"]);
     let restarted_at = Instant::now();

@@ -159,12 +159,14 @@ impl TestServer {
 
     /// Live sessions on `transport` ("quic" or "tcp"), from the server's /metrics.
     pub async fn sessions(&self, transport: &str) -> u64 {
+        self.metric(&format!("vane_sessions{{transport=\"{transport}\"}}"))
+            .await
+    }
+
+    /// One series of the server's /metrics (`name{labels}`), which must be there.
+    pub async fn metric(&self, name: &str) -> u64 {
         let text = self.admin.metrics().await.expect("metrics reachable");
-        let prefix = format!("vane_sessions{{transport=\"{transport}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.parse().ok())
-            .expect("session gauge")
+        series(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"))
     }
 
     /// A client configuration for this server with quick reconnects.
@@ -364,4 +366,12 @@ pub fn fifty_fifty() -> serde_json::Value {
     serde_json::json!({"on": true, "variants": {"a": "A", "b": "B"}, "off_variant": "a",
         "fallthrough": {"rollout": {"variants": [{"variant": "a", "weight": 50000},
                                                   {"variant": "b", "weight": 50000}]}}})
+}
+
+/// The value of one series (`name{labels}`) in /metrics text, if it is there.
+pub fn series(metrics: &str, name: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
 }

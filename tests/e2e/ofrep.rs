@@ -584,12 +584,9 @@ async fn the_official_web_provider_gets_a_value_and_a_change_event() {
     assert!(status.success());
 }
 
-fn counter(metrics: &str, prefix: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+/// A counter of /metrics text, 0 before anything was counted.
+fn count(metrics: &str, name: &str) -> u64 {
+    series(metrics, name.trim_end()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,7 +634,7 @@ async fn evaluation_events_reach_the_file_and_a_stalled_webhook_drops_without_bl
     let metrics = tokio::time::timeout(PATIENCE, async {
         loop {
             let m = server.admin.metrics().await.unwrap();
-            if counter(&m, written) == N {
+            if count(&m, written) == N {
                 return m;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -646,7 +643,7 @@ async fn evaluation_events_reach_the_file_and_a_stalled_webhook_drops_without_bl
     .await
     .expect("every event written to the file");
     assert_eq!(
-        counter(
+        count(
             &metrics,
             "vane_evaluations_total{env=\"prod\",flag=\"banner\",variant=\"true\",reason=\"STATIC\"} "
         ),
@@ -655,11 +652,11 @@ async fn evaluation_events_reach_the_file_and_a_stalled_webhook_drops_without_bl
     );
     let dropped = "vane_evaluation_events_total{outcome=\"dropped\",stage=\"webhook\"} ";
     assert!(
-        counter(&metrics, dropped) >= N - 50 - 10 - 1,
+        count(&metrics, dropped) >= N - 50 - 10 - 1,
         "the stalled webhook's events beyond its buffer were dropped and counted: {metrics}"
     );
     assert_eq!(
-        counter(
+        count(
             &metrics,
             "vane_evaluation_events_total{outcome=\"dropped\",stage=\"queue\"} "
         ),

@@ -34,9 +34,12 @@ use futures_util::Stream;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use vane_core::eval::{Context, ErrorCode as EvalError, Evaluation, Reason};
 use vane_core::history::EnvHistory;
+use vane_core::history::evaluation_hash;
 use vane_core::model::FlagValue;
+use vane_core::protocol::Selector;
 
 use super::AppState;
 use super::sdk::not_modified;
@@ -346,17 +349,10 @@ async fn evaluate_all(
         Ok(ctx) => ctx,
         Err(refusal) => return refusal.into_response(),
     };
-    let stream = stream_token(&state.stream_key, &grant.id, &ctx).map(|token| EventStream {
-        kind: "sse",
-        endpoint: StreamEndpoint {
-            request_uri: format!("{EVENTS}?token={token}"),
-        },
-        inactivity_delay_sec: INACTIVITY_DELAY_S,
-    });
     let answered = history_of(&state, &grant, |environment, h| {
         // Each flag is evaluated once: for the ETag, and then (if it does not match) the body.
         let evaluated = evaluate_every_flag(h, &ctx);
-        let tag = values_etag(&evaluated);
+        let tag = values_etag(evaluated.iter().map(|(k, e)| (*k, evaluation_hash(e))));
         if not_modified(&headers, &tag) {
             return (tag, None);
         }
@@ -375,6 +371,13 @@ async fn evaluate_all(
                 }
             })
             .collect();
+        let stream = stream_token(&state.stream_key, &grant.id, &ctx).map(|token| EventStream {
+            kind: "sse",
+            endpoint: StreamEndpoint {
+                request_uri: format!("{EVENTS}?token={token}"),
+            },
+            inactivity_delay_sec: INACTIVITY_DELAY_S,
+        });
         let bulk = Bulk {
             flags,
             metadata: BulkMetadata { environment },
@@ -418,16 +421,80 @@ fn evaluate_every_flag<'h>(h: &'h EnvHistory, ctx: &Context) -> Vec<(&'h str, Ev
         .collect()
 }
 
-/// The bulk answer's ETag: a digest of every flag's key and evaluation, so it changes exactly
-/// when the answer's values do.
-fn values_etag(evaluated: &[(&str, Evaluation<'_>)]) -> String {
+/// The bulk answer's ETag from each flag's key and evaluation hash, in key order: it changes
+/// exactly when the answer's values do.
+fn values_etag<'a>(hashes: impl Iterator<Item = (&'a str, u64)>) -> String {
     let mut digest = Sha256::new();
-    for (key, e) in evaluated {
+    for (key, hash) in hashes {
         digest.update(key.as_bytes());
         digest.update([0]);
-        digest.update(vane_core::history::evaluation_hash(e).to_le_bytes());
+        digest.update(hash.to_le_bytes());
     }
     format!("\"{}\"", hex::encode(&digest.finalize()[..12]))
+}
+
+/// What an event stream remembers of its context's values: each flag's evaluation hash, and
+/// the version they stand at, so a change re-evaluates only the flags it can have altered
+/// (those it wrote, and those using a segment it wrote), not every flag for every stream.
+#[derive(Debug)]
+struct Watched {
+    ctx: Context,
+    hashes: BTreeMap<String, u64>,
+    at: Selector,
+}
+
+impl Watched {
+    fn new(h: &EnvHistory, ctx: Context) -> Watched {
+        let mut w = Watched {
+            ctx,
+            hashes: BTreeMap::new(),
+            at: h.selector(),
+        };
+        w.evaluate_all(h);
+        w
+    }
+
+    fn evaluate_all(&mut self, h: &EnvHistory) {
+        self.hashes = h
+            .flags()
+            .map(|e| {
+                let hash = evaluation_hash(&e.compiled.evaluate(&self.ctx, h));
+                (e.wire.key.clone(), hash)
+            })
+            .collect();
+    }
+
+    /// Brings the hashes to `h`'s version; the ETag they make.
+    fn update(&mut self, h: &EnvHistory) -> String {
+        let now = h.selector();
+        let affected = (now.epoch == self.at.epoch)
+            .then(|| h.changed_since(self.at.version))
+            .flatten()
+            .map(|changed| h.affected_flags(&changed));
+        match affected {
+            // A new epoch, or changes older than the window: everything again.
+            None => self.evaluate_all(h),
+            Some(keys) => {
+                for key in keys {
+                    match h.flag(&key) {
+                        Some(e) => {
+                            let hash = evaluation_hash(&e.compiled.evaluate(&self.ctx, h));
+                            self.hashes.insert(key, hash);
+                        }
+                        None => {
+                            self.hashes.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        self.at = now;
+        self.etag()
+    }
+
+    fn etag(&self) -> String {
+        values_etag(self.hashes.iter().map(|(k, h)| (k.as_str(), *h)))
+    }
 }
 
 /// A token naming `key_id` and `ctx`, signed with the server's stream key; `None` when the
@@ -507,31 +574,47 @@ fn change_events(
     ctx: Context,
     heard: Option<String>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let changes = env.subscribe();
-    let first = env.with_history(|h| values_etag(&evaluate_every_flag(h, &ctx)));
-    let state = (env, grant, ctx, changes, heard, Some(first));
-    futures_util::stream::unfold(
-        state,
-        |(env, grant, ctx, mut changes, mut sent, mut pending)| async move {
-            loop {
-                if let Some(tag) = pending.take()
-                    && sent.as_ref() != Some(&tag)
-                {
-                    let event = refetch(&tag);
-                    sent = Some(tag);
-                    return Some((Ok(event), (env, grant, ctx, changes, sent, None)));
-                }
-                tokio::select! {
-                    _ = grant.ended() => return None,
-                    changed = changes.changed() => {
-                        changed.ok()?;
-                        changes.borrow_and_update();
-                        pending = Some(env.with_history(|h| values_etag(&evaluate_every_flag(h, &ctx))));
-                    }
+    let watched = env.with_history(|h| Watched::new(h, ctx));
+    let stream = EventStreamState {
+        changes: env.subscribe(),
+        pending: Some(watched.etag()),
+        env,
+        grant,
+        watched,
+        sent: heard,
+    };
+    futures_util::stream::unfold(stream, |mut st| async move {
+        loop {
+            if let Some(tag) = st.pending.take()
+                && st.sent.as_ref() != Some(&tag)
+            {
+                let event = refetch(&tag);
+                st.sent = Some(tag);
+                return Some((Ok(event), st));
+            }
+            tokio::select! {
+                _ = st.grant.ended() => return None,
+                changed = st.changes.changed() => {
+                    changed.ok()?;
+                    st.changes.borrow_and_update();
+                    let watched = &mut st.watched;
+                    st.pending = Some(st.env.with_history(|h| watched.update(h)));
                 }
             }
-        },
-    )
+        }
+    })
+}
+
+/// One event stream between events.
+struct EventStreamState {
+    env: Arc<EnvHub>,
+    grant: Arc<Grant>,
+    watched: Watched,
+    changes: tokio::sync::watch::Receiver<crate::hub::Published>,
+    /// The ETag the provider last heard of.
+    sent: Option<String>,
+    /// An ETag to tell, if it differs from `sent`.
+    pending: Option<String>,
 }
 
 #[cfg(test)]
@@ -561,6 +644,56 @@ mod tests {
                 (StatusCode::BAD_REQUEST, code)
             );
         }
+    }
+
+    #[test]
+    fn a_stream_reevaluates_only_what_a_change_can_alter_and_agrees_with_a_fresh_look() {
+        use vane_core::history::Write;
+        use vane_core::model::{Flag, Segment};
+        let hub = crate::hub::Hub::new(100);
+        let at = Selector {
+            epoch: 1,
+            version: 0,
+        };
+        hub.add_env("e", at);
+        let env = hub.env("e").unwrap();
+        let mut version = 0;
+        let mut commit = |w: Write| {
+            version += 1;
+            env.apply(1, w.into_change(version));
+        };
+        let staff: Segment = serde_json::from_str(r#"{"key": "staff", "included": []}"#).unwrap();
+        let gated: Flag = serde_json::from_str(
+            r#"{"key": "g", "on": true, "variants": {"y": true, "n": false}, "off_variant": "n",
+                "rules": [{"clauses": [{"op": "in_segment", "values": ["staff"]}], "serve": {"variant": "y"}}],
+                "fallthrough": {"variant": "n"}}"#,
+        )
+        .unwrap();
+        commit(Write::segment(staff.clone()).unwrap());
+        commit(Write::flag(gated).unwrap());
+        commit(Write::flag(Flag::boolean("other", true, true)).unwrap());
+        let ctx = Context::with_key("u-1");
+        let mut watched = env.with_history(|h| Watched::new(h, ctx.clone()));
+        let before = watched.etag();
+        let fresh =
+            |env: &crate::hub::EnvHub| env.with_history(|h| Watched::new(h, ctx.clone()).etag());
+        // The segment now holds u-1: the gated flag's value changes through it.
+        commit(
+            Write::segment(Segment {
+                included: vec!["u-1".into()],
+                ..staff
+            })
+            .unwrap(),
+        );
+        let after = env.with_history(|h| watched.update(h));
+        assert_ne!(after, before);
+        assert_eq!(after, fresh(&env));
+        // A deleted flag leaves the tag as a fresh look makes it.
+        commit(Write::Delete(
+            vane_core::history::ItemKind::Flag,
+            "other".into(),
+        ));
+        assert_eq!(env.with_history(|h| watched.update(h)), fresh(&env));
     }
 
     #[test]

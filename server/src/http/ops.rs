@@ -133,6 +133,13 @@ impl Collector for LimitMetrics {
             None,
             MetricType::Counter,
         )?)?;
+        let handshakes = self.0.handshakes.in_progress() as i64;
+        ConstGauge::new(handshakes).encode(encoder.encode_descriptor(
+            "vane_handshakes_in_progress",
+            "Protocol handshakes (TLS and QUIC) under way.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }

@@ -39,7 +39,7 @@ struct SnapshotQuery {
     context: Option<String>,
 }
 
-pub(super) fn etag(selector: Selector, context: Option<&Context>) -> String {
+fn etag(selector: Selector, context: Option<&Context>) -> String {
     match context {
         None => format!("\"{}-{}\"", selector.epoch_hex(), selector.version),
         Some(ctx) => {

@@ -608,13 +608,11 @@ fn a_dead_path_is_noticed_by_the_client_within_its_bound() {
 fn a_lost_ping_is_probed_and_the_answer_keeps_the_session() {
     let mut p = Pair::new(&[flag("a", true)]);
     p.connect();
-    let connected_at = p.now;
     p.lose_next = 1;
     p.advance(HEARTBEAT * 3);
     assert_eq!(p.connects, 1, "the connection stayed up: {:?}", p.events);
     assert_eq!(Pair::count(&p.server_saw, "Fetch"), 1, "one probe");
     assert_eq!(Pair::count(&p.client_saw, "UpToDate"), 1, "the answer");
-    assert!(p.now >= connected_at + HEARTBEAT * 3);
 }
 
 #[test]
