@@ -2,7 +2,9 @@
 //!
 //! `cargo bench -p vane-benches --bench eval`. Before measuring, each case is evaluated 10,000
 //! times under a counting global allocator and the number of allocations is printed (and must be
-//! zero, or the bench stops).
+//! zero, or the bench stops). The `count` group measures what a getter adds for the evaluation
+//! summaries (docs/PROTOCOL.md 4.8): off (the server did not ask), on, and on while another
+//! thread counts the same flag.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -14,6 +16,7 @@ use vane_benches::{
     CountingAllocator, big_segment, bool_flag, one_rule_rollout_flag, ten_rules_flag,
 };
 use vane_core::eval::{CompiledFlag, CompiledSegment, Context, NoSegments, SegmentSource};
+use vane_core::summary::EvaluationCounts;
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
@@ -74,6 +77,51 @@ fn bench(c: &mut Criterion) {
     group.bench_function("10 rules + 10k-key segment", |b| {
         b.iter(|| black_box(big.evaluate(black_box(&ctx), &segments)))
     });
+    group.finish();
+    count_bench(c, &plain, &ctx);
+}
+
+/// What counting one evaluation costs the getter.
+fn count_bench(c: &mut Criterion, flag: &CompiledFlag, ctx: &Context) {
+    let e = flag.evaluate(ctx, &NoSegments);
+    let counts = Arc::new(EvaluationCounts::default());
+    counts.set_on(true, 1);
+    counts.count("flag-7", &e); // the first count of a key allocates it
+    let before = ALLOC.count();
+    for _ in 0..10_000 {
+        counts.count(black_box("flag-7"), black_box(&e));
+    }
+    let n = ALLOC.count() - before;
+    println!("allocations in 10,000 counts of a counted flag: {n}");
+    assert_eq!(n, 0, "counting a flag already in the window allocated");
+
+    let mut group = c.benchmark_group("count");
+    let off = EvaluationCounts::default();
+    group.bench_function("off", |b| {
+        b.iter(|| off.count(black_box("flag-7"), black_box(&e)))
+    });
+    group.bench_function("on", |b| {
+        b.iter(|| counts.count(black_box("flag-7"), black_box(&e)))
+    });
+    // Another thread counting the same flag all along: it keeps to its own shard.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = {
+        let (counts, stop, e) = (counts.clone(), stop.clone(), e.variant.map(str::to_owned));
+        std::thread::spawn(move || {
+            let e = vane_core::eval::Evaluation {
+                variant: e.as_deref(),
+                ..vane_core::eval::Evaluation::failed(vane_core::eval::ErrorCode::General)
+            };
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                counts.count("flag-7", &e);
+            }
+        })
+    };
+    group.bench_function("on, another thread counting", |b| {
+        b.iter(|| counts.count(black_box("flag-7"), black_box(&e)))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = other.join();
     group.finish();
 }
 

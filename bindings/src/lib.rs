@@ -544,7 +544,7 @@ impl VaneClient {
             .filter_map(|k| {
                 Some((
                     k.to_owned(),
-                    serde_json::to_string(self.inner.details(k).value.as_ref()?).ok()?,
+                    serde_json::to_string(self.inner.peek(k).value.as_ref()?).ok()?,
                 ))
             })
             .collect()
@@ -556,7 +556,7 @@ impl VaneClient {
         flags
             .keys()
             .into_iter()
-            .map(|k| FlagSnapshot::new(k, self.inner.details(k)))
+            .map(|k| FlagSnapshot::new(k, self.inner.peek(k)))
             .collect()
     }
 

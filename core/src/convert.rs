@@ -10,16 +10,18 @@ use crate::model::{
     Clause, Flag, FlagValue, Operator, Rollout, Rule, Segment, SegmentRule, Serve, Weighted,
 };
 
-const REASONS: [(Reason, pb::Reason); 6] = [
+const REASONS: [(Reason, pb::Reason); 7] = [
     (Reason::Static, pb::Reason::Static),
     (Reason::TargetingMatch, pb::Reason::TargetingMatch),
     (Reason::Split, pb::Reason::Split),
     (Reason::Default, pb::Reason::Default),
     (Reason::Disabled, pb::Reason::Disabled),
     (Reason::Error, pb::Reason::Error),
+    (Reason::Cached, pb::Reason::Cached),
 ];
 
-/// A reason on the wire. `Cached` is a client-side reason and never sent; it maps to `Default`.
+/// A reason on the wire. `Cached` is a client-side reason: servers never send it, and clients
+/// send it only in evaluation counts.
 pub fn reason_to_wire(r: Reason) -> pb::Reason {
     REASONS
         .iter()

@@ -21,6 +21,7 @@ use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 use crate::eval::Context;
 use crate::protocol::Selector;
 use crate::state::FlagSet;
+use crate::summary::Window;
 
 /// Settings of the sync machine.
 #[derive(Debug, Clone)]
@@ -56,6 +57,10 @@ pub struct SyncConfig {
     /// before the path is called dead. A silent path is noticed within the heartbeat interval
     /// plus `probe_grace` plus this: 15 + 2 + 3 = 20 s with the defaults.
     pub probe_timeout: Duration,
+    /// Whether to report evaluation counts when the server asks for them (its Welcome says how
+    /// often; docs/PROTOCOL.md 4.8). Only counts per flag, variant and reason are sent, never a
+    /// context.
+    pub evaluation_summaries: bool,
 }
 
 impl SyncConfig {
@@ -75,6 +80,7 @@ impl SyncConfig {
             max_frame_len: vane_proto::codec::DEFAULT_MAX_FRAME_LEN,
             probe_grace: Duration::from_secs(2),
             probe_timeout: Duration::from_secs(3),
+            evaluation_summaries: true,
         }
     }
 }
@@ -176,6 +182,9 @@ pub enum Event {
         environment: String,
         /// How often the server will ping.
         heartbeat: Duration,
+        /// How often the client reports evaluation counts; `None`: it does not (the server
+        /// did not ask, or the client is configured not to).
+        summaries: Option<Duration>,
     },
     /// Flags were applied (or confirmed current).
     Updated(Update),
@@ -199,6 +208,22 @@ pub enum Output {
     Event(Event),
     /// Close the current connection (the machine has already scheduled what comes next).
     Close,
+    /// An evaluation summary is due: take the counts and hand them to
+    /// [`SyncMachine::send_summary`].
+    Summarize,
+}
+
+/// The shortest summary interval a client keeps to, whatever a server asks.
+pub const MIN_SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When this connection reports evaluation counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Summaries {
+    interval: Duration,
+    /// The next summary goes with the first Ack from then on.
+    due: Instant,
+    /// The server's `max_client_frame_len`.
+    max_frame_len: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +267,8 @@ pub struct SyncMachine {
     /// Identify frames sent on this connection and not yet answered: (seq, context JSON).
     identifies: VecDeque<(u32, String)>,
     next_identify: u32,
+    /// Evaluation summaries on this connection, when the server asked for them.
+    summaries: Option<Summaries>,
 }
 
 impl SyncMachine {
@@ -265,6 +292,7 @@ impl SyncMachine {
             server_context: None,
             identifies: VecDeque::new(),
             next_identify: 1,
+            summaries: None,
         }
     }
 
@@ -521,10 +549,24 @@ impl SyncMachine {
                     heartbeat,
                     probed: None,
                 };
+                let interval = Duration::from_millis(u64::from(w.evaluation_summary_interval_ms));
+                self.summaries =
+                    (self.config.evaluation_summaries && !interval.is_zero()).then(|| {
+                        let interval = interval.max(MIN_SUMMARY_INTERVAL);
+                        Summaries {
+                            interval,
+                            due: now + interval,
+                            max_frame_len: match usize::try_from(w.max_client_frame_len) {
+                                Ok(0) | Err(_) => vane_proto::codec::DEFAULT_MAX_CLIENT_FRAME_LEN,
+                                Ok(n) => n,
+                            },
+                        }
+                    });
                 self.emit(Event::Welcomed {
                     session_id: w.session_id,
                     environment: w.environment,
                     heartbeat,
+                    summaries: self.summaries.map(|s| s.interval),
                 });
             }
             (Kind::Snapshot(s), Some(_)) => {
@@ -533,7 +575,7 @@ impl SyncMachine {
                 match Arc::make_mut(&mut self.flags).replace(s) {
                     Ok(changed) => {
                         self.values_for = self.server_context.clone();
-                        self.applied(UpdateKind::Snapshot, selector, changed);
+                        self.applied(now, UpdateKind::Snapshot, selector, changed);
                     }
                     Err(e) => self.protocol_error(now, e),
                 }
@@ -546,7 +588,7 @@ impl SyncMachine {
                     if self.flags.is_cached() {
                         Arc::make_mut(&mut self.flags).confirm_live();
                     }
-                    self.applied(UpdateKind::UpToDate, selector, Vec::new());
+                    self.applied(now, UpdateKind::UpToDate, selector, Vec::new());
                 } else {
                     self.fetch(now);
                 }
@@ -554,7 +596,7 @@ impl SyncMachine {
             (Kind::Notice(n), Some(_)) => self.fetch_unless_at(now, n.selector),
             (Kind::Ping(p), Some(_)) => {
                 self.fetch_unless_at(now, p.selector);
-                self.ack();
+                self.ack(now);
             }
             (other, _) => {
                 let name = pb::Frame { kind: Some(other) }.kind_name();
@@ -591,7 +633,7 @@ impl SyncMachine {
                             }
                         }
                         self.values_for = self.server_context.clone();
-                        self.applied(UpdateKind::Delta, Some(to), changed);
+                        self.applied(now, UpdateKind::Delta, Some(to), changed);
                     }
                     Err(e) => self.protocol_error(now, e),
                 }
@@ -630,7 +672,13 @@ impl SyncMachine {
         self.close(now, reason, retry_after);
     }
 
-    fn applied(&mut self, kind: UpdateKind, selector: Option<Selector>, changed: Vec<String>) {
+    fn applied(
+        &mut self,
+        now: Instant,
+        kind: UpdateKind,
+        selector: Option<Selector>,
+        changed: Vec<String>,
+    ) {
         self.failures = 0;
         let Some(selector) = selector else { return };
         self.emit(Event::Updated(Update {
@@ -638,7 +686,7 @@ impl SyncMachine {
             selector,
             changed,
         }));
-        self.ack();
+        self.ack(now);
     }
 
     fn fetch_unless_at(&mut self, now: Instant, server: Option<pb::Selector>) {
@@ -668,12 +716,42 @@ impl SyncMachine {
         self.config.probe_grace.min(heartbeat / 5)
     }
 
-    fn ack(&mut self) {
+    /// Acks the selector held; a summary that is due goes with it, so reporting counts never
+    /// wakes a mobile radio that the Ping has not woken already.
+    fn ack(&mut self, now: Instant) {
         if let Some(selector) = self.flags.selector() {
             self.transmit(pb::Ack {
                 selector: Some(selector.into()),
             });
         }
+        if let Some(s) = &mut self.summaries
+            && now >= s.due
+        {
+            s.due = now + s.interval;
+            self.out.push_back(Output::Summarize);
+        }
+    }
+
+    /// Sends the counts the driver took after [`Output::Summarize`], in as many frames as the
+    /// server's frame limit needs (none for an empty window). A window that cannot go (the
+    /// connection ended meanwhile, or the server no longer asks) is handed back, for the driver
+    /// to put back into the counts.
+    pub fn send_summary(&mut self, window: Window) -> Result<(), Window> {
+        let Some(s) = self.summaries else {
+            return Err(window);
+        };
+        if !matches!(self.phase, Phase::Live { .. }) {
+            return Err(window);
+        }
+        for frame in window.frames(s.max_frame_len) {
+            self.transmit(frame);
+        }
+        Ok(())
+    }
+
+    /// Whether this connection reports evaluation counts.
+    pub fn reports_summaries(&self) -> bool {
+        self.summaries.is_some() && matches!(self.phase, Phase::Live { .. })
     }
 
     fn protocol_error(&mut self, now: Instant, reason: String) {
@@ -691,6 +769,7 @@ impl SyncMachine {
         self.failures = self.failures.saturating_add(1);
         self.phase = Phase::Backoff { until: now + delay };
         self.fetching = None;
+        self.summaries = None;
         self.emit(Event::Disconnected {
             reason,
             reconnect_in: delay,

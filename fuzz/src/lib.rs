@@ -21,9 +21,11 @@ use vane_core::history::{Item, ItemKind, Write};
 use vane_core::model::{Flag, Segment};
 use vane_core::protocol::Selector;
 use vane_core::state::FlagSet;
+use vane_core::summary::EvaluationCounts;
 use vane_core::sync::{DisconnectReason, Event, Output, SyncConfig, SyncMachine};
 use vane_proto::codec;
 use vane_proto::v1::{self as pb, frame::Kind};
+use vane_server::events::Events;
 use vane_server::hub::Hub;
 use vane_server::keys::{self, KeyKind, KeyRecord};
 use vane_server::session::{Session, SessionConfig, Subscription};
@@ -240,10 +242,28 @@ fn client_frame(pick: u8, arg: u8) -> pb::Frame {
             message: "fuzz".into(),
             retry_after_ms: 0,
         }),
-        _ => Kind::GoAway(pb::GoAway {
+        _ if arg & 1 == 0 => Kind::GoAway(pb::GoAway {
             reason: i32::from(arg % 4),
             reconnect_within_ms: u32::from(arg),
             message: "fuzz".into(),
+        }),
+        // Counts of known and unknown flags and variants, some of them too many.
+        _ => Kind::EvaluationSummary(pb::EvaluationSummary {
+            start_ms: u64::from(arg),
+            end_ms: u64::from(pick),
+            counts: (0..usize::from(arg >> 1) * 40)
+                .map(|i| pb::EvaluationCount {
+                    flag: ["banner", "checkout", "limits", "nope"][i % 4].into(),
+                    variant: ["on", "new", "high", "", "x"][i % 5].into(),
+                    reason: (i % 9) as i32,
+                    error_code: if i % 3 == 0 {
+                        "FLAG_NOT_FOUND".into()
+                    } else {
+                        String::new()
+                    },
+                    count: i as u64,
+                })
+                .collect(),
         }),
     };
     pb::Frame { kind: Some(kind) }
@@ -295,8 +315,11 @@ pub fn server_session(data: &[u8]) {
 fn run_session(data: &[u8]) -> Vec<&'static str> {
     let mut sent = Vec::new();
     let hub = fixture_hub();
+    // Events on, into a queue nobody drains: reported counts are checked, and some dropped.
+    let (events, _queue) = Events::with_queue(1024);
     let config = Arc::new(SessionConfig {
         max_client_frame_len: 4096,
+        events,
         ..SessionConfig::default()
     });
     let start = Instant::now();
@@ -470,6 +493,7 @@ fn server_frame(pick: u8, arg: u8) -> pb::Frame {
             max_server_frame_len: 1 << 20,
             server_version: "fuzz".into(),
             environment: ENV.into(),
+            evaluation_summary_interval_ms: u32::from(arg & 1) * 5_000,
         }),
         1 => Kind::Snapshot(pb::Snapshot {
             selector: Some(pb::Selector { epoch, version }),
@@ -526,9 +550,10 @@ pub fn client_sync(data: &[u8]) {
     run_client(data);
 }
 
-/// [`client_sync`], returning how many updates the machine applied.
-fn run_client(data: &[u8]) -> usize {
-    let mut updates = 0;
+/// [`client_sync`], returning how many updates the machine applied and how many evaluation
+/// summary frames it sent.
+fn run_client(data: &[u8]) -> (usize, usize) {
+    let (mut updates, mut summaries) = (0, 0);
     let mut input = Input(data);
     let evaluated = input.byte().unwrap_or(0) % 2 == 1;
     let mut config = SyncConfig::new(if evaluated {
@@ -542,6 +567,9 @@ fn run_client(data: &[u8]) -> usize {
     }
     let mut now = Instant::now();
     let mut machine = SyncMachine::new(config, FlagSet::default(), None, 7);
+    // The getters' counts, as the driver keeps them, counted for whatever the machine holds.
+    let counts = EvaluationCounts::default();
+    counts.set_on(true, 1);
     while let Some(op) = input.byte() {
         match op % 8 {
             0 | 1 => {
@@ -574,13 +602,30 @@ fn run_client(data: &[u8]) -> usize {
                 Output::Transmit(frame) => {
                     let bytes = codec::encode(&frame);
                     assert!(codec::decode_slice(&bytes, usize::MAX).is_ok_and(|f| f.is_some()));
+                    // What the client sends fits the server's limit (the Welcome's 64 KiB).
+                    assert!(
+                        bytes.len() - codec::PREFIX_LEN <= 1 << 16,
+                        "frame over the limit"
+                    );
+                    if matches!(frame.kind, Some(Kind::EvaluationSummary(_))) {
+                        summaries += 1;
+                    }
                 }
                 Output::Event(Event::Updated(_)) => updates += 1,
+                Output::Summarize => {
+                    let context = machine.context().clone();
+                    for key in ["banner", "checkout", "limits", "nope"] {
+                        counts.count(key, &machine.flags().evaluate(key, &context));
+                    }
+                    if let Err(window) = machine.send_summary(counts.take(2)) {
+                        counts.restore(window);
+                    }
+                }
                 _ => {}
             }
         }
     }
-    updates
+    (updates, summaries)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -617,6 +662,8 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 // A wrong key, a second Hello, a stall.
                 vec![3, 0, 2, 3, 0, 4, 7, 2],
                 raw,
+                // Rules mode, evaluation summaries of known and unknown flags, time, another.
+                vec![3, 0, 4, 3, 7, 3, 3, 7, 5, 5, 60, 3, 7, 3],
             ]
         }
         "definition_json" => fixture_flags()
@@ -656,6 +703,8 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             vec![1, 6, 2, 0, 100, 7, 2, 2, 1, 0, 2, 4, 0, 2, 5, 9, 2, 7, 20],
             // Errors and a silent server.
             vec![0, 6, 2, 0, 10, 2, 6, 4, 5, 255, 5, 255, 6, 2, 6, 7],
+            // A Welcome asking for summaries, a Snapshot, time, a Ping: the Ack takes a summary.
+            vec![0, 6, 2, 0, 101, 2, 1, 4, 5, 40, 2, 3, 4, 5, 40, 2, 3, 4],
         ],
         _ => Vec::new(),
     }
@@ -702,8 +751,12 @@ mod tests {
     #[test]
     fn the_client_seeds_apply_updates() {
         let seeds = seeds("client_sync");
-        assert!(run_client(&seeds[0]) >= 2);
-        assert!(run_client(&seeds[1]) >= 1);
+        assert!(run_client(&seeds[0]).0 >= 2);
+        assert!(run_client(&seeds[1]).0 >= 1);
+        assert!(
+            run_client(&seeds[3]).1 >= 1,
+            "the summary seed sends a summary"
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ macro_rules! frame_from {
 frame_from! {
     Hello => Hello, Welcome => Welcome, Snapshot => Snapshot, Delta => Delta, Notice => Notice,
     Fetch => Fetch, UpToDate => UpToDate, Ping => Ping, Ack => Ack, GoAway => GoAway, Error => Error,
-    Identify => Identify,
+    Identify => Identify, EvaluationSummary => EvaluationSummary,
 }
 
 impl v1::Frame {
@@ -60,6 +60,7 @@ impl v1::Frame {
             Some(Kind::GoAway(_)) => "GoAway",
             Some(Kind::Error(_)) => "Error",
             Some(Kind::Identify(_)) => "Identify",
+            Some(Kind::EvaluationSummary(_)) => "EvaluationSummary",
             None => "unknown",
         }
     }

@@ -68,6 +68,20 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 max_server_frame_len: 16_777_216,
                 server_version: "0.1.0".into(),
                 environment: "prod".into(),
+                evaluation_summary_interval_ms: 0,
+            }
+            .into(),
+        ),
+        (
+            "welcome_summaries",
+            Welcome {
+                session_id: "s-2".into(),
+                heartbeat_interval_ms: 15_000,
+                max_client_frame_len: 65_536,
+                max_server_frame_len: 16_777_216,
+                server_version: "0.1.0".into(),
+                environment: "prod".into(),
+                evaluation_summary_interval_ms: 30_000,
             }
             .into(),
         ),
@@ -259,6 +273,30 @@ fn samples() -> Vec<(&'static str, Frame)> {
             .into(),
         ),
         (
+            "evaluation_summary",
+            EvaluationSummary {
+                start_ms: 1_780_000_000_000,
+                end_ms: 1_780_000_030_000,
+                counts: vec![
+                    EvaluationCount {
+                        flag: "new-checkout".into(),
+                        variant: "on".into(),
+                        reason: Reason::TargetingMatch.into(),
+                        error_code: String::new(),
+                        count: 1_204,
+                    },
+                    EvaluationCount {
+                        flag: "banner".into(),
+                        variant: String::new(),
+                        reason: Reason::Error.into(),
+                        error_code: "TYPE_MISMATCH".into(),
+                        count: 3,
+                    },
+                ],
+            }
+            .into(),
+        ),
+        (
             "error",
             Error {
                 code: ErrorCode::Initializing.into(),
@@ -413,7 +451,9 @@ fn every_frame_kind_has_a_vector() {
     let mut kinds: Vec<_> = samples().iter().map(|(_, f)| f.kind_name()).collect();
     kinds.sort_unstable();
     kinds.dedup();
-    assert_eq!(kinds.len(), 12, "one sample per frame kind: {kinds:?}");
+    // Every case of Frame's `kind`, as the schema has them.
+    let cases = Schema::load().0[".vane.v1.Frame"].field.len();
+    assert_eq!(kinds.len(), cases, "one sample per frame kind: {kinds:?}");
 }
 
 fn hex(bytes: &[u8]) -> String {

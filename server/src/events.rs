@@ -1,5 +1,6 @@
-//! Evaluation events: every OFREP evaluation becomes an event, and an evaluation never waits for
-//! one. The evaluating task hands its event to a bounded queue with `try_send` (atomic
+//! Evaluation events: every OFREP evaluation becomes an event, and so does every count in the
+//! evaluation summaries SDKs report over the protocol (docs/PROTOCOL.md 4.8); an evaluation never
+//! waits for one. The evaluating task hands its event to a bounded queue with `try_send` (atomic
 //! operations only: no lock it shares with anything that does I/O); when the queue is full the
 //! event is dropped and counted. One aggregator task drains the queue: it keeps the counts per
 //! environment, flag, variant and reason that `/metrics` shows, and offers each event to the
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+use vane_core::eval::{ErrorCode, Reason};
 
 /// What was evaluated, for whom, and what it served.
 #[derive(Debug, Clone, Serialize)]
@@ -43,8 +45,39 @@ pub struct EvalEvent {
     pub reason: &'static str,
     /// How many evaluations this event stands for (1 for one OFREP evaluation).
     pub count: u64,
-    /// Where it was evaluated: `ofrep`.
+    /// Where it was evaluated: `ofrep` (here), or `sdk` (by a client, which reported the count).
     pub source: &'static str,
+    /// `sdk`: the window the client counted over, in Unix milliseconds by its clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_start_ms: Option<u64>,
+    /// `sdk`: the end of that window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_end_ms: Option<u64>,
+}
+
+/// Unix milliseconds now.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The reason an event carries: OpenFeature's reason, or with an error its error code.
+/// `DEFAULT` (no rule matched, the fallthrough was served) is OpenFeature's name; OFREP 0.3.0's
+/// schema enumerates the others only, while its ADR-0006 answers `DEFAULT` itself.
+pub fn event_reason(reason: Reason, error: Option<ErrorCode>) -> &'static str {
+    if let Some(code) = error {
+        return code.as_str();
+    }
+    match reason {
+        Reason::Static => "STATIC",
+        Reason::TargetingMatch => "TARGETING_MATCH",
+        Reason::Split => "SPLIT",
+        Reason::Default => "DEFAULT",
+        Reason::Disabled => "DISABLED",
+        Reason::Cached => "CACHED",
+        _ => "UNKNOWN",
+    }
 }
 
 impl EvalEvent {
@@ -55,19 +88,31 @@ impl EvalEvent {
         variant: Option<&str>,
         reason: &'static str,
     ) -> EvalEvent {
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         EvalEvent {
-            at_ms,
+            at_ms: unix_ms(),
             env,
             flag: flag.to_owned(),
             variant: variant.map(str::to_owned),
             reason,
             count: 1,
             source: "ofrep",
+            window_start_ms: None,
+            window_end_ms: None,
         }
     }
+}
+
+/// One count of an evaluation summary, checked against the environment.
+#[derive(Debug, Clone, Copy)]
+pub struct SummaryCount<'a> {
+    /// The flag.
+    pub flag: &'a str,
+    /// The variant served; `None` when the caller's default was.
+    pub variant: Option<&'a str>,
+    /// From [`event_reason`].
+    pub reason: &'static str,
+    /// Evaluations.
+    pub count: u64,
 }
 
 /// The events' settings (`vane serve --events …`).
@@ -91,6 +136,8 @@ pub struct EventsConfig {
     pub webhook_interval: Duration,
     /// Events waiting for the webhook at most (while it is slow or down); more are dropped.
     pub webhook_buffer: usize,
+    /// How often SDKs report their evaluation counts (at most; told in Welcome).
+    pub summary_interval: Duration,
 }
 
 impl Default for EventsConfig {
@@ -105,12 +152,13 @@ impl Default for EventsConfig {
             webhook_batch: 1_000,
             webhook_interval: Duration::from_secs(1),
             webhook_buffer: 100_000,
+            summary_interval: Duration::from_secs(30),
         }
     }
 }
 
-/// Counts of evaluations by environment, flag, variant and reason.
-type Counts = HashMap<(Arc<str>, String, String, &'static str), u64>;
+/// Counts of evaluations by environment, flag, variant, reason and source.
+type Counts = HashMap<(Arc<str>, String, String, &'static str, &'static str), u64>;
 
 /// What the metrics read.
 #[derive(Debug, Default)]
@@ -127,22 +175,29 @@ pub struct EventStats {
     pub sent_webhook: AtomicU64,
     /// Events written to the file.
     pub written_file: AtomicU64,
+    /// SDK-reported counts dropped because the flag or variant does not exist (so a client
+    /// cannot grow the metrics with names of its own).
+    pub dropped_unknown: AtomicU64,
+    /// SDK-reported counts dropped because the session reported more than a window may hold
+    /// within its summary interval.
+    pub dropped_rate: AtomicU64,
     counts: Mutex<Counts>,
 }
 
 impl EventStats {
-    /// The counts per environment, flag, variant and reason, as (labels, count).
-    pub fn counts(&self) -> Vec<([String; 4], u64)> {
+    /// The counts per environment, flag, variant, reason and source, as (labels, count).
+    pub fn counts(&self) -> Vec<([String; 5], u64)> {
         let counts = self.counts.lock();
         counts
             .iter()
-            .map(|((env, flag, variant, reason), n)| {
+            .map(|((env, flag, variant, reason, source), n)| {
                 (
                     [
                         env.to_string(),
                         flag.clone(),
                         variant.clone(),
                         (*reason).to_owned(),
+                        (*source).to_owned(),
                     ],
                     *n,
                 )
@@ -167,6 +222,17 @@ impl Events {
         }
     }
 
+    /// Events handed to the returned queue and nothing else, for a caller that drains it
+    /// itself (tests, fuzzing): no aggregator, no exporters.
+    pub fn with_queue(capacity: usize) -> (Events, mpsc::Receiver<EvalEvent>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let events = Events {
+            tx: Some(tx),
+            stats: Arc::default(),
+        };
+        (events, rx)
+    }
+
     /// Whether evaluations are recorded.
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
@@ -179,6 +245,34 @@ impl Events {
             Ok(()) => self.stats.accepted.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.stats.dropped_queue.fetch_add(1, Ordering::Relaxed),
         };
+    }
+
+    /// Hands over the counts of one evaluation summary a client reported for `env`: each
+    /// becomes an event of source `sdk`, stamped with the server's clock and carrying the
+    /// client's window. The caller has checked the counts against the environment.
+    pub fn record_summary<'a>(
+        &self,
+        env: &str,
+        window: (u64, u64),
+        counts: impl IntoIterator<Item = SummaryCount<'a>>,
+    ) {
+        if self.tx.is_none() {
+            return;
+        }
+        let (env, at_ms) = (Arc::<str>::from(env), unix_ms());
+        for c in counts {
+            self.record(EvalEvent {
+                at_ms,
+                env: env.clone(),
+                flag: c.flag.to_owned(),
+                variant: c.variant.map(str::to_owned),
+                reason: c.reason,
+                count: c.count,
+                source: "sdk",
+                window_start_ms: Some(window.0),
+                window_end_ms: Some(window.1),
+            });
+        }
     }
 
     /// The counters.
@@ -270,6 +364,7 @@ async fn aggregate(
                     e.flag.clone(),
                     e.variant.clone().unwrap_or_default(),
                     e.reason,
+                    e.source,
                 );
                 *counts.entry(key).or_insert(0) += e.count;
             }

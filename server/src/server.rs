@@ -236,9 +236,16 @@ impl Server {
             ..
         } = self;
         let cancel = CancellationToken::new();
+        let (exporters, stop_events) = (TaskTracker::new(), CancellationToken::new());
+        let events = Events::start(&config.events, &exporters, stop_events.clone())?;
+        let session = SessionConfig {
+            events: events.clone(),
+            summary_interval: config.events.summary_interval,
+            ..config.session.clone()
+        };
         let ctx = Arc::new(Ctx {
             hub: control.hub().clone(),
-            session: Arc::new(config.session.clone()),
+            session: Arc::new(session),
             shutdown: cancel.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections)),
             limits: Limits::new(config.limits),
@@ -251,8 +258,6 @@ impl Server {
             (endpoint.clone(), tokio::spawn(endpoint.drive()))
         });
         let limits = config.http_limits;
-        let (exporters, stop_events) = (TaskTracker::new(), CancellationToken::new());
-        let events = Events::start(&config.events, &exporters, stop_events.clone())?;
         let app = http::router(
             control.clone(),
             &admin_token,

@@ -16,4 +16,5 @@ mod mobile;
 mod ofrep;
 mod openfeature;
 mod resume;
+mod summaries;
 mod targeting;

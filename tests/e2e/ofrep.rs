@@ -645,7 +645,7 @@ async fn evaluation_events_reach_the_file_and_a_stalled_webhook_drops_without_bl
     assert_eq!(
         count(
             &metrics,
-            "vane_evaluations_total{env=\"prod\",flag=\"banner\",variant=\"true\",reason=\"STATIC\"} "
+            "vane_evaluations_total{env=\"prod\",flag=\"banner\",variant=\"true\",reason=\"STATIC\",source=\"ofrep\"} "
         ),
         N,
         "{metrics}"

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::ReadHalf;
+use tokio::io::{AsyncWriteExt as _, ReadHalf};
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -202,6 +202,12 @@ async fn session(
                 }
                 Output::Event(event) => publish(shared, event, Some(transport), machine),
                 Output::Close => {}
+                Output::Summarize => {
+                    let counts = &shared.shared.counts;
+                    if let Err(window) = machine.send_summary(counts.take(unix_ms())) {
+                        counts.restore(window);
+                    }
+                }
             }
         }
         if !machine.is_connected() || cancel.is_cancelled() {
@@ -225,6 +231,30 @@ async fn session(
             _ = cancel.cancelled() => break,
         }
     }
+    if cancel.is_cancelled() && machine.reports_summaries() {
+        // The client is closing: what was counted since the last summary goes now, if the
+        // connection takes it within a second.
+        let window = shared.shared.counts.take(unix_ms());
+        if !window.is_empty() && machine.send_summary(window).is_ok() {
+            // Written, the stream finished, and then the server's close awaited: closing a QUIC
+            // connection at once would discard data not yet acknowledged.
+            let flush = async {
+                while let Some(out) = machine.poll_output() {
+                    if let Output::Transmit(frame) = out
+                        && write_frame(&mut wr, &frame).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                if wr.shutdown().await.is_ok() {
+                    while let Ok(Some(_)) = read(&mut reader, &mut rd).await {}
+                }
+            };
+            if tokio::time::timeout(LAST_SUMMARY, flush).await.is_err() {
+                debug!("the last evaluation summary was not taken in time");
+            }
+        }
+    }
     Connected {
         stream: rd.unsplit(wr),
         transport,
@@ -238,6 +268,16 @@ async fn read(
     rd: &mut ReadHalf<Box<dyn Duplex>>,
 ) -> Result<Option<vane_proto::v1::Frame>, ReadError> {
     reader.read(rd).await
+}
+
+/// How long a closing client waits for its last evaluation summary to be written.
+const LAST_SUMMARY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Now, in Unix milliseconds (evaluation summaries' windows).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn far_future() -> tokio::time::Instant {
@@ -264,9 +304,11 @@ fn publish(
         Event::Welcomed {
             session_id,
             environment,
+            summaries,
             ..
         } => {
-            debug!(%session_id, %environment, ?transport, "session established");
+            debug!(%session_id, %environment, ?transport, ?summaries, "session established");
+            shared.counts.set_on(summaries.is_some(), unix_ms());
             shared.status.send_modify(|s| {
                 s.state = ConnectionState::Connected;
                 s.transport = transport;
@@ -308,6 +350,7 @@ fn publish(
         }
         Event::Stopped(fatal) => {
             warn!(error = %fatal, "stopped: the server rejected this client");
+            shared.counts.set_on(false, unix_ms());
             shared.status.send_modify(|s| {
                 s.state = ConnectionState::Stopped;
                 s.transport = None;

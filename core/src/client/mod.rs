@@ -37,6 +37,7 @@ use crate::eval::{Context, ErrorCode, Evaluation, Reason};
 use crate::model::{FlagValue, ValueType};
 use crate::protocol::{Selector, Transport};
 use crate::state::FlagSet;
+use crate::summary::EvaluationCounts;
 use crate::sync::{Fatal, SyncConfig, SyncMachine, Update};
 
 pub use connect::{Duplex, tls_config};
@@ -227,6 +228,8 @@ struct Shared {
     context: RwLock<Arc<Context>>,
     status: watch::Sender<Status>,
     updates: broadcast::Sender<Update>,
+    /// What the getters evaluated, for the summaries the server asks for.
+    counts: EvaluationCounts,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -305,6 +308,7 @@ impl Client {
             context: RwLock::new(context),
             status,
             updates,
+            counts: EvaluationCounts::default(),
         });
         let cancel = CancellationToken::new();
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -362,7 +366,18 @@ impl Client {
     /// Rules mode: evaluates `key` for `context` (a backend service evaluates per request).
     /// In evaluated mode the server's answer for the session's context is returned.
     pub fn details_for(&self, key: &str, context: &Context) -> Details {
-        self.shared.flags.read().evaluate(key, context).into()
+        let flags = self.shared.flags.read();
+        let e = flags.evaluate(key, context);
+        self.shared.counts.count(key, &e);
+        e.into()
+    }
+
+    /// Like [`Client::details`], but not counted in the evaluation summaries: for SDK layers
+    /// that mirror the values (a snapshot the mobile getters read) rather than evaluate for the
+    /// application.
+    pub fn peek(&self, key: &str) -> Details {
+        let context = self.shared.context.read().clone();
+        self.shared.flags.read().evaluate(key, &context).into()
     }
 
     /// Switches the client to another context. Rules mode: getters evaluate for it from now on.
@@ -401,7 +416,9 @@ impl Client {
     ) -> Option<T> {
         let context = self.shared.context.read().clone();
         let flags = self.shared.flags.read();
-        pick(flags.evaluate(key, &context).typed(want).value?)
+        let e = flags.evaluate(key, &context).typed(want);
+        self.shared.counts.count(key, &e);
+        pick(e.value?)
     }
 
     /// The boolean value of `key`, or `default` if it is missing or not a boolean.

@@ -56,8 +56,9 @@ pub struct ServeArgs {
     /// 0 (the default): no limit.
     #[arg(long, default_value_t = 0.0)]
     pub sdk_request_rate: f64,
-    /// Record OFREP evaluations as events: counts per flag, variant and reason in /metrics,
-    /// and the exporters below. An evaluation never waits for its event.
+    /// Record evaluations as events: OFREP evaluations, and the evaluation counts SDKs report
+    /// over the protocol; counts per flag, variant and reason in /metrics, and the exporters
+    /// below. An evaluation never waits for its event.
     #[arg(long)]
     pub events: bool,
     /// Append events as JSON lines to this file (rotated at 64 MiB, 5 kept); implies --events.
@@ -67,6 +68,10 @@ pub struct ServeArgs {
     /// implies --events.
     #[arg(long)]
     pub events_webhook: Option<String>,
+    /// With events on, SDKs report their evaluation counts at most this often, in seconds
+    /// (at least 1); each report goes with an Ack, so it adds no wake-ups of its own.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub events_summary_interval: u64,
 }
 
 pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
@@ -87,6 +92,7 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
         args.events || args.events_file.is_some() || args.events_webhook.is_some();
     config.events.file = args.events_file;
     config.events.webhook = args.events_webhook;
+    config.events.summary_interval = Duration::from_secs(args.events_summary_interval.max(1));
     config.limits.sdk_requests = Rate {
         per_second: args.sdk_request_rate.max(0.0),
         burst: args.sdk_request_rate.max(0.0) * 10.0,

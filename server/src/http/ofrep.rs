@@ -43,7 +43,7 @@ use vane_core::protocol::Selector;
 
 use super::AppState;
 use super::sdk::not_modified;
-use crate::events::EvalEvent;
+use crate::events::{EvalEvent, event_reason};
 use crate::hub::{EnvHub, Grant};
 
 /// `POST`: one flag.
@@ -216,18 +216,9 @@ fn context(body: &Bytes) -> Result<Context, Refusal> {
     Context::new(Value::Object(ctx)).map_err(|e| bad(e.to_string()))
 }
 
-/// OpenFeature's reason for Vane's. `DEFAULT` (no rule matched, the fallthrough was served)
-/// is OpenFeature's name; OFREP 0.3.0's schema enumerates the others only, while its ADR-0006
-/// answers `DEFAULT` itself.
+/// OpenFeature's reason for Vane's.
 fn reason(r: Reason) -> &'static str {
-    match r {
-        Reason::Static => "STATIC",
-        Reason::TargetingMatch => "TARGETING_MATCH",
-        Reason::Split => "SPLIT",
-        Reason::Default => "DEFAULT",
-        Reason::Disabled => "DISABLED",
-        _ => "UNKNOWN",
-    }
+    event_reason(r, None)
 }
 
 /// A value as JSON; whole numbers without a fraction, so that OFREP's `integerFlag` reads them.
@@ -281,15 +272,11 @@ impl AppState {
     /// Hands the evaluation's event to the queue (never waits; nothing when events are off).
     fn record(&self, grant: &Grant, key: &str, e: &Evaluation<'_>) {
         if self.events.enabled() {
-            let reason = match e.error {
-                Some(code) => code.as_str(),
-                None => reason(e.reason),
-            };
             self.events.record(EvalEvent::now(
                 grant.env.as_str().into(),
                 key,
                 e.variant,
-                reason,
+                event_reason(e.reason, e.error),
             ));
         }
     }

@@ -153,23 +153,26 @@ impl Collector for EventMetrics {
         let stats = &self.0;
         let mut evaluations = encoder.encode_descriptor(
             "vane_evaluations",
-            "OFREP evaluations (with --events), by environment, flag, variant and reason.",
+            "Evaluations (with --events): OFREP evaluations (source ofrep) and the counts SDKs \
+             report (source sdk), by environment, flag, variant and reason.",
             None,
             MetricType::Counter,
         )?;
-        for ([env, flag, variant, reason], n) in stats.counts() {
+        for ([env, flag, variant, reason, source], n) in stats.counts() {
             let labels = [
                 ("env", env),
                 ("flag", flag),
                 ("variant", variant),
                 ("reason", reason),
+                ("source", source),
             ];
             ConstCounter::new(n).encode(evaluations.encode_family(&labels)?)?;
         }
         let mut events = encoder.encode_descriptor(
             "vane_evaluation_events",
             "Evaluation events: accepted into the queue, written or sent by an exporter, or \
-             dropped (queue full, exporter behind or failing).",
+             dropped (queue full, exporter behind or failing; an SDK count of an unknown flag \
+             or variant, or over its session's summary budget).",
             None,
             MetricType::Counter,
         )?;
@@ -181,6 +184,8 @@ impl Collector for EventMetrics {
             ("dropped", "file", load(&stats.dropped_file)),
             ("sent", "webhook", load(&stats.sent_webhook)),
             ("dropped", "webhook", load(&stats.dropped_webhook)),
+            ("dropped", "unknown_flag", load(&stats.dropped_unknown)),
+            ("dropped", "session_rate", load(&stats.dropped_rate)),
         ] {
             let labels = [("outcome", outcome), ("stage", stage)];
             ConstCounter::new(n).encode(events.encode_family(&labels)?)?;

@@ -17,15 +17,20 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::watch;
-use vane_core::eval::Context;
+use vane_core::convert::reason_from_wire;
+use vane_core::eval::{Context, ErrorCode as EvalErrorCode};
 use vane_core::protocol::{MISSED_HEARTBEATS, Selector, millis};
+use vane_core::summary::MAX_SUMMARY_COUNTS;
+use vane_core::sync::MIN_SUMMARY_INTERVAL;
 use vane_proto::codec::{self, DecodeError};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
+use crate::events::{Events, SummaryCount, event_reason};
 use crate::hub::{EnvHub, Grant, Hub, Published};
 use evaluated::Evaluated;
 
@@ -42,6 +47,12 @@ pub struct SessionConfig {
     pub goaway_window: Duration,
     /// Largest frame body accepted from a client.
     pub max_client_frame_len: usize,
+    /// Where the evaluation counts clients report go; while it is disabled clients are not
+    /// asked for them.
+    pub events: Events,
+    /// How often clients report evaluation counts, at most (Welcome's
+    /// `evaluation_summary_interval_ms`, when events are on).
+    pub summary_interval: Duration,
 }
 
 impl Default for SessionConfig {
@@ -52,6 +63,8 @@ impl Default for SessionConfig {
             write_timeout: Duration::from_secs(10),
             goaway_window: Duration::from_secs(5),
             max_client_frame_len: codec::DEFAULT_MAX_CLIENT_FRAME_LEN,
+            events: Events::disabled(),
+            summary_interval: Duration::from_secs(30),
         }
     }
 }
@@ -144,6 +157,37 @@ struct Live {
     next_ping: Instant,
     /// Largest frame body the client accepts (its `Hello.max_frame_len`, at most the server's).
     max_send: usize,
+    /// What the client may still report in evaluation counts, when it was asked to.
+    summaries: Option<SummaryBudget>,
+}
+
+/// A session's allowance of reported evaluation counts: [`MAX_SUMMARY_COUNTS`] per summary
+/// interval (less a tenth, for timer jitter); counts over it are dropped and counted.
+#[derive(Debug, Clone, Copy)]
+struct SummaryBudget {
+    interval: Duration,
+    left: usize,
+    refill_at: Instant,
+}
+
+impl SummaryBudget {
+    fn new(interval: Duration, now: Instant) -> SummaryBudget {
+        SummaryBudget {
+            interval,
+            left: MAX_SUMMARY_COUNTS,
+            refill_at: now + interval * 9 / 10,
+        }
+    }
+
+    /// Takes up to `want` counts at `now`; returns how many may be recorded.
+    fn take(&mut self, now: Instant, want: usize) -> usize {
+        if now >= self.refill_at {
+            *self = SummaryBudget::new(self.interval, now);
+        }
+        let granted = want.min(self.left);
+        self.left -= granted;
+        granted
+    }
 }
 
 /// What a session delivers.
@@ -434,7 +478,7 @@ impl Session {
                 Kind::Hello(hello) => self.greet(now, hello, hub).map(|()| None),
                 other => Err(violation(&other, "Hello")),
             },
-            State::Live(live) => live.answer(self.id, kind),
+            State::Live(live) => live.answer(self.id, now, kind, &self.config.events),
             State::Ended => Ok(None),
         };
         match answer {
@@ -491,6 +535,10 @@ impl Session {
         // Subscribe before catching up: a change committed in between is then either in the
         // catch-up or seen as a change, never lost.
         let changes = env.subscribe();
+        let summaries = self.config.events.enabled().then(|| {
+            let interval = self.config.summary_interval.max(MIN_SUMMARY_INTERVAL);
+            SummaryBudget::new(interval, now)
+        });
         let welcome = codec::encode(
             &pb::Welcome {
                 session_id: format!("{:x}", self.id),
@@ -500,6 +548,7 @@ impl Session {
                 max_server_frame_len: u32::try_from(max_send).unwrap_or(u32::MAX),
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 environment: env.name().to_owned(),
+                evaluation_summary_interval_ms: summaries.map_or(0, |s| millis(s.interval)),
             }
             .into(),
         );
@@ -513,6 +562,7 @@ impl Session {
             announced: at,
             next_ping: now + self.config.heartbeat,
             max_send,
+            summaries,
         };
         let catch_up = live.catch_up(hello.selector.map(Selector::from));
         self.state = State::Live(live);
@@ -577,6 +627,21 @@ impl Session {
     }
 }
 
+/// A reported count as an event's: the reason as the events name it.
+fn summary_count(c: &pb::EvaluationCount) -> SummaryCount<'_> {
+    let reason = match pb::Reason::try_from(c.reason) {
+        Ok(pb::Reason::Unspecified) | Err(_) => "UNKNOWN",
+        Ok(pb::Reason::Error) => EvalErrorCode::parse(&c.error_code).as_str(),
+        Ok(r) => event_reason(reason_from_wire(r as i32), None),
+    };
+    SummaryCount {
+        flag: &c.flag,
+        variant: (!c.variant.is_empty()).then_some(c.variant.as_str()),
+        reason,
+        count: c.count,
+    }
+}
+
 fn violation(got: &Kind, expected: &str) -> End {
     let name = pb::Frame {
         kind: Some(got.clone()),
@@ -590,7 +655,13 @@ fn violation(got: &Kind, expected: &str) -> End {
 
 impl Live {
     /// What answers a client frame on a live session: bytes to send, or the end.
-    fn answer(&mut self, id: u64, kind: Kind) -> Result<Option<Bytes>, End> {
+    fn answer(
+        &mut self,
+        id: u64,
+        now: Instant,
+        kind: Kind,
+        events: &Events,
+    ) -> Result<Option<Bytes>, End> {
         match kind {
             Kind::Ack(ack) => {
                 if let Some(s) = ack.selector {
@@ -616,7 +687,44 @@ impl Live {
                 self.announced = to;
                 Ok(Some(codec::encode(&frame)))
             }
-            other => Err(violation(&other, "Ack, Fetch or Identify")),
+            Kind::EvaluationSummary(summary) => {
+                self.record_summary(now, summary, events);
+                Ok(None)
+            }
+            other => Err(violation(
+                &other,
+                "Ack, Fetch, Identify or EvaluationSummary",
+            )),
+        }
+    }
+
+    /// Records the counts of a summary the client reported, within its budget, and only for
+    /// flags and variants the environment has (a client cannot add names to the metrics). A
+    /// summary nobody asked for is ignored: the frame is optional, and harmless.
+    fn record_summary(&mut self, now: Instant, summary: pb::EvaluationSummary, events: &Events) {
+        let Some(budget) = &mut self.summaries else {
+            return;
+        };
+        let stats = events.stats();
+        let granted = budget.take(now, summary.counts.len());
+        let over = summary.counts.len() - granted;
+        if over > 0 {
+            stats.dropped_rate.fetch_add(over as u64, Ordering::Relaxed);
+        }
+        let window = (summary.start_ms, summary.end_ms);
+        let mut unknown = 0u64;
+        self.env.with_history(|h| {
+            let known = summary.counts[..granted].iter().filter(|c| {
+                let exists = h.flag(&c.flag).is_some_and(|f| {
+                    c.variant.is_empty() || f.wire.variants.iter().any(|v| v.name == c.variant)
+                });
+                unknown += u64::from(!exists);
+                exists && c.count > 0
+            });
+            events.record_summary(self.env.name(), window, known.map(summary_count));
+        });
+        if unknown > 0 {
+            stats.dropped_unknown.fetch_add(unknown, Ordering::Relaxed);
         }
     }
 

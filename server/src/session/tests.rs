@@ -15,6 +15,7 @@ use vane_core::history::{ItemKind, Write};
 use vane_core::model::{Flag, FlagValue, Segment};
 use vane_core::protocol::{MISSED_HEARTBEATS, Selector};
 use vane_core::state::FlagSet;
+use vane_core::summary::{EvaluationCounts, MAX_SUMMARY_COUNTS};
 use vane_core::sync::{
     DisconnectReason, Event, Fatal, Output, SyncConfig, SyncMachine, Update, UpdateKind,
 };
@@ -74,6 +75,10 @@ struct Pair {
     /// How every server session ended.
     ends: Vec<End>,
     connects: u32,
+    /// The client's evaluation counts, kept as its driver keeps them.
+    counts: EvaluationCounts,
+    /// When the pair was made (the client's wall clock starts at 1_700_000_000_000 ms then).
+    started: Instant,
 }
 
 fn flag(key: &str, on: bool) -> Flag {
@@ -114,8 +119,11 @@ impl Pair {
             heartbeat: HEARTBEAT,
             ..SessionConfig::default()
         };
+        let now = Instant::now();
         let mut pair = Pair {
-            now: Instant::now(),
+            now,
+            counts: EvaluationCounts::default(),
+            started: now,
             hub: hub(window, true, &[&server_key, &mobile_key]),
             config: Arc::new(config),
             client: SyncMachine::new(sync, FlagSet::default(), None, 7),
@@ -220,9 +228,20 @@ impl Pair {
                             .push_back((now + self.delay, codec::encode(&frame)));
                     }
                 }
-                Output::Event(e) => self.events.push(e),
+                Output::Event(e) => {
+                    if let Event::Welcomed { summaries, .. } = &e {
+                        self.counts.set_on(summaries.is_some(), self.wall_ms());
+                    }
+                    self.events.push(e);
+                }
                 // The client closed: the server reads the end of the stream.
                 Output::Close => self.close_link(|s| s.handle_eof(now)),
+                Output::Summarize => {
+                    let window = self.counts.take(self.wall_ms());
+                    if let Err(window) = self.client.send_summary(window) {
+                        self.counts.restore(window);
+                    }
+                }
             }
         }
         let Some(link) = &mut self.link else {
@@ -286,6 +305,20 @@ impl Pair {
             busy = true;
         }
         busy
+    }
+
+    /// The client's wall clock, in Unix milliseconds.
+    fn wall_ms(&self) -> u64 {
+        1_700_000_000_000 + (self.now - self.started).as_millis() as u64
+    }
+
+    /// The client's getter evaluating `key` `times` times, counted as the client counts.
+    fn evaluate(&self, key: &str, times: usize) {
+        let ctx = self.client.context().clone();
+        for _ in 0..times {
+            self.counts
+                .count(key, &self.client.flags().evaluate(key, &ctx));
+        }
     }
 
     /// Drops the connection after telling the server's session how it ended.
@@ -1198,4 +1231,190 @@ mod evaluated {
             Some(End::Error(ErrorCode::ProtocolViolation, m)) if m.contains("rules mode")
         ));
     }
+}
+
+/// A pair whose server records evaluation events into a queue the test reads.
+fn with_events(
+    flags: &[Flag],
+    interval: Duration,
+) -> (
+    Pair,
+    tokio::sync::mpsc::Receiver<crate::events::EvalEvent>,
+    Events,
+) {
+    let mut p = Pair::new(flags);
+    let (events, queue) = Events::with_queue(100_000);
+    p.config = Arc::new(SessionConfig {
+        heartbeat: HEARTBEAT,
+        events: events.clone(),
+        summary_interval: interval,
+        ..SessionConfig::default()
+    });
+    (p, queue, events)
+}
+
+fn drain(
+    queue: &mut tokio::sync::mpsc::Receiver<crate::events::EvalEvent>,
+) -> Vec<crate::events::EvalEvent> {
+    let mut got = Vec::new();
+    while let Ok(e) = queue.try_recv() {
+        got.push(e);
+    }
+    got
+}
+
+#[test]
+fn evaluation_counts_go_with_an_ack_once_an_interval_and_only_known_flags_are_recorded() {
+    let (mut p, mut queue, events) = with_events(&[flag("f", true)], 2 * HEARTBEAT);
+    p.connect();
+    let welcomed = p.events.iter().find_map(|e| match e {
+        Event::Welcomed { summaries, .. } => Some(*summaries),
+        _ => None,
+    });
+    assert_eq!(
+        welcomed,
+        Some(Some(2 * HEARTBEAT)),
+        "the Welcome asks for counts"
+    );
+    p.evaluate("f", 5);
+    p.evaluate("ghost", 2);
+    // The first Ping (one heartbeat in) is too early; the second is an interval in.
+    p.advance(HEARTBEAT);
+    assert_eq!(Pair::count(&p.server_saw, "EvaluationSummary"), 0);
+    p.advance(HEARTBEAT);
+    assert_eq!(Pair::count(&p.server_saw, "EvaluationSummary"), 1);
+    let got = drain(&mut queue);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let e = &got[0];
+    assert_eq!(
+        (
+            e.flag.as_str(),
+            e.variant.as_deref(),
+            e.reason,
+            e.count,
+            e.source
+        ),
+        ("f", Some("true"), "STATIC", 5, "sdk")
+    );
+    assert_eq!(e.window_start_ms, Some(1_700_000_000_000));
+    assert_eq!(
+        e.window_end_ms,
+        Some(1_700_000_000_000 + 2 * HEARTBEAT.as_millis() as u64)
+    );
+    let stats = events.stats();
+    assert_eq!(
+        stats.dropped_unknown.load(Ordering::Relaxed),
+        1,
+        "the unknown flag's count"
+    );
+    // Nothing counted: nothing sent, however many Pings come.
+    p.advance(4 * HEARTBEAT);
+    assert_eq!(Pair::count(&p.server_saw, "EvaluationSummary"), 1);
+    // Counted while disconnected: sent on the next connection, once an interval in.
+    p.cut();
+    p.evaluate("f", 3);
+    p.until_client_deadline();
+    p.connect();
+    p.advance(2 * HEARTBEAT);
+    assert_eq!(Pair::count(&p.server_saw, "EvaluationSummary"), 2);
+    let got = drain(&mut queue);
+    assert_eq!(got.iter().map(|e| e.count).sum::<u64>(), 3, "{got:?}");
+}
+
+#[test]
+fn without_events_the_client_is_not_asked_and_sends_nothing() {
+    let mut p = Pair::new(&[flag("f", true)]);
+    p.connect();
+    assert!(p.events.iter().any(|e| matches!(
+        e,
+        Event::Welcomed {
+            summaries: None,
+            ..
+        }
+    )));
+    assert!(!p.counts.is_on(), "nothing is counted");
+    p.evaluate("f", 5);
+    p.advance(10 * HEARTBEAT);
+    assert_eq!(Pair::count(&p.server_saw, "EvaluationSummary"), 0);
+}
+
+#[test]
+fn a_client_that_does_not_want_to_report_is_never_asked_to() {
+    let (mut p, mut queue, _events) = with_events(&[flag("f", true)], HEARTBEAT);
+    let mut sync = SyncConfig::new(p.server_key.secret.clone());
+    sync.evaluation_summaries = false;
+    p.client = SyncMachine::new(sync, FlagSet::default(), None, 7);
+    p.connect();
+    p.evaluate("f", 5);
+    p.advance(5 * HEARTBEAT);
+    assert_eq!(Pair::count(&p.server_saw, "EvaluationSummary"), 0);
+    assert!(drain(&mut queue).is_empty());
+}
+
+#[test]
+fn a_session_over_its_summary_budget_has_the_rest_dropped_and_counted() {
+    let (mut p, mut queue, events) = with_events(&[flag("f", true)], 2 * HEARTBEAT);
+    p.connect();
+    let summary = |n: usize| {
+        let counts = (0..n)
+            .map(|i| pb::EvaluationCount {
+                flag: "f".into(),
+                variant: if i % 2 == 0 {
+                    "true".into()
+                } else {
+                    "nope".into()
+                },
+                reason: pb::Reason::Static.into(),
+                error_code: String::new(),
+                count: 1,
+            })
+            .collect();
+        codec::encode(
+            &pb::EvaluationSummary {
+                start_ms: 1,
+                end_ms: 2,
+                counts,
+            }
+            .into(),
+        )
+    };
+    let link = p.link.as_mut().unwrap();
+    link.session.handle_input(p.now, &summary(3_000), &p.hub);
+    link.session.handle_input(p.now, &summary(3_000), &p.hub);
+    assert!(
+        link.session.end().is_none(),
+        "an eager client is not dropped"
+    );
+    let stats = events.stats().clone();
+    let over = 6_000 - MAX_SUMMARY_COUNTS as u64;
+    assert_eq!(stats.dropped_rate.load(Ordering::Relaxed), over);
+    // Of what the budget let through, the counts naming a variant the flag lacks are dropped.
+    assert_eq!(
+        stats.dropped_unknown.load(Ordering::Relaxed),
+        MAX_SUMMARY_COUNTS as u64 / 2
+    );
+    assert_eq!(drain(&mut queue).len(), MAX_SUMMARY_COUNTS / 2);
+    // An interval later the budget is whole again.
+    p.advance(2 * HEARTBEAT);
+    let now = p.now;
+    let link = p.link.as_mut().unwrap();
+    link.session.handle_input(now, &summary(100), &p.hub);
+    assert_eq!(drain(&mut queue).len(), 50);
+    assert_eq!(stats.dropped_rate.load(Ordering::Relaxed), over);
+}
+
+#[test]
+fn an_evaluation_summary_before_hello_is_a_protocol_violation() {
+    let (p, _queue, _events) = with_events(&[], HEARTBEAT);
+    let mut session = Session::new(1, p.config.clone(), p.now);
+    let frame = codec::encode(&pb::EvaluationSummary::default().into());
+    session.handle_input(p.now, &frame, &p.hub);
+    assert!(
+        matches!(
+            session.end(),
+            Some(End::Error(ErrorCode::ProtocolViolation, _))
+        ),
+        "{:?}",
+        session.end()
+    );
 }
