@@ -115,8 +115,10 @@ fn fanout_benches(c: &mut Criterion) {
                 selector,
                 items,
                 changes: Vec::new(),
+                state: vane_server::store::EnvState::Ready,
+                retention: vane_server::store::Retention::default(),
             }],
-            keys: Vec::new(),
+            ..Loaded::default()
         });
         let env_hub = hub.env("bench").expect("loaded");
         let done = Arc::new(tokio::sync::Semaphore::new(0));

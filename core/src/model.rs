@@ -248,7 +248,8 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// An error of `field`: what is wrong with it.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         ValidationError {
             field: field.into(),
             message: message.into(),

@@ -175,11 +175,14 @@ fn fixture_hub() -> Arc<Hub> {
             },
             items: Vec::new(),
             changes: Vec::new(),
+            state: vane_server::store::EnvState::Ready,
+            retention: vane_server::store::Retention::default(),
         }],
         keys: vec![
             key(SERVER_SECRET, KeyKind::Server),
             key(MOBILE_SECRET, KeyKind::Mobile),
         ],
+        ..Loaded::default()
     });
     let env = hub.env(ENV).expect("loaded");
     let writes = fixture_segments()

@@ -7,17 +7,36 @@
 //! toggle, a segment reference, an unused segment) commits with a precondition, and a
 //! concurrent change makes it re-read and try again. The hub applies entries in version order
 //! however they arrive, and a writer whose entry is stuck behind a gap reads the log back.
+//!
+//! Every write names its actor (the admin token's name), which the store records in the audit
+//! log in the write's own transaction.
+//!
+//! Cloning an environment is a job: the target exists at once, `creating` (not served, not
+//! editable), and a task copies the source's flags and segments as they were when the clone
+//! was asked for, in batches (each one transaction, with the job's progress), off the request
+//! path. The last step makes it `ready` in one transaction; a failure makes it `failed`. A
+//! server stopped mid-clone resumes the job at its next start if the source is unchanged, and
+//! fails it cleanly if not: a half-copied environment is never served.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Mutex;
-use vane_core::history::{EnvHistory, ItemKind, Write};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use vane_core::history::{EnvHistory, Item, ItemKind, Write};
 use vane_core::model::{Flag, Segment, ValidationError, check_segment_graph, validate_name};
 use vane_core::protocol::Selector;
 
-use crate::hub::{Applied, EnvHub, Hub};
+use crate::hub::{Applied, EnvHub, Hub, Lifecycle};
 use crate::keys::{self, KeyKind, KeyRecord, NewKey};
-use crate::store::{Committed, Expect, Store, StoreError, unix_now};
+use crate::store::{
+    Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, Retention, Store, StoreError,
+    TokenRecord, unix_now,
+};
 
 /// Attempts at an edit whose precondition a concurrent change broke.
 const MAX_ATTEMPTS: usize = 16;
@@ -39,6 +58,9 @@ pub enum ControlError {
         /// Who uses it, e.g. `flag "a", segment "b"`.
         users: String,
     },
+    /// The environment is being created (or its clone failed): it takes no edits.
+    #[error("{0}")]
+    NotReady(String),
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -79,7 +101,29 @@ fn segment_refs_in(history: &EnvHistory, key: &str) -> Option<Vec<String>> {
     })
 }
 
+/// The lifecycle of a clone's target while it is being filled.
+fn creating(job: &JobRecord) -> Lifecycle {
+    Lifecycle {
+        state: EnvState::Creating,
+        job: Some(job.id.clone()),
+        copied: job.copied,
+        total: job.total,
+        error: None,
+    }
+}
+
 impl Edit {
+    /// What the audit log calls it.
+    fn action(&self) -> &'static str {
+        match self {
+            Edit::PutFlag(_) => "flag.put",
+            Edit::DeleteFlag(_) => "flag.delete",
+            Edit::Toggle { .. } => "flag.toggle",
+            Edit::PutSegment(_) => "segment.put",
+            Edit::DeleteSegment(_) => "segment.delete",
+        }
+    }
+
     /// Validates the edit against `h` and makes the write, with the precondition under which
     /// that validation still holds at commit.
     fn prepare(self, h: &EnvHistory) -> Result<(Write, Expect), ControlError> {
@@ -139,6 +183,35 @@ impl Edit {
     }
 }
 
+/// How the write path runs its background work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Items a clone copies per transaction.
+    pub clone_batch: usize,
+    /// How long a clone waits between batches (0: it only yields), to leave the store to other
+    /// writes on a busy server.
+    pub clone_pause: Duration,
+    /// Environments whose source has at most this many items are cloned synchronously when
+    /// the request does not say.
+    pub sync_clone_max: u64,
+    /// The change log kept when an environment sets no retention of its own.
+    pub retention: Retention,
+}
+
+impl Default for ControlConfig {
+    fn default() -> ControlConfig {
+        ControlConfig {
+            clone_batch: 500,
+            clone_pause: Duration::ZERO,
+            sync_clone_max: 1_000,
+            retention: Retention {
+                max_changes: Some(100_000),
+                max_age_days: Some(90),
+            },
+        }
+    }
+}
+
 /// The store and the hub it feeds.
 #[derive(Debug)]
 pub struct Control {
@@ -146,6 +219,41 @@ pub struct Control {
     hub: Arc<Hub>,
     /// Orders environment and key lifecycle changes, so the hub sees them as the store did.
     lifecycle: Mutex<()>,
+    config: ControlConfig,
+    /// Clone jobs in progress.
+    jobs: TaskTracker,
+    /// Stops them (at shutdown; they resume at the next start).
+    stop: CancellationToken,
+}
+
+/// The actor of what the server does by itself (seeding the demo).
+pub const SYSTEM_ACTOR: &str = "vane";
+/// The actor of the data directory's admin token.
+pub const ROOT_ACTOR: &str = "admin";
+
+/// The source's items as they are now, segments first, each kind by key: what a clone copies.
+fn items_of(h: &EnvHistory) -> (Selector, Vec<Item>) {
+    let mut items: Vec<Item> = h.segments().map(|s| Item::Segment(s.clone())).collect();
+    items.sort_by(|a, b| item_key(a).cmp(item_key(b)));
+    let mut flags: Vec<Item> = h.flags().map(|f| Item::Flag(f.clone())).collect();
+    flags.sort_by(|a, b| item_key(a).cmp(item_key(b)));
+    items.extend(flags);
+    (h.selector(), items)
+}
+
+fn item_key(item: &Item) -> &str {
+    match item {
+        Item::Flag(f) => &f.wire.key,
+        Item::Segment(s) => &s.wire.key,
+    }
+}
+
+/// The write that copies `item` (its compiled rules shared, not compiled again).
+fn copy_of(item: &Item) -> Result<Write, ValidationError> {
+    match item {
+        Item::Flag(f) => Write::flag_after(f.compiled.flag().clone(), Some(f)),
+        Item::Segment(s) => Write::segment_after(s.compiled.segment().clone(), Some(s)),
+    }
 }
 
 fn internal(e: tokio::task::JoinError) -> ControlError {
@@ -153,12 +261,24 @@ fn internal(e: tokio::task::JoinError) -> ControlError {
 }
 
 impl Control {
-    /// Joins a store and the hub it feeds.
+    /// Joins a store and the hub it feeds, with the default settings.
     pub fn new(store: Arc<dyn Store>, hub: Arc<Hub>) -> Arc<Control> {
+        Control::with_config(store, hub, ControlConfig::default())
+    }
+
+    /// Joins a store and the hub it feeds.
+    pub fn with_config(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        config: ControlConfig,
+    ) -> Arc<Control> {
         Arc::new(Control {
             store,
             hub,
             lifecycle: Mutex::new(()),
+            config,
+            jobs: TaskTracker::new(),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -167,13 +287,51 @@ impl Control {
         &self.hub
     }
 
-    /// Loads the store into the hub and marks it ready.
-    pub async fn load(&self) -> Result<(), ControlError> {
+    /// Loads the store into the hub and marks it ready; clone jobs a stop interrupted are
+    /// resumed (or failed, if their source changed meanwhile).
+    pub async fn load(self: &Arc<Self>) -> Result<(), ControlError> {
         let loaded = self.store.load(self.hub.window()).await?;
         for env in &loaded.envs {
             env.check()?;
         }
+        let jobs = loaded.jobs.clone();
         self.hub.load(loaded);
+        for job in jobs {
+            self.resume(job).await?;
+        }
+        Ok(())
+    }
+
+    /// Resumes a clone job found running at the start.
+    async fn resume(self: &Arc<Self>, job: JobRecord) -> Result<(), ControlError> {
+        let wanted = Selector {
+            epoch: job.source_epoch,
+            version: job.source_version,
+        };
+        let source = self.hub.env(&job.source).filter(|e| e.is_serving());
+        let snapshot = source.map(|e| e.with_history(items_of));
+        match snapshot {
+            Some((at, items)) if at == wanted => {
+                let done: HashSet<(ItemKind, String)> = self
+                    .store
+                    .item_keys(&job.target)
+                    .await?
+                    .into_iter()
+                    .collect();
+                info!(job = %job.id, source = %job.source, target = %job.target, copied = done.len(), "resuming a clone");
+                let rest = items
+                    .into_iter()
+                    .filter(|i| !done.contains(&(i.kind(), item_key(i).to_owned())))
+                    .collect();
+                drop(self.spawn_clone(job, rest));
+            }
+            _ => {
+                let why = "the server stopped during the clone, and its source has changed (or \
+                           gone) since the clone began; retry the clone";
+                warn!(job = %job.id, target = %job.target, "{why}");
+                self.fail(&job, why.to_owned()).await?;
+            }
+        }
         Ok(())
     }
 
@@ -183,29 +341,299 @@ impl Control {
             .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()).into())
     }
 
+    /// The environment, if it takes edits.
+    fn editable(&self, env: &str) -> Result<Arc<EnvHub>, ControlError> {
+        let hub = self.env(env)?;
+        match hub.lifecycle().not_serving(env) {
+            None => Ok(hub),
+            Some(why) => Err(ControlError::NotReady(why)),
+        }
+    }
+
     /// Creates an environment.
-    pub async fn create_env(&self, name: &str) -> Result<Selector, ControlError> {
+    pub async fn create_env(&self, name: &str, actor: &str) -> Result<Selector, ControlError> {
         validate_name("name", name)?;
         let _order = self.lifecycle.lock().await;
-        let selector = self.store.create_env(name).await?;
-        self.hub.add_env(name, selector);
+        let selector = self
+            .store
+            .create_env(name, &Audit::new(actor, "env.create"))
+            .await?;
+        self.hub.add_env(name, selector, Lifecycle::ready());
         Ok(selector)
     }
 
-    /// Deletes an environment, its flags, segments and keys; its sessions end.
-    pub async fn delete_env(&self, name: &str) -> Result<(), ControlError> {
+    /// Deletes an environment, its flags, segments and keys; its sessions end, and a clone
+    /// filling it stops (failed).
+    pub async fn delete_env(&self, name: &str, actor: &str) -> Result<(), ControlError> {
         let _order = self.lifecycle.lock().await;
-        self.store.delete_env(name).await?;
+        self.store
+            .delete_env(name, &Audit::new(actor, "env.delete"))
+            .await?;
         self.hub.remove_env(name);
         Ok(())
     }
 
+    /// Starts cloning `source` into a new environment `target`: it exists at once, in state
+    /// `creating`; the copy runs as a job, whose handle says how it ended.
+    pub async fn clone_env(
+        self: &Arc<Self>,
+        source: &str,
+        target: &str,
+        actor: &str,
+    ) -> Result<(JobRecord, JoinHandle<JobRecord>), ControlError> {
+        validate_name("name", target)?;
+        let (at, items) = self.editable(source)?.with_history(items_of);
+        let _order = self.lifecycle.lock().await;
+        let audit = Audit::new(actor, "env.clone");
+        let (selector, job) = self
+            .store
+            .begin_clone(source, at, target, items.len() as u64, &audit)
+            .await?;
+        self.hub.add_env(target, selector, creating(&job));
+        info!(job = %job.id, %source, %target, items = items.len(), "clone started");
+        let handle = self.spawn_clone(job.clone(), items);
+        Ok((job, handle))
+    }
+
+    /// Starts a failed clone again, from its source as it is now.
+    pub async fn retry_clone(
+        self: &Arc<Self>,
+        id: &str,
+        actor: &str,
+    ) -> Result<(JobRecord, JoinHandle<JobRecord>), ControlError> {
+        let job = self.store.job(id).await?;
+        let (at, items) = self.editable(&job.source)?.with_history(items_of);
+        let _order = self.lifecycle.lock().await;
+        let audit = Audit::new(actor, "env.clone.retry");
+        let (selector, job) = self
+            .store
+            .restart_clone(id, at, items.len() as u64, &audit)
+            .await?;
+        self.hub.add_env(&job.target, selector, creating(&job));
+        info!(job = %job.id, source = %job.source, target = %job.target, "clone retried");
+        let handle = self.spawn_clone(job.clone(), items);
+        Ok((job, handle))
+    }
+
+    /// Sources of at most this many items are cloned synchronously when the request does not
+    /// say.
+    pub fn sync_clone_max(&self) -> u64 {
+        self.config.sync_clone_max
+    }
+
+    /// One job, with its progress.
+    pub async fn job(&self, id: &str) -> Result<JobRecord, ControlError> {
+        Ok(self.store.job(id).await?)
+    }
+
+    fn spawn_clone(self: &Arc<Self>, job: JobRecord, items: Vec<Item>) -> JoinHandle<JobRecord> {
+        let this = self.clone();
+        let task = self.jobs.track_future(async move {
+            let id = job.id.clone();
+            match this.copy(&job, items).await {
+                Ok(Some(done)) => done,
+                // Stopped by the shutdown: the job stays running, to resume at the next start.
+                Ok(None) => job,
+                Err(e) => {
+                    warn!(job = %id, error = %e, "clone failed");
+                    match this.fail(&job, e.to_string()).await {
+                        Ok(failed) => failed,
+                        Err(_) => this.store.job(&id).await.unwrap_or(job),
+                    }
+                }
+            }
+        });
+        tokio::spawn(task)
+    }
+
+    /// Copies `items` into the job's target in batches, then makes it ready. `None`: stopped
+    /// by the shutdown.
+    async fn copy(
+        &self,
+        job: &JobRecord,
+        items: Vec<Item>,
+    ) -> Result<Option<JobRecord>, ControlError> {
+        let target = self.env(&job.target)?;
+        let batch = self.config.clone_batch.max(1);
+        for chunk in items.chunks(batch) {
+            if self.stop.is_cancelled() {
+                return Ok(None);
+            }
+            let writes = chunk.iter().map(copy_of).collect::<Result<Vec<_>, _>>()?;
+            let n = writes.len() as u64;
+            for committed in self.store.clone_batch(&job.id, writes).await? {
+                self.deliver(&target, &committed).await?;
+            }
+            target.set_lifecycle(|l| l.copied += n);
+            if self.config.clone_pause.is_zero() {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.clone_pause) => {}
+                    _ = self.stop.cancelled() => return Ok(None),
+                }
+            }
+        }
+        let _order = self.lifecycle.lock().await;
+        let done = self.store.end_clone(&job.id, None).await?;
+        target.set_lifecycle(|l| {
+            l.state = EnvState::Ready;
+            l.copied = done.copied;
+        });
+        info!(job = %job.id, target = %job.target, items = done.copied, "clone done: the environment is ready");
+        Ok(Some(done))
+    }
+
+    /// Marks a job failed (and its target, if it still exists).
+    async fn fail(&self, job: &JobRecord, why: String) -> Result<JobRecord, ControlError> {
+        let _order = self.lifecycle.lock().await;
+        let failed = match self.store.end_clone(&job.id, Some(why.clone())).await {
+            Ok(failed) => failed,
+            // Already ended: deleted with its target meanwhile.
+            Err(StoreError::JobState { .. }) => self.store.job(&job.id).await?,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(target) = self.hub.env(&job.target) {
+            target.set_lifecycle(|l| {
+                l.state = EnvState::Failed;
+                l.error = failed.error.clone();
+            });
+        }
+        Ok(failed)
+    }
+
+    /// Stops the clone jobs (they resume at the next start) and waits for them.
+    pub async fn stop_jobs(&self) {
+        self.stop.cancel();
+        self.jobs.close();
+        self.jobs.wait().await;
+    }
+
+    /// Sets an environment's retention.
+    pub async fn set_retention(
+        &self,
+        env: &str,
+        retention: Retention,
+        actor: &str,
+    ) -> Result<(), ControlError> {
+        let hub = self.env(env)?;
+        self.store
+            .set_retention(env, retention, &Audit::new(actor, "env.retention"))
+            .await?;
+        hub.set_retention(retention);
+        Ok(())
+    }
+
+    /// The retention that applies to `env`: its own, else the server's.
+    pub fn retention_of(&self, env: &EnvHub) -> Retention {
+        let own = env.retention();
+        Retention {
+            max_changes: own.max_changes.or(self.config.retention.max_changes),
+            max_age_days: own.max_age_days.or(self.config.retention.max_age_days),
+        }
+    }
+
+    /// Prunes every environment's change log to its retention, never below the in-memory
+    /// window (a client within it resumes by delta; an older one gets a snapshot, as it would
+    /// anyway). Returns the entries dropped.
+    pub async fn prune(&self) -> Result<u64, ControlError> {
+        let window = self.hub.window() as u64;
+        let mut dropped = 0;
+        for env in self.hub.envs() {
+            let retention = self.retention_of(&env);
+            let version = env.selector().version;
+            let at_most = version.saturating_sub(window);
+            let by_count = retention
+                .max_changes
+                .map_or(0, |n| version.saturating_sub(n));
+            let older_than = retention.max_age_days.map_or(i64::MIN, |days| {
+                unix_now().saturating_sub(i64::try_from(days * 86_400).unwrap_or(i64::MAX))
+            });
+            if at_most == 0 {
+                continue;
+            }
+            match self
+                .store
+                .prune(env.name(), at_most, by_count, older_than)
+                .await
+            {
+                Ok(n) => dropped += n,
+                Err(StoreError::EnvNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Creates a named admin token; the secret is returned once and stored only as a hash.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<(TokenRecord, String), ControlError> {
+        validate_name("name", name)?;
+        if name == ROOT_ACTOR || name == SYSTEM_ACTOR {
+            return Err(ValidationError::new(
+                "name",
+                format!("{name:?} is reserved (the data directory's token, and the server itself)"),
+            )
+            .into());
+        }
+        let secret = keys::mint_admin_token();
+        let record = TokenRecord {
+            name: name.to_owned(),
+            prefix: secret[..keys::PREFIX_LEN].to_owned(),
+            hash: keys::hash_secret(&secret),
+            created_at: unix_now(),
+            revoked_at: None,
+        };
+        let _order = self.lifecycle.lock().await;
+        self.store
+            .create_token(&record, &Audit::new(actor, "token.create"))
+            .await?;
+        self.hub.add_token(&record);
+        Ok((record, secret))
+    }
+
+    /// Revokes a named admin token: it is refused from now on.
+    pub async fn revoke_token(&self, name: &str, actor: &str) -> Result<TokenRecord, ControlError> {
+        let _order = self.lifecycle.lock().await;
+        let record = self
+            .store
+            .revoke_token(name, &Audit::new(actor, "token.revoke"))
+            .await?;
+        self.hub.revoke_token(name);
+        Ok(record)
+    }
+
+    /// Every named admin token.
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>, ControlError> {
+        Ok(self.store.tokens().await?)
+    }
+
+    /// A page of an environment's audit log, newest first (it outlives the environment).
+    pub async fn audit(
+        &self,
+        env: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, ControlError> {
+        Ok(self.store.audit(env, before, limit).await?)
+    }
+
     /// Validates and commits an edit of `env`, and returns once the hub holds it.
-    pub async fn edit(self: &Arc<Self>, env: &str, edit: Edit) -> Result<Committed, ControlError> {
+    pub async fn edit(
+        self: &Arc<Self>,
+        env: &str,
+        edit: Edit,
+        actor: &str,
+    ) -> Result<Committed, ControlError> {
         let mut attempt = 1;
+        let audit = Audit::new(actor, edit.action());
         loop {
-            let env_hub = self.env(env)?;
+            let env_hub = self.editable(env)?;
             let (this, hub_env, edit_) = (self.clone(), env_hub.clone(), edit.clone());
+            let audit = audit.clone();
             // A task of its own, so that a caller that goes away (an HTTP client hanging up)
             // cannot leave a committed change unapplied; compiling (regular expressions) runs
             // on the blocking pool.
@@ -215,7 +643,10 @@ impl Control {
                     tokio::task::spawn_blocking(move || hist.with_history(|h| edit_.prepare(h)))
                         .await
                         .map_err(internal)??;
-                let committed = this.store.commit(hub_env.name(), write, expect).await?;
+                let committed = this
+                    .store
+                    .commit(hub_env.name(), write, expect, &audit)
+                    .await?;
                 this.deliver(&hub_env, &committed).await?;
                 Ok::<_, ControlError>(committed)
             });
@@ -263,19 +694,35 @@ impl Control {
         }
     }
 
-    /// Creates an SDK key; the secret is returned once and stored only as a hash.
-    pub async fn create_key(&self, env: &str, kind: KeyKind) -> Result<NewKey, ControlError> {
+    /// Creates an SDK key; the secret is returned once and stored only as a hash. An
+    /// environment that is being created takes keys, so apps can be set up before it is ready.
+    pub async fn create_key(
+        &self,
+        env: &str,
+        kind: KeyKind,
+        actor: &str,
+    ) -> Result<NewKey, ControlError> {
         let key = keys::mint(env, kind, unix_now());
         let _order = self.lifecycle.lock().await;
-        self.store.create_key(&key.record).await?;
+        self.store
+            .create_key(&key.record, &Audit::new(actor, "key.create"))
+            .await?;
         self.hub.add_key(&key.record);
         Ok(key)
     }
 
     /// Revokes a key; its sessions end.
-    pub async fn revoke_key(&self, env: &str, id: &str) -> Result<KeyRecord, ControlError> {
+    pub async fn revoke_key(
+        &self,
+        env: &str,
+        id: &str,
+        actor: &str,
+    ) -> Result<KeyRecord, ControlError> {
         let _order = self.lifecycle.lock().await;
-        let record = self.store.revoke_key(env, id).await?;
+        let record = self
+            .store
+            .revoke_key(env, id, &Audit::new(actor, "key.revoke"))
+            .await?;
         self.hub.revoke_key(id);
         Ok(record)
     }
@@ -285,8 +732,9 @@ impl Control {
         Ok(self.store.keys(env).await?)
     }
 
-    /// Flushes the store for a clean shutdown.
+    /// Stops the clone jobs and flushes the store, for a clean shutdown.
     pub async fn close(&self) -> Result<(), ControlError> {
+        self.stop_jobs().await;
         Ok(self.store.close().await?)
     }
 }
@@ -301,7 +749,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("vane.db")).unwrap();
         let control = Control::new(Arc::new(store), Arc::new(Hub::new(100)));
         control.load().await.unwrap();
-        control.create_env("e").await.unwrap();
+        control.create_env("e", "test").await.unwrap();
         (control, dir)
     }
 
@@ -312,7 +760,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_edits_all_land_once_each_in_consecutive_versions() {
         let (control, _dir) = control().await;
-        control.edit("e", flag("f")).await.unwrap();
+        control.edit("e", flag("f"), "test").await.unwrap();
         // Toggles are read-modify-writes of one flag: concurrent ones conflict and retry.
         let tasks: Vec<_> = (0..12)
             .map(|i| {
@@ -326,7 +774,7 @@ mod tests {
                             on: i % 2 == 0,
                         }
                     };
-                    c.edit("e", edit).await.unwrap().change.version
+                    c.edit("e", edit, "test").await.unwrap().change.version
                 })
             })
             .collect();
@@ -351,14 +799,17 @@ mod tests {
                 "fallthrough": {"variant": "a"}}"#,
         )
         .unwrap();
-        control.edit("e", Edit::PutFlag(flag)).await.unwrap();
+        control
+            .edit("e", Edit::PutFlag(flag), "test")
+            .await
+            .unwrap();
         let env = control.hub().env("e").unwrap();
         let before = env.with_history(|h| h.flag("f").unwrap().clone());
         let toggle = Edit::Toggle {
             key: "f".into(),
             on: false,
         };
-        control.edit("e", toggle).await.unwrap();
+        control.edit("e", toggle, "test").await.unwrap();
         let after = env.with_history(|h| h.flag("f").unwrap().clone());
         assert!(!after.compiled.flag().on);
         assert!(after.compiled.shares_rules_with(&before.compiled));
@@ -374,24 +825,32 @@ mod tests {
                 "fallthrough": {"variant": "a"}}"#,
         )
         .unwrap();
-        let missing = control.edit("e", Edit::PutFlag(uses.clone())).await;
+        let missing = control.edit("e", Edit::PutFlag(uses.clone()), "test").await;
         assert!(
             matches!(missing, Err(ControlError::Invalid(_))),
             "{missing:?}"
         );
-        control.edit("e", Edit::PutSegment(seg)).await.unwrap();
-        control.edit("e", Edit::PutFlag(uses)).await.unwrap();
-        let in_use = control.edit("e", Edit::DeleteSegment("s".into())).await;
+        control
+            .edit("e", Edit::PutSegment(seg), "test")
+            .await
+            .unwrap();
+        control
+            .edit("e", Edit::PutFlag(uses), "test")
+            .await
+            .unwrap();
+        let in_use = control
+            .edit("e", Edit::DeleteSegment("s".into()), "test")
+            .await;
         assert!(
             matches!(in_use, Err(ControlError::InUse { .. })),
             "{in_use:?}"
         );
         control
-            .edit("e", Edit::DeleteFlag("f".into()))
+            .edit("e", Edit::DeleteFlag("f".into()), "test")
             .await
             .unwrap();
         control
-            .edit("e", Edit::DeleteSegment("s".into()))
+            .edit("e", Edit::DeleteSegment("s".into()), "test")
             .await
             .unwrap();
     }
@@ -407,12 +866,15 @@ mod tests {
         );
         other.load().await.unwrap();
         for i in 0..3 {
-            control.edit("e", flag(&format!("f{i}"))).await.unwrap();
+            control
+                .edit("e", flag(&format!("f{i}")), "test")
+                .await
+                .unwrap();
         }
         let env = other.hub().env("e").unwrap();
         assert_eq!(env.selector().version, 0);
         // Its own write lands after the three it never saw: it reads them back first.
-        let committed = other.edit("e", flag("mine")).await.unwrap();
+        let committed = other.edit("e", flag("mine"), "test").await.unwrap();
         assert_eq!(committed.change.version, 4);
         assert_eq!(env.selector().version, 4);
         assert_eq!(env.with_history(|h| h.flags().count()), 4);

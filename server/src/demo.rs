@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde_json::json;
 use vane_core::model::{Flag, FlagValue, Serve};
 
-use crate::control::{Control, Edit};
+use crate::control::{Control, Edit, SYSTEM_ACTOR};
 use crate::keys::KeyKind;
 
 fn flag(
@@ -41,7 +41,7 @@ fn flag(
 pub async fn seed(control: &Arc<Control>, data_dir: &Path) -> anyhow::Result<()> {
     let key_path = data_dir.join("demo-sdk-key");
     if control.hub().env("demo").is_none() {
-        control.create_env("demo").await?;
+        control.create_env("demo", SYSTEM_ACTOR).await?;
         let mut new_checkout = Flag::boolean("new-checkout", true, true);
         new_checkout.description = "The redesigned checkout flow".into();
         let flags = [
@@ -82,9 +82,11 @@ pub async fn seed(control: &Arc<Control>, data_dir: &Path) -> anyhow::Result<()>
             ),
         ];
         for f in flags {
-            control.edit("demo", Edit::PutFlag(f)).await?;
+            control.edit("demo", Edit::PutFlag(f), SYSTEM_ACTOR).await?;
         }
-        let key = control.create_key("demo", KeyKind::Server).await?;
+        let key = control
+            .create_key("demo", KeyKind::Server, SYSTEM_ACTOR)
+            .await?;
         crate::tls::write_private(&key_path, format!("{}\n", key.secret).as_bytes())
             .with_context(|| format!("writing {}", key_path.display()))?;
     }

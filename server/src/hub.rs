@@ -24,7 +24,7 @@ use vane_proto::codec;
 use vane_proto::v1 as pb;
 
 use crate::keys::{self, KeyKind, KeyRecord, SecretHash};
-use crate::store::{Loaded, LoadedEnv};
+use crate::store::{EnvState, Loaded, LoadedEnv, Retention, TokenRecord};
 
 /// Entries ahead of a gap that an environment keeps while it waits for the missing ones.
 const MAX_PARKED: usize = 1024;
@@ -60,13 +60,58 @@ pub enum Applied {
 #[derive(Debug)]
 pub struct EnvHub {
     name: String,
-    state: RwLock<EnvState>,
+    data: RwLock<EnvData>,
     published: watch::Sender<Published>,
     propagation: Mutex<Propagation>,
+    lifecycle: RwLock<Lifecycle>,
+    retention: Mutex<Retention>,
+}
+
+/// Where an environment is in its life, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Ready, creating or failed.
+    pub state: EnvState,
+    /// The clone filling it (while creating, or the one that failed).
+    pub job: Option<String>,
+    /// Items copied so far, of `total`.
+    pub copied: u64,
+    /// Items to copy.
+    pub total: u64,
+    /// Why its clone failed.
+    pub error: Option<String>,
+}
+
+impl Lifecycle {
+    /// A ready environment.
+    pub fn ready() -> Lifecycle {
+        Lifecycle {
+            state: EnvState::Ready,
+            job: None,
+            copied: 0,
+            total: 0,
+            error: None,
+        }
+    }
+
+    /// Why sessions and SDK requests are refused, or `None` when it is served.
+    pub fn not_serving(&self, env: &str) -> Option<String> {
+        match self.state {
+            EnvState::Ready => None,
+            EnvState::Creating => Some(format!(
+                "environment {env:?} is being created ({} of {} items copied); retry shortly",
+                self.copied, self.total
+            )),
+            EnvState::Failed => Some(format!(
+                "environment {env:?} failed to be created ({}); retry its clone or delete it",
+                self.error.as_deref().unwrap_or("no reason recorded")
+            )),
+        }
+    }
 }
 
 #[derive(Debug)]
-struct EnvState {
+struct EnvData {
     history: EnvHistory,
     /// Entries that arrived ahead of a gap, by version.
     parked: BTreeMap<u64, Change>,
@@ -93,11 +138,18 @@ pub struct PropagationReport {
 }
 
 impl EnvHub {
-    fn new(name: String, history: EnvHistory) -> Arc<EnvHub> {
+    fn new(
+        name: String,
+        history: EnvHistory,
+        lifecycle: Lifecycle,
+        retention: Retention,
+    ) -> Arc<EnvHub> {
         let published = publish(&history, None);
         Arc::new(EnvHub {
+            lifecycle: RwLock::new(lifecycle),
+            retention: Mutex::new(retention),
             name,
-            state: RwLock::new(EnvState {
+            data: RwLock::new(EnvData {
                 history,
                 parked: BTreeMap::new(),
             }),
@@ -111,14 +163,39 @@ impl EnvHub {
         &self.name
     }
 
+    /// Where it is in its life.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.read().clone()
+    }
+
+    /// Whether sessions and SDK requests are served (it is ready).
+    pub fn is_serving(&self) -> bool {
+        self.lifecycle.read().state == EnvState::Ready
+    }
+
+    /// Changes where it is in its life.
+    pub fn set_lifecycle(&self, change: impl FnOnce(&mut Lifecycle)) {
+        change(&mut self.lifecycle.write());
+    }
+
+    /// Its own retention.
+    pub fn retention(&self) -> Retention {
+        *self.retention.lock()
+    }
+
+    /// Sets its own retention.
+    pub fn set_retention(&self, retention: Retention) {
+        *self.retention.lock() = retention;
+    }
+
     /// The current selector.
     pub fn selector(&self) -> Selector {
-        self.state.read().history.selector()
+        self.data.read().history.selector()
     }
 
     /// Reads the state under the lock.
     pub fn with_history<T>(&self, f: impl FnOnce(&EnvHistory) -> T) -> T {
-        f(&self.state.read().history)
+        f(&self.data.read().history)
     }
 
     /// The latest published change.
@@ -135,7 +212,7 @@ impl EnvHub {
     /// order whatever order they arrive in: one the hub holds is ignored, one ahead of a gap
     /// waits for the entries before it (see [`Applied`]).
     pub fn apply(&self, epoch: u64, change: Change) -> Applied {
-        let mut state = self.state.write();
+        let mut state = self.data.write();
         let at = state.history.selector();
         if epoch != at.epoch {
             return Applied::OtherEpoch;
@@ -271,6 +348,8 @@ pub struct Hub {
     envs: RwLock<HashMap<String, Arc<EnvHub>>>,
     /// SHA-256 of the secret → grant.
     keys: RwLock<HashMap<SecretHash, Arc<Grant>>>,
+    /// SHA-256 of a named admin token → its name.
+    tokens: RwLock<HashMap<SecretHash, String>>,
     ready: AtomicBool,
     next_session: AtomicU64,
     /// Live sessions: QUIC, TCP.
@@ -294,6 +373,7 @@ impl Hub {
         Hub {
             envs: RwLock::default(),
             keys: RwLock::default(),
+            tokens: RwLock::default(),
             ready: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
             sessions: Default::default(),
@@ -310,14 +390,30 @@ impl Hub {
                 selector,
                 items,
                 changes,
+                state,
+                retention,
             } in loaded.envs
             {
                 let history = EnvHistory::new(selector, items, changes, self.window);
-                map.insert(name.clone(), EnvHub::new(name, history));
+                let job = loaded.jobs.iter().find(|j| j.target == name);
+                let lifecycle = Lifecycle {
+                    state,
+                    job: job.map(|j| j.id.clone()),
+                    copied: job.map_or(0, |j| j.copied),
+                    total: job.map_or(0, |j| j.total),
+                    error: None,
+                };
+                map.insert(
+                    name.clone(),
+                    EnvHub::new(name, history, lifecycle, retention),
+                );
             }
         }
         for key in &loaded.keys {
             self.add_key(key);
+        }
+        for token in &loaded.tokens {
+            self.add_token(token);
         }
         self.ready.store(true, Ordering::Release);
     }
@@ -362,12 +458,29 @@ impl Hub {
         envs
     }
 
-    /// Adds a newly created environment.
-    pub fn add_env(&self, name: &str, selector: Selector) {
+    /// Adds a newly created environment (or replaces one that is not served, emptied under a
+    /// new epoch, as a retried clone does).
+    pub fn add_env(&self, name: &str, selector: Selector, lifecycle: Lifecycle) {
         let history = EnvHistory::new(selector, [], [], self.window);
-        self.envs
-            .write()
-            .insert(name.to_owned(), EnvHub::new(name.to_owned(), history));
+        let env = EnvHub::new(name.to_owned(), history, lifecycle, Retention::default());
+        self.envs.write().insert(name.to_owned(), env);
+    }
+
+    /// Makes a named admin token usable (a revoked record is ignored).
+    pub fn add_token(&self, token: &TokenRecord) {
+        if token.revoked_at.is_none() {
+            self.tokens.write().insert(token.hash, token.name.clone());
+        }
+    }
+
+    /// Makes a named admin token unusable.
+    pub fn revoke_token(&self, name: &str) {
+        self.tokens.write().retain(|_, n| n != name);
+    }
+
+    /// The name of the admin token with this secret, if it is valid.
+    pub fn admin_token(&self, secret: &str) -> Option<String> {
+        self.tokens.read().get(&keys::hash_secret(secret)).cloned()
     }
 
     /// Removes an environment and ends its keys' sessions.
@@ -426,7 +539,7 @@ mod tests {
             epoch: 7,
             version: 0,
         };
-        hub.add_env("e", selector);
+        hub.add_env("e", selector, Lifecycle::ready());
         hub
     }
 

@@ -90,7 +90,7 @@ pub struct NewKey {
 }
 
 /// Characters of the secret kept as its recognisable prefix (`vane_srv_1a2b3`).
-const PREFIX_LEN: usize = 14;
+pub const PREFIX_LEN: usize = 14;
 
 /// Mints a key of `kind` for `env`, created at `now` (Unix seconds).
 pub fn mint(env: &str, kind: KeyKind, now: i64) -> NewKey {

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use vane_core::protocol::Transport;
 
 use crate::control::Control;
+use crate::control::ControlConfig;
 use crate::events::{Events, EventsConfig};
 use crate::http::HttpLimits;
 use crate::hub::Hub;
@@ -60,6 +61,10 @@ pub struct ServerConfig {
     pub events: EventsConfig,
     /// Per-session settings.
     pub session: SessionConfig,
+    /// Clone batches, change-log retention.
+    pub control: ControlConfig,
+    /// How often the change logs are pruned to their retention.
+    pub prune_interval: Duration,
 }
 
 impl ServerConfig {
@@ -80,6 +85,8 @@ impl ServerConfig {
             limits: LimitsConfig::default(),
             events: EventsConfig::default(),
             session: SessionConfig::default(),
+            control: ControlConfig::default(),
+            prune_interval: Duration::from_secs(300),
         }
     }
 }
@@ -170,7 +177,8 @@ impl Server {
                 dir.join("admin-token").display()
             );
         }
-        let control = Control::new(Arc::new(store), Arc::new(Hub::new(config.history_window)));
+        let hub = Arc::new(Hub::new(config.history_window));
+        let control = Control::with_config(Arc::new(store), hub, config.control);
 
         let secret = lasting_secret(dir)?;
         let quic = config.quic.then(|| (tls.clone(), secret));
@@ -293,6 +301,11 @@ impl Server {
         if config.demo {
             crate::demo::seed(&control, &config.data_dir).await?;
         }
+        let pruner = tokio::spawn(prune(
+            control.clone(),
+            config.prune_interval,
+            cancel.clone(),
+        ));
 
         shutdown.await;
         info!("shutting down: sending GoAway to every session");
@@ -325,9 +338,25 @@ impl Server {
         {
             warn!("evaluation event exporters still busy after the drain timeout");
         }
+        let _ = pruner.await;
         control.close().await.context("closing the store")?;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Prunes the change logs to their retention: at the start, then every `every`.
+async fn prune(control: Arc<Control>, every: Duration, stop: CancellationToken) {
+    loop {
+        match control.prune().await {
+            Ok(0) => {}
+            Ok(n) => info!(entries = n, "pruned the change logs to their retention"),
+            Err(e) => warn!(error = %e, "pruning the change logs failed; retrying later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 

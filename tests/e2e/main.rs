@@ -10,6 +10,7 @@ mod delivery;
 mod faults;
 mod harness;
 mod hostile_http;
+mod lifecycle;
 mod limits;
 mod load;
 mod mobile;

@@ -5,7 +5,7 @@ use vane_core::history::Write;
 use vane_core::model::Flag;
 use vane_core::sync::UpdateKind;
 use vane_server::store::sqlite::SqliteStore;
-use vane_server::store::{Expect, Store};
+use vane_server::store::{Audit, Expect, Store};
 
 use tokio::io::AsyncWriteExt;
 use vane_proto::codec;
@@ -65,7 +65,12 @@ async fn a_restart_keeps_epoch_and_versions_and_clients_resume_by_delta() {
         let store = SqliteStore::open(&server.dir.path().join("vane.db")).unwrap();
         let write = Write::flag(Flag::boolean("a", false, true)).unwrap();
         store
-            .commit("prod", write, Expect::Nothing)
+            .commit(
+                "prod",
+                write,
+                Expect::Nothing,
+                &Audit::new("test", "flag.put"),
+            )
             .await
             .unwrap()
             .selector()

@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use vane_core::model::{Flag, Segment};
 
 use super::{
-    ADMIN_PREFIX, CreateEnv, CreateKey, EnvInfo, EnvList, ErrorBody, ErrorCode, EvaluateRequest,
-    Explanation, FlagList, KeyInfo, KeyList, NewKeyInfo, Propagation, SegmentList, Toggle, Written,
-    route, routes,
+    ADMIN_PREFIX, AuditPage, CloneEnv, CreateEnv, CreateKey, CreateToken, EnvInfo, EnvList,
+    ErrorBody, ErrorCode, EvaluateRequest, Explanation, FlagList, JobInfo, KeyInfo, KeyList,
+    NewKeyInfo, NewTokenInfo, Propagation, Retention, SegmentList, Toggle, TokenInfo, TokenList,
+    Written, route, routes,
 };
 use crate::keys::KeyKind;
 
@@ -348,5 +349,76 @@ impl AdminClient {
     pub async fn propagation(&self, env: &str) -> Result<Propagation, AdminError> {
         let path = route(routes::PROPAGATION, &[env]);
         self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// Clones `env` into a new environment `name`: `asynchronous` (`None`: the server chooses
+    /// by size) answers at once with the job, else once the clone is done.
+    pub async fn clone_env(
+        &self,
+        env: &str,
+        name: &str,
+        asynchronous: Option<bool>,
+    ) -> Result<JobInfo, AdminError> {
+        let path = route(routes::CLONE, &[env]);
+        let body = CloneEnv {
+            name: name.to_owned(),
+            asynchronous,
+        };
+        self.call(Method::POST, &path, Some(&body)).await
+    }
+
+    /// One job, with its progress.
+    pub async fn job(&self, id: &str) -> Result<JobInfo, AdminError> {
+        let path = route(routes::JOB, &[id]);
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// Starts a failed clone again.
+    pub async fn retry_job(&self, id: &str) -> Result<JobInfo, AdminError> {
+        let path = route(routes::JOB_RETRY, &[id]);
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// Sets how much of `env`'s change log is kept (`None` fields: the server's default).
+    pub async fn set_retention(
+        &self,
+        env: &str,
+        retention: Retention,
+    ) -> Result<EnvInfo, AdminError> {
+        let path = route(routes::RETENTION, &[env]);
+        self.call(Method::PUT, &path, Some(&retention)).await
+    }
+
+    /// A page of `env`'s audit log, newest first: at most `limit` entries older than `before`.
+    pub async fn audit(
+        &self,
+        env: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<AuditPage, AdminError> {
+        let mut path = format!("{}?limit={limit}", route(routes::AUDIT, &[env]));
+        if let Some(before) = before {
+            path.push_str(&format!("&before={before}"));
+        }
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// Every named admin token, revoked ones included.
+    pub async fn tokens(&self) -> Result<TokenList, AdminError> {
+        self.call(Method::GET, routes::TOKENS, None::<&()>).await
+    }
+
+    /// Creates a named admin token; its secret is in the answer and nowhere else.
+    pub async fn create_token(&self, name: &str) -> Result<NewTokenInfo, AdminError> {
+        let body = CreateToken {
+            name: name.to_owned(),
+        };
+        self.call(Method::POST, routes::TOKENS, Some(&body)).await
+    }
+
+    /// Revokes a named admin token.
+    pub async fn revoke_token(&self, name: &str) -> Result<TokenInfo, AdminError> {
+        let path = route(routes::TOKEN, &[name]);
+        self.call(Method::DELETE, &path, None::<&()>).await
     }
 }

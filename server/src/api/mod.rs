@@ -13,6 +13,9 @@ use vane_core::model::{Flag, Segment};
 use vane_core::protocol::Selector;
 
 use crate::keys::{KeyKind, KeyRecord};
+pub use crate::store::{
+    AuditEntry, EnvState, JobRecord as JobInfo, JobState, Retention, TokenRecord,
+};
 
 /// Where the admin API is mounted.
 pub const ADMIN_PREFIX: &str = "/api/v1";
@@ -42,6 +45,20 @@ pub mod routes {
     pub const KEY: &str = "/environments/{env}/keys/{id}";
     /// `GET` how far the versions have reached.
     pub const PROPAGATION: &str = "/environments/{env}/propagation";
+    /// `POST` a clone of this environment: `{"name": …, "async": …}`.
+    pub const CLONE: &str = "/environments/{env}/clone";
+    /// `PUT` the environment's retention of its change log.
+    pub const RETENTION: &str = "/environments/{env}/retention";
+    /// `GET` a page of the environment's audit log (`?limit=&before=`).
+    pub const AUDIT: &str = "/environments/{env}/audit";
+    /// `GET` one job (a clone), with its progress.
+    pub const JOB: &str = "/jobs/{id}";
+    /// `POST`: start a failed clone again.
+    pub const JOB_RETRY: &str = "/jobs/{id}/retry";
+    /// `GET` list, `POST` create named admin tokens.
+    pub const TOKENS: &str = "/tokens";
+    /// `DELETE`: revoke a named admin token.
+    pub const TOKEN: &str = "/tokens/{name}";
     /// SDK endpoint (not under the admin prefix): the environment of the presenting key.
     pub const SDK_SNAPSHOT: &str = "/sdk/v1/snapshot";
 }
@@ -121,6 +138,19 @@ pub enum ErrorCode {
     KeyNotFound,
     /// 409.
     EnvironmentExists,
+    /// 409 for an admin write, 503 for an SDK request: the environment is being created by a
+    /// clone (or its clone failed).
+    EnvironmentNotReady,
+    /// 404.
+    JobNotFound,
+    /// 409: the job is not in a state that allows this (only a failed clone can be retried).
+    JobState,
+    /// 500: a synchronous clone failed; the message says why.
+    CloneFailed,
+    /// 404.
+    TokenNotFound,
+    /// 409.
+    TokenExists,
     /// 409: a segment that flags or segments use cannot be deleted.
     SegmentInUse,
     /// 409: the edit kept meeting concurrent changes; retry.
@@ -160,6 +190,12 @@ impl ErrorCode {
             ErrorCode::SegmentNotFound => "segment_not_found",
             ErrorCode::KeyNotFound => "key_not_found",
             ErrorCode::EnvironmentExists => "environment_exists",
+            ErrorCode::EnvironmentNotReady => "environment_not_ready",
+            ErrorCode::JobNotFound => "job_not_found",
+            ErrorCode::JobState => "job_state",
+            ErrorCode::CloneFailed => "clone_failed",
+            ErrorCode::TokenNotFound => "token_not_found",
+            ErrorCode::TokenExists => "token_exists",
             ErrorCode::SegmentInUse => "segment_in_use",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Invalid => "invalid",
@@ -259,6 +295,99 @@ pub struct EnvInfo {
     pub at: At,
     /// How many flags it has.
     pub flags: usize,
+    /// `ready`, `creating` (a clone is filling it) or `failed` (its clone failed).
+    pub state: EnvState,
+    /// The clone job filling it (or that failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// While creating: items copied of the total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Why its clone failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How much of its change log is kept (its own setting, else the server's).
+    pub retention: Retention,
+}
+
+/// How far a clone has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Flags and segments copied.
+    pub copied: u64,
+    /// Flags and segments to copy.
+    pub total: u64,
+}
+
+/// `POST …/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneEnv {
+    /// The new environment's name.
+    pub name: String,
+    /// `true`: answer 202 at once with the job; `false`: answer when done. Absent: synchronous
+    /// for small sources (at most 1,000 items), asynchronous otherwise.
+    #[serde(default, rename = "async", skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<bool>,
+}
+
+/// `POST /tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Letters, digits, `.`, `_`, `-`; recorded as the actor of what the token does.
+    pub name: String,
+}
+
+/// A named admin token as the API shows it: never the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its name.
+    pub name: String,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; `null` while valid.
+    pub revoked_at: Option<i64>,
+}
+
+impl From<&TokenRecord> for TokenInfo {
+    fn from(t: &TokenRecord) -> TokenInfo {
+        TokenInfo {
+            name: t.name.clone(),
+            prefix: t.prefix.clone(),
+            created_at: t.created_at,
+            revoked_at: t.revoked_at,
+        }
+    }
+}
+
+/// The answer to `POST /tokens`: the token, and its secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTokenInfo {
+    /// The token.
+    #[serde(flatten)]
+    pub token: TokenInfo,
+    /// The secret, for `Authorization: Bearer`; the server keeps only its hash.
+    pub secret: String,
+}
+
+/// `GET /tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenList {
+    /// Oldest first, revoked ones included.
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `GET …/audit`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditPage {
+    /// The entries.
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `before` for the next (older) page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
 }
 
 /// `GET /environments`.

@@ -1,5 +1,6 @@
-//! The admin commands (`env`, `key`, `flag`, `segment`, `eval`): each one call of
-//! [`AdminClient`], printed as a summary for people or, with `--json`, as the server's answer.
+//! The admin commands (`env`, `key`, `flag`, `segment`, `eval`, `token`, `job`, `audit`): each
+//! one call of [`AdminClient`] (`env clone --wait` polls its job), printed as a summary for
+//! people or, with `--json`, as the server's answer.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use vane_core::protocol::epoch_hex;
 
 use super::Failure;
 use crate::api::client::{AdminClient, AdminError};
-use crate::api::{Explanation, Written};
+use crate::api::{Explanation, JobInfo, JobState, Retention, Written};
 use crate::keys::KeyKind;
 
 /// Where the admin commands send their requests.
@@ -53,6 +54,63 @@ pub enum EnvCmd {
     Delete {
         /// Its name.
         name: String,
+    },
+    /// Copy an environment's flags and segments (not its keys) into a new one. The new one
+    /// exists at once, `creating`, and is served once the copy is done.
+    Clone {
+        /// The environment to copy.
+        source: String,
+        /// The new environment's name.
+        name: String,
+        /// Wait until it is ready, showing the progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Set how much of an environment's change log is kept beyond the in-memory window.
+    Retention {
+        /// The environment.
+        name: String,
+        /// Keep at most this many of the newest changes (default: the server's).
+        #[arg(long)]
+        changes: Option<u64>,
+        /// Drop changes older than this many days (default: the server's).
+        #[arg(long)]
+        days: Option<u64>,
+    },
+}
+
+/// `vane token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a named admin token and print its secret (shown only this once).
+    Create {
+        /// Its name: the actor the audit log records for what it does.
+        name: String,
+    },
+    /// List the named admin tokens.
+    List,
+    /// Revoke a named admin token; it is refused from now on.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `vane job …`.
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    /// Show a job and its progress.
+    Get {
+        /// The job id.
+        id: String,
+    },
+    /// Start a failed clone again, from its source as it is now.
+    Retry {
+        /// The job id.
+        id: String,
+        /// Wait until the environment is ready, showing the progress.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -275,7 +333,188 @@ pub(super) async fn env(data: &Path, args: &AdminArgs, cmd: EnvCmd) -> Result<()
             a.client.delete_env(&name).await?;
             a.print(&Value::Null, |_| format!("deleted {name}"));
         }
+        EnvCmd::Clone { source, name, wait } => {
+            let job = a.client.clone_env(&source, &name, Some(true)).await?;
+            let job = if wait { a.follow(job).await? } else { job };
+            a.print(&job, job_summary);
+            if job.state == JobState::Failed {
+                return Err(Failure::refused(job_summary(&job)));
+            }
+        }
+        EnvCmd::Retention {
+            name,
+            changes,
+            days,
+        } => {
+            let retention = Retention {
+                max_changes: changes,
+                max_age_days: days,
+            };
+            let env = a.client.set_retention(&name, retention).await?;
+            a.print(&env, |e| {
+                let or_all = |n: Option<u64>, unit: &str| {
+                    n.map_or_else(|| "no limit".to_owned(), |n| format!("{n} {unit}"))
+                };
+                format!(
+                    "{}: keeps {} of changes, {} back (never less than the in-memory window)",
+                    e.name,
+                    or_all(e.retention.max_changes, "changes"),
+                    or_all(e.retention.max_age_days, "days"),
+                )
+            });
+        }
     }
+    Ok(())
+}
+
+/// A job in a line.
+fn job_summary(j: &JobInfo) -> String {
+    match j.state {
+        JobState::Running => format!(
+            "{}: cloning {} into {}, {} of {} copied",
+            j.id, j.source, j.target, j.copied, j.total
+        ),
+        JobState::Done => format!(
+            "{}: {} is ready ({} items copied from {})",
+            j.id, j.target, j.copied, j.source
+        ),
+        JobState::Failed => format!(
+            "{}: cloning {} into {} failed: {} (retry with `vane job retry {}`, or delete {})",
+            j.id,
+            j.source,
+            j.target,
+            j.error.as_deref().unwrap_or("no reason recorded"),
+            j.id,
+            j.target
+        ),
+    }
+}
+
+/// A progress bar, `[#####.....]  500/1000`.
+fn bar(copied: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let filled = (copied * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
+    format!(
+        "[{}{}] {copied}/{total}",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    )
+}
+
+impl Admin {
+    /// Polls a job until it ends, drawing its progress on stderr (redrawn in place on a
+    /// terminal, a line per step of a tenth otherwise).
+    async fn follow(&self, mut job: JobInfo) -> Result<JobInfo, Failure> {
+        use std::io::{IsTerminal, Write};
+        let tty = std::io::stderr().is_terminal();
+        let mut shown = None;
+        while job.state == JobState::Running {
+            let tenth = (job.copied * 10).checked_div(job.total).unwrap_or(10);
+            if tty {
+                eprint!("\r{}", bar(job.copied, job.total));
+                let _ = std::io::stderr().flush();
+            } else if shown != Some(tenth) {
+                eprintln!("{}", bar(job.copied, job.total));
+                shown = Some(tenth);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            job = self.client.job(&job.id).await?;
+        }
+        if tty {
+            eprintln!("\r{}", bar(job.copied, job.total));
+        } else if job.state == JobState::Done {
+            eprintln!("{}", bar(job.copied, job.total));
+        }
+        Ok(job)
+    }
+}
+
+pub(super) async fn token(data: &Path, args: &AdminArgs, cmd: TokenCmd) -> Result<(), Failure> {
+    let a = Admin::connect(data, args)?;
+    match cmd {
+        TokenCmd::Create { name } => {
+            let token = a.client.create_token(&name).await?;
+            a.print(&token, |t| t.secret.clone());
+        }
+        TokenCmd::List => {
+            let list = a.client.tokens().await?;
+            a.print(&list, |list| {
+                let mut out = format!("{:<24} {:<16} {}", "NAME", "PREFIX", "STATE");
+                for t in &list.tokens {
+                    let state = if t.revoked_at.is_none() {
+                        "active"
+                    } else {
+                        "revoked"
+                    };
+                    out.push_str(&format!("\n{:<24} {:<16} {state}", t.name, t.prefix));
+                }
+                out
+            });
+        }
+        TokenCmd::Revoke { name } => {
+            let token = a.client.revoke_token(&name).await?;
+            a.print(&token, |t| format!("revoked {}", t.name));
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn job(data: &Path, args: &AdminArgs, cmd: JobCmd) -> Result<(), Failure> {
+    let a = Admin::connect(data, args)?;
+    let job = match cmd {
+        JobCmd::Get { id } => a.client.job(&id).await?,
+        JobCmd::Retry { id, wait } => {
+            let job = a.client.retry_job(&id).await?;
+            if wait { a.follow(job).await? } else { job }
+        }
+    };
+    a.print(&job, job_summary);
+    if job.state == JobState::Failed {
+        return Err(Failure::refused(job_summary(&job)));
+    }
+    Ok(())
+}
+
+pub(super) async fn audit(
+    data: &Path,
+    args: &AdminArgs,
+    env: &str,
+    limit: usize,
+    before: Option<u64>,
+) -> Result<(), Failure> {
+    let a = Admin::connect(data, args)?;
+    let page = a.client.audit(env, limit, before).await?;
+    a.print(&page, |page| {
+        let mut out = format!(
+            "{:>6}  {:<24} {:<16} {:<16} {}",
+            "ID", "WHEN (UTC)", "ACTOR", "ACTION", "TARGET"
+        );
+        for e in &page.entries {
+            let when =
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.at_ms) * 1_000_000)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_else(|| e.at_ms.to_string());
+            out.push_str(&format!(
+                "\n{:>6}  {:<24} {:<16} {:<16} {}",
+                e.id,
+                when,
+                e.actor,
+                e.action,
+                e.target.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(next) = page.next_before {
+            out.push_str(&format!("\nmore: vane audit {env} --before {next}"));
+        }
+        out
+    });
     Ok(())
 }
 

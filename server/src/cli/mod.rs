@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use admin::{AdminArgs, EnvCmd, FlagCmd, KeyCmd, SegmentCmd};
+use admin::{AdminArgs, EnvCmd, FlagCmd, JobCmd, KeyCmd, SegmentCmd, TokenCmd};
 use serve::ServeArgs;
 use watch::WatchArgs;
 
@@ -80,6 +80,33 @@ pub enum Command {
     },
     /// Connect like an SDK and print every update as it is applied.
     Watch(WatchArgs),
+    /// Manage named admin tokens (recorded in the audit log as the actor of their writes).
+    Token {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Show or retry a job (a clone).
+    Job {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+    /// Page through an environment's audit log, newest first.
+    Audit {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The environment (its log outlives it).
+        env: String,
+        /// Entries per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Entries older than this id (the `next` a previous page printed).
+        #[arg(long)]
+        before: Option<u64>,
+    },
 }
 
 /// A failed command and its exit code.
@@ -134,6 +161,14 @@ pub async fn run(cli: Cli) -> ExitCode {
             context,
         } => admin::eval(data, &admin, &env, &flag, &context).await,
         Command::Watch(args) => watch::watch(data, args).await,
+        Command::Token { admin, cmd } => admin::token(data, &admin, cmd).await,
+        Command::Job { admin, cmd } => admin::job(data, &admin, cmd).await,
+        Command::Audit {
+            admin,
+            env,
+            limit,
+            before,
+        } => admin::audit(data, &admin, &env, limit, before).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

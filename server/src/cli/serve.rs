@@ -8,6 +8,7 @@ use clap::Args;
 use super::{Failure, shutdown_signal};
 use crate::limits::Rate;
 use crate::server::{Server, ServerConfig};
+use crate::store::Retention;
 
 /// `vane serve`.
 #[derive(Debug, Args)]
@@ -72,6 +73,20 @@ pub struct ServeArgs {
     /// (at least 1); each report goes with an Ack, so it adds no wake-ups of its own.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub events_summary_interval: u64,
+    /// Flags and segments a clone copies per transaction.
+    #[arg(long, default_value_t = 500)]
+    pub clone_batch: usize,
+    /// Milliseconds a clone waits between batches, to leave the store to other writes.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub clone_pause_ms: u64,
+    /// Change-log entries kept per environment (unless it sets its own; never fewer than
+    /// --history); 0: no limit by count.
+    #[arg(long, default_value_t = 100_000)]
+    pub retain_changes: u64,
+    /// Days of change log kept per environment (unless it sets its own; the newest --history
+    /// entries are kept whatever their age); 0: no limit by age.
+    #[arg(long, default_value_t = 90)]
+    pub retain_days: u64,
 }
 
 pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
@@ -93,6 +108,12 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     config.events.file = args.events_file;
     config.events.webhook = args.events_webhook;
     config.events.summary_interval = Duration::from_secs(args.events_summary_interval.max(1));
+    config.control.clone_batch = args.clone_batch.max(1);
+    config.control.clone_pause = Duration::from_millis(args.clone_pause_ms);
+    config.control.retention = Retention {
+        max_changes: (args.retain_changes > 0).then_some(args.retain_changes),
+        max_age_days: (args.retain_days > 0).then_some(args.retain_days),
+    };
     config.limits.sdk_requests = Rate {
         per_second: args.sdk_request_rate.max(0.0),
         burst: args.sdk_request_rate.max(0.0) * 10.0,

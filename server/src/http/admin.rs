@@ -1,10 +1,11 @@
-//! The admin API (`/api/v1`, admin token): environments, flags, segments, SDK keys, evaluation
-//! with its explanation, and propagation. Every write answers once its change is committed and
-//! in the hub, with the version it committed as.
+//! The admin API (`/api/v1`, admin token): environments (with clones, retention and the audit
+//! log), flags, segments, SDK keys, named admin tokens, evaluation with its explanation, and
+//! propagation. Every write answers once its change is committed and in the hub, with the
+//! version it committed as, and is recorded in the audit log under the token's name.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -14,14 +15,16 @@ use vane_core::client::Details;
 use vane_core::eval::Context;
 use vane_core::model::{Flag, Segment};
 
-use super::{ApiError, ApiResult, AppState, Body, bad_json, parse};
+use super::{Actor, ApiError, ApiResult, AppState, Body, bad_json, parse};
 use crate::api::{
-    At, CreateEnv, CreateKey, EnvInfo, EnvList, ErrorCode, EvaluateRequest, Explanation, FlagList,
-    KeyInfo, KeyList, NewKeyInfo, Propagation, RuleRef, SegmentList, Toggle, Written, routes,
+    At, AuditPage, CloneEnv, CreateEnv, CreateKey, CreateToken, EnvInfo, EnvList, ErrorCode,
+    EvaluateRequest, Explanation, FlagList, JobInfo, JobState, KeyInfo, KeyList, NewKeyInfo,
+    NewTokenInfo, Progress, Propagation, Retention, RuleRef, SegmentList, Toggle, TokenInfo,
+    TokenList, Written, routes,
 };
 use crate::control::Edit;
 use crate::hub::EnvHub;
-use crate::store::Committed;
+use crate::store::{Committed, EnvState};
 
 /// The admin routes, relative to [`crate::api::ADMIN_PREFIX`].
 pub fn routes() -> Router<AppState> {
@@ -43,6 +46,13 @@ pub fn routes() -> Router<AppState> {
         .route(routes::KEYS, get(list_keys).post(create_key))
         .route(routes::KEY, delete(revoke_key))
         .route(routes::PROPAGATION, get(propagation))
+        .route(routes::CLONE, post(clone_env))
+        .route(routes::RETENTION, put(set_retention))
+        .route(routes::AUDIT, get(audit))
+        .route(routes::JOB, get(get_job))
+        .route(routes::JOB_RETRY, post(retry_job))
+        .route(routes::TOKENS, get(list_tokens).post(create_token))
+        .route(routes::TOKEN, delete(revoke_token))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -66,51 +76,184 @@ fn written(c: &Committed) -> Json<Written> {
     })
 }
 
-fn env_info(env: &EnvHub) -> EnvInfo {
+fn env_info(state: &AppState, env: &EnvHub) -> EnvInfo {
     let (at, flags) = env.with_history(|h| (h.selector().into(), h.flags().count()));
+    let lifecycle = env.lifecycle();
     EnvInfo {
         name: env.name().to_owned(),
         at,
         flags,
+        state: lifecycle.state,
+        job: lifecycle.job,
+        progress: (lifecycle.state == EnvState::Creating).then_some(Progress {
+            copied: lifecycle.copied,
+            total: lifecycle.total,
+        }),
+        error: lifecycle.error,
+        retention: state.control.retention_of(env),
     }
 }
 
-async fn edit(state: &AppState, env: &str, edit: Edit) -> ApiResult<Json<Written>> {
-    let committed = state.control.edit(env, edit).await?;
+async fn edit(state: &AppState, env: &str, edit: Edit, actor: &Actor) -> ApiResult<Json<Written>> {
+    let committed = state.control.edit(env, edit, &actor.0).await?;
     Ok(written(&committed))
 }
 
 async fn list_envs(State(state): State<AppState>) -> Json<EnvList> {
-    let environments = state.hub().envs().iter().map(|e| env_info(e)).collect();
+    let environments = state
+        .hub()
+        .envs()
+        .iter()
+        .map(|e| env_info(&state, e))
+        .collect();
     Json(EnvList { environments })
 }
 
 async fn create_env(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<EnvInfo>)> {
     let req: CreateEnv = parse(&body)?;
-    let selector = state.control.create_env(&req.name).await?;
-    let info = EnvInfo {
-        name: req.name,
-        at: selector.into(),
-        flags: 0,
+    state.control.create_env(&req.name, &actor.0).await?;
+    let info = env_info(&state, &*env_hub(&state, &req.name)?);
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Clones an environment: 202 with the job at once, or (synchronous) 201 with the job once
+/// the new environment is ready.
+async fn clone_env(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(env): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<JobInfo>)> {
+    let req: CloneEnv = parse(&body)?;
+    let (job, done) = state.control.clone_env(&env, &req.name, &actor.0).await?;
+    let asynchronous = req
+        .asynchronous
+        .unwrap_or(job.total > state.control.sync_clone_max());
+    if asynchronous {
+        return Ok((StatusCode::ACCEPTED, Json(job)));
+    }
+    let job = done.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("the clone task failed: {e}"),
+        )
+    })?;
+    match job.state {
+        JobState::Done => Ok((StatusCode::CREATED, Json(job))),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::CloneFailed,
+            format!(
+                "clone {} failed: {}",
+                job.id,
+                job.error.as_deref().unwrap_or("the server stopped")
+            ),
+        )),
+    }
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobInfo>> {
+    Ok(Json(state.control.job(&id).await?))
+}
+
+async fn retry_job(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<JobInfo>)> {
+    let (job, _done) = state.control.retry_clone(&id, &actor.0).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn set_retention(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(env): Path<String>,
+    body: Body,
+) -> ApiResult<Json<EnvInfo>> {
+    let retention: Retention = parse(&body)?;
+    state
+        .control
+        .set_retention(&env, retention, &actor.0)
+        .await?;
+    Ok(Json(env_info(&state, &*env_hub(&state, &env)?)))
+}
+
+/// `?limit=` (1 to 1,000, default 50) and `?before=` (an entry id) of `GET …/audit`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    Path(env): Path<String>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<AuditPage>> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 1_000);
+    let entries = state.control.audit(&env, q.before, limit).await?;
+    let next_before = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(AuditPage {
+        entries,
+        next_before,
+    }))
+}
+
+async fn list_tokens(State(state): State<AppState>) -> ApiResult<Json<TokenList>> {
+    let tokens = state.control.tokens().await?;
+    Ok(Json(TokenList {
+        tokens: tokens.iter().map(TokenInfo::from).collect(),
+    }))
+}
+
+async fn create_token(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<NewTokenInfo>)> {
+    let CreateToken { name } = parse(&body)?;
+    let (record, secret) = state.control.create_token(&name, &actor.0).await?;
+    let info = NewTokenInfo {
+        token: TokenInfo::from(&record),
+        secret,
     };
     Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<TokenInfo>> {
+    let record = state.control.revoke_token(&name, &actor.0).await?;
+    Ok(Json(TokenInfo::from(&record)))
 }
 
 async fn get_env(
     State(state): State<AppState>,
     Path(env): Path<String>,
 ) -> ApiResult<Json<EnvInfo>> {
-    Ok(Json(env_info(&*env_hub(&state, &env)?)))
+    Ok(Json(env_info(&state, &*env_hub(&state, &env)?)))
 }
 
 async fn delete_env(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(env): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.control.delete_env(&env).await?;
+    state.control.delete_env(&env, &actor.0).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -171,27 +314,30 @@ fn keyed_body<T: DeserializeOwned>(body: &Body, key: &str) -> ApiResult<T> {
 
 async fn put_flag(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((env, key)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<Json<Written>> {
     let flag: Flag = keyed_body(&body, &key)?;
-    edit(&state, &env, Edit::PutFlag(flag)).await
+    edit(&state, &env, Edit::PutFlag(flag), &actor).await
 }
 
 async fn delete_flag(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((env, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Written>> {
-    edit(&state, &env, Edit::DeleteFlag(key)).await
+    edit(&state, &env, Edit::DeleteFlag(key), &actor).await
 }
 
 async fn toggle_flag(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((env, key)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<Json<Written>> {
     let Toggle { on } = parse(&body)?;
-    edit(&state, &env, Edit::Toggle { key, on }).await
+    edit(&state, &env, Edit::Toggle { key, on }, &actor).await
 }
 
 async fn list_segments(
@@ -223,18 +369,20 @@ async fn get_segment(
 
 async fn put_segment(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((env, key)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<Json<Written>> {
     let segment: Segment = keyed_body(&body, &key)?;
-    edit(&state, &env, Edit::PutSegment(segment)).await
+    edit(&state, &env, Edit::PutSegment(segment), &actor).await
 }
 
 async fn delete_segment(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((env, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Written>> {
-    edit(&state, &env, Edit::DeleteSegment(key)).await
+    edit(&state, &env, Edit::DeleteSegment(key), &actor).await
 }
 
 async fn list_keys(
@@ -249,11 +397,12 @@ async fn list_keys(
 
 async fn create_key(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(env): Path<String>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<NewKeyInfo>)> {
     let CreateKey { kind } = parse(&body)?;
-    let key = state.control.create_key(&env, kind).await?;
+    let key = state.control.create_key(&env, kind, &actor.0).await?;
     let info = NewKeyInfo {
         key: KeyInfo::from(&key.record),
         secret: key.secret,
@@ -263,9 +412,10 @@ async fn create_key(
 
 async fn revoke_key(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((env, id)): Path<(String, String)>,
 ) -> ApiResult<Json<KeyInfo>> {
-    let record = state.control.revoke_key(&env, &id).await?;
+    let record = state.control.revoke_key(&env, &id, &actor.0).await?;
     Ok(Json(KeyInfo::from(&record)))
 }
 

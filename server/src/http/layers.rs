@@ -11,14 +11,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, AppState};
+use super::{Actor, ApiError, AppState};
 use crate::api::ErrorCode;
+use crate::control::ROOT_ACTOR;
 use crate::hub::Grant;
 use crate::keys;
 use crate::limits::{self, Refused, Source};
 
 /// Seconds a client is told to wait while the server loads its state.
 const RETRY_WHILE_LOADING_S: u32 = 1;
+/// Seconds an SDK request to an environment that is being created is told to wait.
+const RETRY_WHILE_CREATING_S: u32 = 2;
 
 /// The SDK-key header for clients that cannot set `Authorization` (OFREP's convention).
 const API_KEY_HEADER: &str = "x-api-key";
@@ -62,11 +65,17 @@ fn unauthorized(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).into_response()
 }
 
-/// Lets the request through only with `Authorization: Bearer <admin token>`. A source that
+/// Lets the request through only with `Authorization: Bearer <admin token>`: the data
+/// directory's token (actor `admin`) or a named one (actor: its name), put in the request's
+/// extensions as an [`Actor`] for the audit log. A source that
 /// has presented too many wrong tokens ([`crate::limits::LimitsConfig::admin_failures`]) is
 /// answered `429` with `Retry-After` until its allowance refills, before its token is looked
 /// at, so guessing gets no answers.
-pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn require_admin(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let peer = peer(&req);
     let source = peer.map(|p| Source::of(p.ip()));
     let failures = &state.limits.admin_failures;
@@ -81,10 +90,17 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
             "too many wrong admin tokens from this address; retry after Retry-After",
         );
     }
-    let refusal = match bearer(req.headers()) {
-        None => "missing 'Authorization: Bearer <admin token>' header",
-        Some(token) if !keys::secret_matches(token, &state.admin_token) => "wrong admin token",
-        Some(_) => return next.run(req).await,
+    let actor = match bearer(req.headers()) {
+        None => Err("missing 'Authorization: Bearer <admin token>' header"),
+        Some(token) if keys::secret_matches(token, &state.admin_token) => Ok(ROOT_ACTOR.to_owned()),
+        Some(token) => state.hub().admin_token(token).ok_or("wrong admin token"),
+    };
+    let refusal = match actor {
+        Ok(name) => {
+            req.extensions_mut().insert(Actor(name));
+            return next.run(req).await;
+        }
+        Err(refusal) => refusal,
     };
     if let Some(source) = source {
         // The failure spends one of the source's allowance (none left is checked above).
@@ -145,6 +161,20 @@ pub async fn require_sdk_key(
     let Some(grant) = state.hub().authenticate(secret) else {
         return unauthorized("unknown or revoked SDK key");
     };
+    // An environment a clone is still filling is not served: 503 until it is ready.
+    let not_serving = state
+        .hub()
+        .env(&grant.env)
+        .and_then(|env| env.lifecycle().not_serving(&grant.env));
+    if let Some(why) = not_serving {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::EnvironmentNotReady,
+            why,
+        )
+        .retry_after(RETRY_WHILE_CREATING_S)
+        .into_response();
+    }
     req.extensions_mut().insert::<Arc<Grant>>(grant);
     next.run(req).await
 }

@@ -37,6 +37,11 @@ use crate::keys::{self, SecretHash};
 use crate::limits::Limits;
 use crate::store::StoreError;
 
+/// Who is making an admin request: the name of the admin token it presented (`admin` for the
+/// data directory's token). Put in the request's extensions by [`layers::require_admin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor(pub String);
+
 /// Shared by every handler and layer.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -198,7 +203,12 @@ impl From<ControlError> for ApiError {
         let (status, code) = match &e {
             ControlError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, C::Invalid),
             ControlError::InUse { .. } => (StatusCode::CONFLICT, C::SegmentInUse),
+            ControlError::NotReady(_) => (StatusCode::CONFLICT, C::EnvironmentNotReady),
             ControlError::Store(s) => match s {
+                StoreError::JobNotFound(_) => (StatusCode::NOT_FOUND, C::JobNotFound),
+                StoreError::JobState { .. } => (StatusCode::CONFLICT, C::JobState),
+                StoreError::TokenNotFound(_) => (StatusCode::NOT_FOUND, C::TokenNotFound),
+                StoreError::TokenExists(_) => (StatusCode::CONFLICT, C::TokenExists),
                 StoreError::EnvNotFound(_) => (StatusCode::NOT_FOUND, C::EnvironmentNotFound),
                 StoreError::FlagNotFound(_) => (StatusCode::NOT_FOUND, C::FlagNotFound),
                 StoreError::SegmentNotFound(_) => (StatusCode::NOT_FOUND, C::SegmentNotFound),

@@ -642,7 +642,7 @@ mod tests {
             epoch: 1,
             version: 0,
         };
-        hub.add_env("e", at);
+        hub.add_env("e", at, crate::hub::Lifecycle::ready());
         let env = hub.env("e").unwrap();
         let mut version = 0;
         let mut commit = |w: Write| {

@@ -519,6 +519,9 @@ impl Session {
                 format!("environment {:?} is not loaded", grant.env),
             )
         })?;
+        if let Some(why) = env.lifecycle().not_serving(env.name()) {
+            return Err(refuse(ErrorCode::EnvironmentNotReady, why));
+        }
         let delivery = match hello.mode() {
             pb::DeliveryMode::Evaluated => match Context::parse(&hello.context) {
                 Ok(ctx) => Delivery::Evaluated(Evaluated::new(ctx)),

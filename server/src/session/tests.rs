@@ -97,8 +97,11 @@ fn hub(window: usize, ready: bool, keys: &[&NewKey]) -> Arc<Hub> {
                 },
                 items: Vec::new(),
                 changes: Vec::new(),
+                state: crate::store::EnvState::Ready,
+                retention: crate::store::Retention::default(),
             }],
             keys: keys.iter().map(|k| k.record.clone()).collect(),
+            ..Loaded::default()
         });
     }
     hub
@@ -512,8 +515,11 @@ fn a_restored_store_with_another_epoch_gets_a_snapshot() {
             },
             items: Vec::new(),
             changes: Vec::new(),
+            state: crate::store::EnvState::Ready,
+            retention: crate::store::Retention::default(),
         }],
         keys: vec![p.server_key.record.clone()],
+        ..Loaded::default()
     });
     p.hub = hub;
     p.change(flag("z", true));

@@ -1,5 +1,10 @@
-//! The server's durable state behind one trait: environments, their flags and segments, the
-//! change log, and SDK keys (hashed).
+//! The server's durable state behind one trait: environments (with their lifecycle state and
+//! retention), their flags and segments, the change log, SDK keys and named admin tokens (both
+//! hashed), clone jobs, and the audit log.
+//!
+//! Every admin write records who made it in the audit log inside its own transaction: an
+//! acknowledged write always has its audit entry, and an entry always describes a write that
+//! committed.
 //!
 //! A write is one transaction that checks its precondition, takes the environment's next
 //! version, writes the item and appends the committed change to the log; [`Store::commit`]
@@ -14,7 +19,7 @@ pub mod sqlite;
 
 use std::fmt;
 
-use vane_core::history::{Change, Item, Logged, Write};
+use vane_core::history::{Change, Item, ItemKind, Logged, Write};
 use vane_core::protocol::Selector;
 
 use crate::keys::KeyRecord;
@@ -38,6 +43,24 @@ pub enum StoreError {
     /// No SDK key with that id.
     #[error("SDK key {0:?} not found")]
     KeyNotFound(String),
+    /// No admin token with that name.
+    #[error("admin token {0:?} not found")]
+    TokenNotFound(String),
+    /// An admin token with that name exists.
+    #[error("admin token {0:?} already exists")]
+    TokenExists(String),
+    /// No job with that id.
+    #[error("job {0:?} not found")]
+    JobNotFound(String),
+    /// The job is not in a state that allows this (only a running clone takes batches, only
+    /// a failed one can be retried).
+    #[error("job {id:?} is {}", state.as_str())]
+    JobState {
+        /// The job.
+        id: String,
+        /// Its state.
+        state: JobState,
+    },
     /// The write's precondition no longer holds: what it was checked against changed first.
     /// The caller re-reads (the environment is at least at `version`) and tries again.
     #[error("environment {env:?} changed concurrently (now at version {version})")]
@@ -72,6 +95,163 @@ pub enum Expect {
     ItemAt(u64),
 }
 
+/// Who made an admin change, and what it was, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// The admin token's name (`admin` for the data directory's token, `vane` for the server
+    /// itself, as when `--demo` seeds).
+    pub actor: String,
+    /// What was done, e.g. `flag.put`, `flag.toggle`, `key.revoke`.
+    pub action: &'static str,
+}
+
+impl Audit {
+    /// `actor` did `action`.
+    pub fn new(actor: &str, action: &'static str) -> Audit {
+        Audit {
+            actor: actor.to_owned(),
+            action,
+        }
+    }
+}
+
+/// One entry of the audit log. `before` and `after` are the item as stored (a flag or segment
+/// definition, a key's public fields, an environment's name and position), never a secret.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// Rises with every entry; page with it.
+    pub id: u64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// The admin token's name.
+    pub actor: String,
+    /// What was done.
+    pub action: String,
+    /// The environment.
+    pub env: Option<String>,
+    /// The flag, segment, key or token.
+    pub target: Option<String>,
+    /// Before the change; `null` for a creation.
+    pub before: Option<serde_json::Value>,
+    /// After it; `null` for a deletion.
+    pub after: Option<serde_json::Value>,
+}
+
+/// Where an environment is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvState {
+    /// Served.
+    Ready,
+    /// Being filled by a clone: not served, not editable.
+    Creating,
+    /// Its clone failed: not served; delete it or retry the clone.
+    Failed,
+}
+
+impl EnvState {
+    /// The stored and JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvState::Ready => "ready",
+            EnvState::Creating => "creating",
+            EnvState::Failed => "failed",
+        }
+    }
+
+    /// Reads [`EnvState::as_str`].
+    pub fn parse(s: &str) -> Option<EnvState> {
+        [EnvState::Ready, EnvState::Creating, EnvState::Failed]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+}
+
+/// How much of an environment's change log is kept (beyond the in-memory window, which is
+/// always kept). `None`: the server's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retention {
+    /// Keep at most this many of the newest changes.
+    pub max_changes: Option<u64>,
+    /// Drop changes older than this many days.
+    pub max_age_days: Option<u64>,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Copying.
+    Running,
+    /// Finished; the environment is ready.
+    Done,
+    /// Stopped; `error` says why.
+    Failed,
+}
+
+impl JobState {
+    /// The stored and JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// Reads [`JobState::as_str`].
+    pub fn parse(s: &str) -> Option<JobState> {
+        [JobState::Running, JobState::Done, JobState::Failed]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+}
+
+/// A clone job: `source` copied into `target`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: String,
+    /// `clone`.
+    pub kind: String,
+    /// The environment copied from.
+    pub source: String,
+    /// The environment copied into.
+    pub target: String,
+    /// Running, done or failed.
+    pub state: JobState,
+    /// Items (flags and segments) copied so far.
+    pub copied: u64,
+    /// Items to copy.
+    pub total: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The source's version the copy is of.
+    pub source_version: u64,
+    /// The source's epoch then.
+    #[serde(with = "crate::api::epoch_hex")]
+    pub source_epoch: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds, once done or failed.
+    pub finished_at: Option<i64>,
+}
+
+/// A named admin token (its hash; the secret is shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Its name, recorded as the actor of what it does.
+    pub name: String,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    /// SHA-256 of the secret.
+    pub hash: crate::keys::SecretHash,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; `None` while valid.
+    pub revoked_at: Option<i64>,
+}
+
 /// A committed change, as the store logged it.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -104,6 +284,10 @@ pub struct LoadedEnv {
     pub items: Vec<Item>,
     /// The newest changes, oldest first, as the history window keeps them (not compiled).
     pub changes: Vec<Logged>,
+    /// Ready, or still being (or failed to be) filled by a clone.
+    pub state: EnvState,
+    /// Its own retention, where it has one.
+    pub retention: Retention,
 }
 
 /// Entries read from an environment's log.
@@ -164,6 +348,10 @@ pub struct Loaded {
     pub envs: Vec<LoadedEnv>,
     /// Every SDK key that is not revoked.
     pub keys: Vec<KeyRecord>,
+    /// Every admin token that is not revoked.
+    pub tokens: Vec<TokenRecord>,
+    /// Clone jobs still running (interrupted by the stop).
+    pub jobs: Vec<JobRecord>,
 }
 
 /// The store: every method is one transaction, and returns after it committed.
@@ -172,11 +360,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Every environment with its items and its newest `window` changes, and every active key.
     async fn load(&self, window: usize) -> Result<Loaded, StoreError>;
 
-    /// Creates an environment at version 0 with a fresh random epoch.
-    async fn create_env(&self, name: &str) -> Result<Selector, StoreError>;
+    /// Creates an environment at version 0 with a fresh random epoch, ready.
+    async fn create_env(&self, name: &str, audit: &Audit) -> Result<Selector, StoreError>;
 
-    /// Deletes an environment with its items, log and keys.
-    async fn delete_env(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes an environment with its items, log and keys (and fails its running clone).
+    async fn delete_env(&self, name: &str, audit: &Audit) -> Result<(), StoreError>;
 
     /// Commits `write` to `env` as its next version, if `expect` holds; returns the log entry.
     /// Deleting an item that does not exist is a not-found error and changes nothing.
@@ -185,7 +373,83 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         env: &str,
         write: Write,
         expect: Expect,
+        audit: &Audit,
     ) -> Result<Committed, StoreError>;
+
+    /// Starts a clone of `source` (at `source_at`, `total` items) into a new environment
+    /// `target`, which exists from now on in state `creating` under a fresh epoch.
+    async fn begin_clone(
+        &self,
+        source: &str,
+        source_at: Selector,
+        target: &str,
+        total: u64,
+        audit: &Audit,
+    ) -> Result<(Selector, JobRecord), StoreError>;
+
+    /// Starts a failed clone again: its target is emptied, gets a fresh epoch and is
+    /// `creating` again; the copy is of `source_at`, `total` items.
+    async fn restart_clone(
+        &self,
+        job: &str,
+        source_at: Selector,
+        total: u64,
+        audit: &Audit,
+    ) -> Result<(Selector, JobRecord), StoreError>;
+
+    /// Commits one batch of a running clone: each write as the target's next version, and
+    /// the job's progress. Fails with `JobNotFound` if the job is no longer running (its target
+    /// was deleted).
+    async fn clone_batch(
+        &self,
+        job: &str,
+        writes: Vec<Write>,
+    ) -> Result<Vec<Committed>, StoreError>;
+
+    /// Ends a running clone: done (the target becomes ready, in the same transaction) or
+    /// failed with `error` (the target becomes failed).
+    async fn end_clone(&self, job: &str, error: Option<String>) -> Result<JobRecord, StoreError>;
+
+    /// One job.
+    async fn job(&self, id: &str) -> Result<JobRecord, StoreError>;
+
+    /// The keys of the items `env` holds (for a clone that resumes).
+    async fn item_keys(&self, env: &str) -> Result<Vec<(ItemKind, String)>, StoreError>;
+
+    /// Sets an environment's retention.
+    async fn set_retention(
+        &self,
+        env: &str,
+        retention: Retention,
+        audit: &Audit,
+    ) -> Result<(), StoreError>;
+
+    /// Drops log entries of `env` at or below `at_most` that are either at or below
+    /// `by_count` or committed before `older_than` (Unix seconds); returns how many.
+    async fn prune(
+        &self,
+        env: &str,
+        at_most: u64,
+        by_count: u64,
+        older_than: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Stores a new admin token (its hash).
+    async fn create_token(&self, token: &TokenRecord, audit: &Audit) -> Result<(), StoreError>;
+
+    /// Revokes an admin token and returns it.
+    async fn revoke_token(&self, name: &str, audit: &Audit) -> Result<TokenRecord, StoreError>;
+
+    /// Every admin token, revoked ones included, oldest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// The audit log of `env`, newest first: at most `limit` entries with ids below `before`.
+    async fn audit(
+        &self,
+        env: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// The log of `env` after version `after`, oldest first, at most `limit` entries: how a
     /// hub that missed entries catches up.
@@ -197,10 +461,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<LogTail, StoreError>;
 
     /// Stores a new SDK key (its hash; the secret is never stored).
-    async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    async fn create_key(&self, key: &KeyRecord, audit: &Audit) -> Result<(), StoreError>;
 
     /// Marks a key revoked and returns it. Revoking twice keeps the first time.
-    async fn revoke_key(&self, env: &str, id: &str) -> Result<KeyRecord, StoreError>;
+    async fn revoke_key(&self, env: &str, id: &str, audit: &Audit)
+    -> Result<KeyRecord, StoreError>;
 
     /// Every key of `env`, revoked ones included, oldest first.
     async fn keys(&self, env: &str) -> Result<Vec<KeyRecord>, StoreError>;
