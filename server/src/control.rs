@@ -34,8 +34,8 @@ use vane_core::protocol::Selector;
 use crate::hub::{Applied, EnvHub, Hub, Lifecycle};
 use crate::keys::{self, KeyKind, KeyRecord, NewKey};
 use crate::store::{
-    Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, Retention, Store, StoreError,
-    TokenRecord, unix_now,
+    Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, JobState, Retention, Store,
+    StoreError, TokenRecord, unix_now,
 };
 
 /// Attempts at an edit whose precondition a concurrent change broke.
@@ -201,7 +201,7 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> ControlConfig {
         ControlConfig {
-            clone_batch: 500,
+            clone_batch: 100,
             clone_pause: Duration::ZERO,
             sync_clone_max: 1_000,
             retention: Retention {
@@ -294,9 +294,14 @@ impl Control {
         for env in &loaded.envs {
             env.check()?;
         }
-        let jobs = loaded.jobs.clone();
+        let running: Vec<JobRecord> = loaded
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .cloned()
+            .collect();
         self.hub.load(loaded);
-        for job in jobs {
+        for job in running {
             self.resume(job).await?;
         }
         Ok(())
@@ -434,6 +439,11 @@ impl Control {
                 Ok(Some(done)) => done,
                 // Stopped by the shutdown: the job stays running, to resume at the next start.
                 Ok(None) => job,
+                // Its target was deleted meanwhile (which ended the job).
+                Err(ControlError::Store(StoreError::JobState { .. })) => {
+                    info!(job = %id, target = %job.target, "clone stopped: its environment was deleted");
+                    this.store.job(&id).await.unwrap_or(job)
+                }
                 Err(e) => {
                     warn!(job = %id, error = %e, "clone failed");
                     match this.fail(&job, e.to_string()).await {
@@ -493,7 +503,11 @@ impl Control {
             Err(StoreError::JobState { .. }) => self.store.job(&job.id).await?,
             Err(e) => return Err(e.into()),
         };
-        if let Some(target) = self.hub.env(&job.target) {
+        // Only the environment this job fills: one of the same name made after a deletion is
+        // another environment.
+        if let Some(target) = self.hub.env(&job.target)
+            && target.lifecycle().job.as_deref() == Some(job.id.as_str())
+        {
             target.set_lifecycle(|l| {
                 l.state = EnvState::Failed;
                 l.error = failed.error.clone();

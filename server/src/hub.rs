@@ -395,13 +395,16 @@ impl Hub {
             } in loaded.envs
             {
                 let history = EnvHistory::new(selector, items, changes, self.window);
-                let job = loaded.jobs.iter().find(|j| j.target == name);
+                // The newest job of a target is the one that fills it (or failed to).
+                let job = (state != EnvState::Ready)
+                    .then(|| loaded.jobs.iter().rev().find(|j| j.target == name))
+                    .flatten();
                 let lifecycle = Lifecycle {
                     state,
                     job: job.map(|j| j.id.clone()),
                     copied: job.map_or(0, |j| j.copied),
                     total: job.map_or(0, |j| j.total),
-                    error: None,
+                    error: job.and_then(|j| j.error.clone()),
                 };
                 map.insert(
                     name.clone(),

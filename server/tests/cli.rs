@@ -290,3 +290,70 @@ fn segments_eval_and_evaluated_watch() {
     assert_eq!(update["changed"], serde_json::json!(["checkout"]));
     assert_eq!(update["values"]["checkout"], "legacy");
 }
+
+#[test]
+fn clone_with_progress_named_tokens_and_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (_server, _, http) = serve(data);
+    let admin = |args: &[&str]| admin(data, &http, args);
+    assert!(admin(&["env", "create", "prod"]).status.success());
+    let out = admin(&["token", "create", "alice"]);
+    assert!(out.status.success(), "{out:?}");
+    let alice = stdout(&out);
+    assert!(alice.starts_with("vane_adm_"), "the secret alone: {alice}");
+    for i in 0..5 {
+        let key = format!("f{i}");
+        let out = admin(&[
+            "flag", "set", "prod", &key, "--bool", "true", "--token", &alice,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    let out = admin(&["env", "clone", "prod", "staging", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).contains("staging is ready (5 items copied from prod)"),
+        "{out:?}"
+    );
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("] 5/5"),
+        "a progress bar on stderr: {progress}"
+    );
+    let out = admin(&["env", "get", "staging", "--json"]);
+    let env: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(env["state"], "ready");
+    assert_eq!(env["flags"], 5);
+
+    let out = admin(&["audit", "prod", "--limit", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("alice") && text.contains("flag.put"),
+        "{text}"
+    );
+    assert!(
+        text.contains("more: vane audit prod --before"),
+        "a next page: {text}"
+    );
+    let out = admin(&["audit", "prod", "--json"]);
+    let page: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        page["entries"].as_array().unwrap().len(),
+        6,
+        "five puts and the creation"
+    );
+
+    assert!(admin(&["token", "revoke", "alice"]).status.success());
+    let out = admin(&["env", "list", "--token", &alice]);
+    assert_eq!(out.status.code(), Some(1), "a revoked token is refused");
+    let out = admin(&["token", "list"]);
+    assert!(stdout(&out).contains("revoked"), "{out:?}");
+    let out = admin(&["job", "get", "job_0000000000000000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("job_not_found"),
+        "{out:?}"
+    );
+}

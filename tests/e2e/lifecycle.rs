@@ -303,6 +303,12 @@ async fn a_clone_interrupted_after_its_source_changed_fails_cleanly_and_can_be_r
     let env = server.admin.env("staging").await.unwrap();
     assert_eq!(env.state, EnvState::Failed);
     assert!(env.error.is_some());
+    // Another restart: still failed, and still says which job and why.
+    server.restart().await;
+    let env = server.admin.env("staging").await.unwrap();
+    assert_eq!(env.state, EnvState::Failed);
+    assert_eq!(env.job.as_deref(), Some(job.id.as_str()));
+    assert_eq!(env.error, failed.error);
     let key = server.key("staging", KeyKind::Server).await;
     let snapshot = reqwest::Client::new()
         .get(format!("http://{}/sdk/v1/snapshot", server.http))

@@ -13,7 +13,7 @@ use vane_core::protocol::epoch_hex;
 
 use super::Failure;
 use crate::api::client::{AdminClient, AdminError};
-use crate::api::{Explanation, JobInfo, JobState, Retention, Written};
+use crate::api::{EnvState, Explanation, JobInfo, JobState, Retention, Written};
 use crate::keys::KeyKind;
 
 /// Where the admin commands send their requests.
@@ -302,12 +302,18 @@ pub(super) async fn env(data: &Path, args: &AdminArgs, cmd: EnvCmd) -> Result<()
             let list = a.client.envs().await?;
             a.print(&list, |list| {
                 let mut out = format!(
-                    "{:<24} {:>8} {:>6}  {}",
-                    "NAME", "VERSION", "FLAGS", "EPOCH"
+                    "{:<24} {:>8} {:>6}  {:<16}  {}",
+                    "NAME", "VERSION", "FLAGS", "EPOCH", "STATE"
                 );
                 for e in &list.environments {
+                    let state = match (e.state, e.progress) {
+                        (EnvState::Creating, Some(p)) => {
+                            format!("creating ({}/{})", p.copied, p.total)
+                        }
+                        (state, _) => state.as_str().to_owned(),
+                    };
                     out.push_str(&format!(
-                        "\n{:<24} {:>8} {:>6}  {}",
+                        "\n{:<24} {:>8} {:>6}  {:<16}  {state}",
                         e.name,
                         e.at.version,
                         e.flags,

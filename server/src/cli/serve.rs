@@ -73,8 +73,9 @@ pub struct ServeArgs {
     /// (at least 1); each report goes with an Ack, so it adds no wake-ups of its own.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub events_summary_interval: u64,
-    /// Flags and segments a clone copies per transaction.
-    #[arg(long, default_value_t = 500)]
+    /// Flags and segments a clone copies per transaction (smaller batches hold the store for
+    /// less time between other writes; docs/BENCHMARKS.md measures 100 against 500).
+    #[arg(long, default_value_t = 100)]
     pub clone_batch: usize,
     /// Milliseconds a clone waits between batches, to leave the store to other writes.
     #[arg(long, default_value_t = 0, value_name = "MS")]

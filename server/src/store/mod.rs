@@ -170,6 +170,7 @@ impl EnvState {
 /// How much of an environment's change log is kept (beyond the in-memory window, which is
 /// always kept). `None`: the server's default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Retention {
     /// Keep at most this many of the newest changes.
     pub max_changes: Option<u64>,
@@ -350,7 +351,8 @@ pub struct Loaded {
     pub keys: Vec<KeyRecord>,
     /// Every admin token that is not revoked.
     pub tokens: Vec<TokenRecord>,
-    /// Clone jobs still running (interrupted by the stop).
+    /// Clone jobs still running (interrupted by the stop), and the failed ones of environments
+    /// that are failed; oldest first.
     pub jobs: Vec<JobRecord>,
 }
 

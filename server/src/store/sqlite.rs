@@ -696,7 +696,12 @@ impl Store for SqliteStore {
             }
             let keys = query_keys(conn, "WHERE revoked_at IS NULL", [])?;
             let tokens = query_tokens(conn, "WHERE revoked_at IS NULL", [])?;
-            let jobs = query_jobs(conn, "WHERE state = 'running'", [])?;
+            let jobs = query_jobs(
+                conn,
+                "WHERE state = 'running' OR (state = 'failed' AND target IN
+                     (SELECT name FROM environments WHERE state = 'failed'))",
+                [],
+            )?;
             Ok(Loaded {
                 envs,
                 keys,
