@@ -9,9 +9,10 @@
 //! write) sees only the latest and is brought current with one merged delta from the history.
 //! Nothing queues per session, so a peer that does not read cannot grow the server's memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -63,6 +64,8 @@ pub struct EnvHub {
     data: RwLock<EnvData>,
     published: watch::Sender<Published>,
     propagation: Mutex<Propagation>,
+    /// See [`EnvHub::activity`].
+    activity: AtomicU64,
     lifecycle: RwLock<Lifecycle>,
     retention: Mutex<Retention>,
 }
@@ -117,11 +120,93 @@ struct EnvData {
     parked: BTreeMap<u64, Change>,
 }
 
-/// How far an environment's versions have reached, from the sessions' acks.
+/// How far an environment's versions have reached, from the sessions' acks; and who the
+/// sessions are, and how each recent change spread through them (the console's live view).
 #[derive(Debug, Default)]
 struct Propagation {
     /// Session id → the version it last acked.
     acked: HashMap<u64, u64>,
+    /// Session id → what it said in Hello, and when, from Hello until it ends.
+    sessions: HashMap<u64, (Arc<SessionMeta>, Instant)>,
+    /// The newest changes, oldest first, with the acks each has had.
+    changes: VecDeque<ChangeTrack>,
+}
+
+/// Changes whose spread the live view shows.
+const TRACKED_CHANGES: usize = 20;
+
+/// Who a session is, as its Hello and transport say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionMeta {
+    /// `quic` or `tcp`.
+    pub transport: &'static str,
+    /// The platform it named, e.g. `linux-x86_64`, `android`.
+    pub platform: String,
+    /// SDK name and version, e.g. `vane-rust 0.1.0`.
+    pub sdk: String,
+}
+
+/// One recent change and the sessions that have acknowledged it.
+#[derive(Debug)]
+struct ChangeTrack {
+    version: u64,
+    at: Instant,
+    unix_ms: u64,
+    /// Sessions live when it was applied.
+    sessions: usize,
+    /// Milliseconds after the change at which each ack holding it arrived, in order, from the
+    /// sessions live when it was applied (a session that came later got it in its catch-up:
+    /// that is not the change spreading).
+    acks: Vec<u32>,
+}
+
+/// The live view of an environment: its sessions, and how its recent changes spread.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LiveReport {
+    /// The environment's version.
+    pub version: u64,
+    /// Live sessions.
+    pub sessions: usize,
+    /// Sessions by transport.
+    pub by_transport: BTreeMap<String, usize>,
+    /// Sessions by platform.
+    pub by_platform: BTreeMap<String, usize>,
+    /// Sessions by SDK and version.
+    pub by_sdk: BTreeMap<String, usize>,
+    /// The newest changes, oldest first.
+    pub changes: Vec<ChangeSpread>,
+    /// Up to 20 sessions that hold an older version than the environment's.
+    pub behind: Vec<Behind>,
+}
+
+/// How one change spread: `acked` is the curve, (ms after the change, sessions acked by then).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChangeSpread {
+    /// The version the change made.
+    pub version: u64,
+    /// When it was applied here, Unix milliseconds.
+    pub committed_at_ms: u64,
+    /// Sessions live then.
+    pub sessions: usize,
+    /// Sessions that have acknowledged it.
+    pub current: usize,
+    /// (ms after the change, sessions acked by then), at most 64 points.
+    pub acked: Vec<(u32, usize)>,
+}
+
+/// A session behind the environment's version.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Behind {
+    /// Its id (as in the server's logs).
+    pub session: String,
+    /// `quic` or `tcp`.
+    pub transport: &'static str,
+    /// Its platform.
+    pub platform: String,
+    /// Its SDK.
+    pub sdk: String,
+    /// The version it last acked, if any.
+    pub acked: Option<u64>,
 }
 
 /// Where an environment's versions have reached, from the acks of the live sessions.
@@ -155,6 +240,7 @@ impl EnvHub {
             }),
             published: watch::channel(published).0,
             propagation: Mutex::new(Propagation::default()),
+            activity: AtomicU64::new(0),
         })
     }
 
@@ -230,7 +316,9 @@ impl EnvHub {
         }
         let mut next = Some(change);
         while let Some(change) = next {
+            let version = change.version;
             let delta = state.history.apply(change);
+            self.track(version);
             // Published under the lock, so sessions never see versions out of order.
             self.published
                 .send_replace(publish(&state.history, Some(delta)));
@@ -243,14 +331,136 @@ impl EnvHub {
         Applied::Now
     }
 
-    /// Records that `session` acked `version`.
+    /// Records that `session` acked `version` (and, for the live view, which of the recent
+    /// changes this ack is the first to hold).
     pub fn ack(&self, session: u64, version: u64) {
-        self.propagation.lock().acked.insert(session, version);
+        let mut p = self.propagation.lock();
+        let before = p.acked.insert(session, version).unwrap_or(0);
+        let joined = p.sessions.get(&session).map(|(_, at)| *at);
+        if let Some(joined) = joined
+            && version > before
+        {
+            let now = Instant::now();
+            for c in p.changes.iter_mut().rev() {
+                if c.version <= before || c.at < joined {
+                    break;
+                }
+                if c.version <= version {
+                    let ms = now.saturating_duration_since(c.at).as_millis();
+                    c.acks.push(u32::try_from(ms).unwrap_or(u32::MAX));
+                }
+            }
+        }
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A session said Hello.
+    pub fn session_started(&self, session: u64, meta: SessionMeta) {
+        self.propagation
+            .lock()
+            .sessions
+            .insert(session, (Arc::new(meta), Instant::now()));
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets a session that ended.
     pub fn session_ended(&self, session: u64) {
-        self.propagation.lock().acked.remove(&session);
+        let mut p = self.propagation.lock();
+        p.acked.remove(&session);
+        p.sessions.remove(&session);
+        drop(p);
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rises whenever something the live view shows changes (a session, an ack, a change).
+    pub fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
+    }
+
+    /// Remembers a change just applied, for the live view.
+    fn track(&self, version: u64) {
+        let mut p = self.propagation.lock();
+        let sessions = p.sessions.len();
+        if p.changes.len() == TRACKED_CHANGES {
+            p.changes.pop_front();
+        }
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        p.changes.push_back(ChangeTrack {
+            version,
+            at: Instant::now(),
+            unix_ms,
+            sessions,
+            acks: Vec::new(),
+        });
+        drop(p);
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The live view: who is connected, and how the recent changes spread.
+    pub fn live(&self) -> LiveReport {
+        let version = self.selector().version;
+        let p = self.propagation.lock();
+        let (mut by_transport, mut by_platform, mut by_sdk) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        for (meta, _) in p.sessions.values() {
+            *by_transport.entry(meta.transport.to_owned()).or_insert(0) += 1;
+            *by_platform.entry(meta.platform.clone()).or_insert(0) += 1;
+            *by_sdk.entry(meta.sdk.clone()).or_insert(0) += 1;
+        }
+        let changes = p
+            .changes
+            .iter()
+            .map(|c| {
+                // The curve, thinned to at most 64 points (the last one always kept).
+                let step = c.acks.len().div_ceil(64).max(1);
+                let mut acked: Vec<(u32, usize)> = c
+                    .acks
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| (i + 1) % step == 0)
+                    .map(|(i, ms)| (*ms, i + 1))
+                    .collect();
+                if let Some(last) = c.acks.last()
+                    && acked.last().map(|(_, n)| *n) != Some(c.acks.len())
+                {
+                    acked.push((*last, c.acks.len()));
+                }
+                ChangeSpread {
+                    version: c.version,
+                    committed_at_ms: c.unix_ms,
+                    sessions: c.sessions,
+                    current: c.acks.len(),
+                    acked,
+                }
+            })
+            .collect();
+        let mut behind: Vec<Behind> = p
+            .sessions
+            .iter()
+            .filter_map(|(id, (meta, _))| {
+                let acked = p.acked.get(id).copied();
+                (acked.unwrap_or(0) < version).then(|| Behind {
+                    session: format!("{id:x}"),
+                    transport: meta.transport,
+                    platform: meta.platform.clone(),
+                    sdk: meta.sdk.clone(),
+                    acked,
+                })
+            })
+            .collect();
+        behind.sort_by_key(|b| b.acked);
+        behind.truncate(20);
+        LiveReport {
+            version,
+            sessions: p.sessions.len(),
+            by_transport,
+            by_platform,
+            by_sdk,
+            changes,
+            behind,
+        }
     }
 
     /// Where the environment's versions have reached.
@@ -571,6 +781,51 @@ mod tests {
         let keys: Vec<String> =
             env.with_history(|h| h.flags().map(|f| f.wire.key.clone()).collect());
         assert_eq!(keys, ["a", "b", "c"]);
+    }
+
+    fn meta(transport: &'static str, platform: &str) -> SessionMeta {
+        SessionMeta {
+            transport,
+            platform: platform.into(),
+            sdk: "vane-rust 0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn the_live_view_counts_each_sessions_first_ack_of_a_change_and_not_late_joiners() {
+        let hub = hub_with_env();
+        let env = hub.env("e").unwrap();
+        env.session_started(1, meta("quic", "android"));
+        env.session_started(2, meta("tcp", "linux-x86_64"));
+        let before = env.activity();
+        env.apply(7, change(1, "a"));
+        assert!(
+            env.activity() > before,
+            "a change is news for the live view"
+        );
+        // Session 3 joins after the change: its catch-up is not the change spreading.
+        env.session_started(3, meta("tcp", "linux-x86_64"));
+        env.ack(1, 1);
+        env.ack(1, 1); // a second ack of the same version counts once
+        env.ack(3, 1);
+        let live = env.live();
+        assert_eq!(live.sessions, 3);
+        assert_eq!(live.by_transport.get("tcp"), Some(&2));
+        assert_eq!(live.by_platform.get("android"), Some(&1));
+        let spread = &live.changes[0];
+        assert_eq!((spread.version, spread.sessions, spread.current), (1, 2, 1));
+        assert_eq!(spread.acked.len(), 1);
+        let behind: Vec<&str> = live.behind.iter().map(|b| b.session.as_str()).collect();
+        assert_eq!(behind, ["2"], "only the one that has not acked");
+        // One ack can hold several changes.
+        env.apply(7, change(2, "b"));
+        env.apply(7, change(3, "c"));
+        env.ack(2, 3);
+        let live = env.live();
+        let current: Vec<usize> = live.changes.iter().map(|c| c.current).collect();
+        assert_eq!(current, [2, 1, 1]);
+        env.session_ended(2);
+        assert_eq!(env.live().sessions, 2);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub mod routes {
     pub const TOKENS: &str = "/tokens";
     /// `DELETE`: revoke a named admin token.
     pub const TOKEN: &str = "/tokens/{name}";
+    /// `GET`: the live view's server-sent events (sessions, and how each change spread).
+    pub const LIVE: &str = "/environments/{env}/live";
     /// SDK endpoint (not under the admin prefix): the environment of the presenting key.
     pub const SDK_SNAPSHOT: &str = "/sdk/v1/snapshot";
 }
@@ -105,6 +107,10 @@ pub struct ErrorDetail {
     pub code: ErrorCode,
     /// What happened, naming the field at fault where there is one; for people.
     pub message: String,
+    /// For an invalid flag or segment (422 `invalid`): the JSON path of the field at fault,
+    /// e.g. `rules[0].clauses[1].values[0]` (the message starts with it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 /// The stable error codes. Callers match on these, never on messages.

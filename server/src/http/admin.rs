@@ -53,6 +53,7 @@ pub fn routes() -> Router<AppState> {
         .route(routes::JOB_RETRY, post(retry_job))
         .route(routes::TOKENS, get(list_tokens).post(create_token))
         .route(routes::TOKEN, delete(revoke_token))
+        .route(routes::LIVE, get(super::console::live))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -4,6 +4,7 @@
 //! - [`sdk`]: what SDKs call over HTTP, behind the readiness gate and SDK-key authentication.
 //! - [`ofrep`]: OpenFeature's Remote Evaluation Protocol, behind the same gates.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, for operators; no credentials.
+//! - [`console`]: the web console's files at `/` (its data comes through the admin API).
 //! - [`layers`]: those gates, as middleware any new module (OFREP, the console) reuses.
 //!
 //! Requests and responses are the types of [`crate::api`]. Every error is
@@ -11,6 +12,7 @@
 //! OFREP's own (`{"key", "errorCode", "errorDetails"}`).
 
 pub mod admin;
+pub mod console;
 pub mod layers;
 pub mod ofrep;
 pub mod ops;
@@ -59,6 +61,10 @@ pub struct AppState {
 impl AppState {
     fn hub(&self) -> &crate::hub::Hub {
         self.control.hub()
+    }
+
+    fn hub_arc(&self) -> Arc<crate::hub::Hub> {
+        self.control.hub().clone()
     }
 }
 
@@ -133,6 +139,7 @@ pub fn router(
             state.events.stats().clone(),
         ))
         .merge(streams)
+        .merge(console::routes())
         .nest(ADMIN_PREFIX, admin)
         .merge(sdk)
         .with_state(state)
@@ -148,6 +155,7 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    field: Option<String>,
     retry_after_s: Option<u32>,
 }
 
@@ -158,6 +166,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
             retry_after_s: None,
         }
     }
@@ -184,6 +193,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: self.message,
+                field: self.field,
             },
         };
         let mut response = (self.status, Json(body)).into_response();
@@ -222,7 +232,14 @@ impl From<ControlError> for ApiError {
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "admin operation failed");
         }
-        ApiError::new(status, code, message)
+        let field = match &e {
+            ControlError::Invalid(v) => Some(v.field.clone()),
+            _ => None,
+        };
+        ApiError {
+            field,
+            ..ApiError::new(status, code, message)
+        }
     }
 }
 

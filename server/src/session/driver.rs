@@ -47,6 +47,7 @@ pub async fn run<S>(
         None => Session::new(id, config.clone(), now),
         Some(refusal) => Session::refused(id, config.clone(), now, refusal),
     };
+    session.set_transport(transport);
     // Made once: recreated on every turn they would re-register with tokens that every session
     // of the server (or of the key) waits on.
     let mut stopping = pin!(shutdown.cancelled());

@@ -31,7 +31,10 @@ use vane_proto::codec::{self, DecodeError};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
 use crate::events::{Events, SummaryCount, event_reason};
-use crate::hub::{EnvHub, Grant, Hub, Published};
+use crate::hub::{EnvHub, Grant, Hub, Published, SessionMeta};
+
+/// Characters of a client's platform and SDK name the server keeps for the live view.
+const MAX_META_CHARS: usize = 64;
 use evaluated::Evaluated;
 
 /// Per-session settings, from the server configuration.
@@ -130,6 +133,8 @@ pub struct Session {
     /// The environment's changes, until [`Session::take_subscription`] hands them to the driver.
     changes: Option<watch::Receiver<Published>>,
     end: Option<End>,
+    /// `quic` or `tcp`, for the console's live view (see [`Session::set_transport`]).
+    transport: &'static str,
 }
 
 #[derive(Debug)]
@@ -267,7 +272,16 @@ impl Session {
             last_heard: now,
             changes: None,
             end: None,
+            transport: "unknown",
         }
+    }
+
+    /// Names the transport the session runs on (the live view shows sessions by transport).
+    pub fn set_transport(&mut self, transport: vane_core::protocol::Transport) {
+        self.transport = match transport {
+            vane_core::protocol::Transport::Quic => "quic",
+            vane_core::protocol::Transport::Tcp => "tcp",
+        };
     }
 
     /// A session that is over before it starts: it sends the refusal's `Error` and ends.
@@ -538,6 +552,15 @@ impl Session {
         // Subscribe before catching up: a change committed in between is then either in the
         // catch-up or seen as a change, never lost.
         let changes = env.subscribe();
+        let short = |s: &str| s.chars().take(MAX_META_CHARS).collect::<String>();
+        env.session_started(
+            self.id,
+            SessionMeta {
+                transport: self.transport,
+                platform: short(&hello.platform),
+                sdk: short(&format!("{} {}", hello.sdk_name, hello.sdk_version)),
+            },
+        );
         let summaries = self.config.events.enabled().then(|| {
             let interval = self.config.summary_interval.max(MIN_SUMMARY_INTERVAL);
             SummaryBudget::new(interval, now)
