@@ -62,7 +62,7 @@ export function flagEditor({ flag, h, save, remove }) {
     const mode = h("select", { "aria-label": `${label}: serve` }, h("option", { value: "variant" }, "a variant"), h("option", { value: "rollout" }, "a percentage rollout"));
     const variant = h("select", { "aria-label": `${label}: variant`, dataset: { field: `${path}.variant` } });
     selects.push({ el: variant, value: serve?.variant });
-    const weights = h("div", { class: "weights", dataset: { field: `${path}.rollout.variants` } });
+    const weights = h("div", { class: "weights", tabindex: "-1", dataset: { field: `${path}.rollout.variants` } });
     const bucketBy = h("input", { "aria-label": `${label}: bucket by attribute`, placeholder: "key", value: serve?.rollout?.bucket_by ?? "", dataset: { field: `${path}.rollout.bucket_by` } });
     const rolloutBox = h("div", { class: "rollout" }, weights, h("label", {}, "Bucket by ", bucketBy));
     const drawWeights = () => {

@@ -84,6 +84,7 @@ async fn the_console_in_a_real_browser() {
             "live view counted the ack",
             "revoked key disappeared",
             "evaluate and audit shown",
+            "segments and tokens",
             "clone showed progress, then ready",
             "phone width",
             "done"

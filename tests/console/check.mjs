@@ -116,6 +116,26 @@ try {
   await shot("audit");
   step("evaluate and audit shown");
 
+  // Segments: a refused definition is marked, a valid one saved; admin tokens.
+  await page.goto(`${base}/#/env/prod/segments`);
+  await page.getByLabel("Key").fill("staff");
+  await page.getByLabel("Definition").fill('{"included": ["u-boss"], "rules": [{"clauses": [{"attribute": "age", "op": "gt", "values": ["old"]}]}]}');
+  await page.getByRole("button", { name: "Save segment" }).click();
+  await page.locator('#segment-body[aria-invalid="true"]').waitFor();
+  const segmentError = await page.locator("#segment-error").textContent();
+  if (!segmentError.includes("rules[0].clauses[0].values[0]")) throw new Error(`the segment error names the field: ${segmentError}`);
+  await page.getByLabel("Definition").fill('{"included": ["u-boss"], "rules": [{"clauses": [{"attribute": "age", "op": "gt", "values": [65]}]}]}');
+  await page.getByRole("button", { name: "Save segment" }).click();
+  await status().filter({ hasText: "saved staff" }).waitFor();
+  await page.getByRole("link", { name: "staff" }).waitFor();
+  await shot("segments");
+  await page.goto(`${base}/#/tokens`);
+  await page.getByLabel("Name").fill("alice");
+  await page.getByRole("button", { name: "Create token" }).click();
+  if (!(await page.locator("#token-secret").inputValue()).startsWith("vane_adm_")) throw new Error("a token secret");
+  await shot("tokens");
+  step("segments and tokens");
+
   // A clone shows its progress, then ready.
   await page.goto(`${base}/#/`);
   await page.getByLabel("From").selectOption("prod");
