@@ -1,7 +1,9 @@
-//! Vane's measuring instruments: the [`load`] engine behind `vane-load`, a counting allocator that
-//! proves a code path allocates nothing, and the flags the evaluation bench measures.
+//! Vane's measuring instruments: the [`load`] engine behind `vane-load`, a server the other bench
+//! tools start for themselves ([`spawned`]), a counting allocator that proves a code path
+//! allocates nothing, and the flags the evaluation bench measures.
 
 pub mod load;
+pub mod spawned;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};

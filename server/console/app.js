@@ -34,6 +34,19 @@ export function fail(box, e) {
   box.hidden = false;
 }
 
+/** A form's submit handler: runs `action`, and shows what it throws in `box`. */
+function submitting(box, action) {
+  return async (ev) => {
+    ev.preventDefault();
+    box.hidden = true;
+    try {
+      await action();
+    } catch (e) {
+      fail(box, e);
+    }
+  };
+}
+
 let leaving = null; // aborts the live stream of the page being left
 
 function page(title, ...content) {
@@ -126,17 +139,12 @@ async function environments() {
     "form",
     {
       class: "card",
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        try {
-          await api("POST", "/environments", { name: name.value });
-          say(`created ${name.value}`);
-          name.value = "";
-          await refresh();
-        } catch (e) {
-          fail(error, e);
-        }
-      },
+      onsubmit: submitting(error, async () => {
+        await api("POST", "/environments", { name: name.value });
+        say(`created ${name.value}`);
+        name.value = "";
+        await refresh();
+      }),
     },
     h("h2", {}, "New environment"),
     h("label", { for: "new-env" }, "Name"),
@@ -147,18 +155,13 @@ async function environments() {
     "form",
     {
       class: "card",
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        try {
-          const job = await api("POST", `/environments/${seg(sources.value)}/clone`, { name: cloneName.value, async: true });
-          say(`cloning ${job.source} into ${job.target}`);
-          cloneName.value = "";
-          await refresh();
-          follow(job.id);
-        } catch (e) {
-          fail(error, e);
-        }
-      },
+      onsubmit: submitting(error, async () => {
+        const job = await api("POST", `/environments/${seg(sources.value)}/clone`, { name: cloneName.value, async: true });
+        say(`cloning ${job.source} into ${job.target}`);
+        cloneName.value = "";
+        await refresh();
+        follow(job.id);
+      }),
     },
     h("h2", {}, "Clone an environment"),
     h("p", { class: "hint" }, "Copies flags and segments (not keys). The copy is served once it is complete."),
@@ -481,26 +484,21 @@ async function keys(env) {
     "form",
     {
       class: "card",
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        try {
-          const key = await api("POST", `/environments/${seg(env)}/keys`, { kind: kind.value });
-          const value = h("input", { id: "new-secret", readonly: true, value: key.secret });
-          secret.replaceChildren(
-            h("h2", {}, "Copy the secret now"),
-            h("p", {}, "It is shown only this once; the server keeps only its hash."),
-            h("label", { for: "new-secret" }, `Secret of ${key.id}`),
-            value,
-            h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(key.secret).then(() => say("copied")) }, "Copy"),
-            h("button", { type: "button", onclick: () => { secret.hidden = true; secret.replaceChildren(); } }, "Done"),
-          );
-          secret.hidden = false;
-          value.select();
-          await refresh();
-        } catch (e) {
-          fail(error, e);
-        }
-      },
+      onsubmit: submitting(error, async () => {
+        const key = await api("POST", `/environments/${seg(env)}/keys`, { kind: kind.value });
+        const value = h("input", { id: "new-secret", readonly: true, value: key.secret });
+        secret.replaceChildren(
+          h("h2", {}, "Copy the secret now"),
+          h("p", {}, "It is shown only this once; the server keeps only its hash."),
+          h("label", { for: "new-secret" }, `Secret of ${key.id}`),
+          value,
+          h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(key.secret).then(() => say("copied")) }, "Copy"),
+          h("button", { type: "button", onclick: () => { secret.hidden = true; secret.replaceChildren(); } }, "Done"),
+        );
+        secret.hidden = false;
+        value.select();
+        await refresh();
+      }),
     },
     h("h2", {}, "New key"),
     h("label", { for: "key-kind" }, "Kind"),
@@ -739,19 +737,14 @@ async function tokens() {
     "form",
     {
       class: "card",
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        try {
-          const t = await api("POST", "/tokens", { name: name.value });
-          const value = h("input", { id: "token-secret", readonly: true, value: t.secret });
-          secret.replaceChildren(h("h2", {}, "Copy the token now"), h("p", {}, "It is shown only this once."), h("label", { for: "token-secret" }, `Token ${t.name}`), value);
-          secret.hidden = false;
-          name.value = "";
-          await refresh();
-        } catch (e) {
-          fail(error, e);
-        }
-      },
+      onsubmit: submitting(error, async () => {
+        const t = await api("POST", "/tokens", { name: name.value });
+        const value = h("input", { id: "token-secret", readonly: true, value: t.secret });
+        secret.replaceChildren(h("h2", {}, "Copy the token now"), h("p", {}, "It is shown only this once."), h("label", { for: "token-secret" }, `Token ${t.name}`), value);
+        secret.hidden = false;
+        name.value = "";
+        await refresh();
+      }),
     },
     h("h2", {}, "New admin token"),
     h("p", { class: "hint" }, "Its name is recorded in the audit log as the actor of what it does."),

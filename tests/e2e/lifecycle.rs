@@ -26,6 +26,19 @@ async fn slow_cloning() -> TestServer {
     .await
 }
 
+/// A slowly cloning server with `prod` seeded, and the job of its clone into `staging`, just
+/// started.
+async fn cloning() -> (TestServer, JobInfo) {
+    let server = slow_cloning().await;
+    seed(&server).await;
+    let job = server
+        .admin
+        .clone_env("prod", "staging", Some(true))
+        .await
+        .unwrap();
+    (server, job)
+}
+
 /// `prod` with a segment and [`FLAGS`] flags, the first of which uses the segment.
 async fn seed(server: &TestServer) {
     server.admin.create_env("prod").await.unwrap();
@@ -93,13 +106,7 @@ async fn definitions(admin: &AdminClient, env: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_is_creating_until_ready_and_waiting_clients_then_get_a_full_snapshot() {
-    let server = slow_cloning().await;
-    seed(&server).await;
-    let job = server
-        .admin
-        .clone_env("prod", "staging", Some(true))
-        .await
-        .unwrap();
+    let (server, job) = cloning().await;
     assert_eq!(
         (job.state, job.total, job.target.as_str()),
         (JobState::Running, FLAGS as u64 + 1, "staging")
@@ -210,13 +217,7 @@ async fn a_small_clone_answers_when_done_and_a_clone_needs_a_new_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_environment_while_it_is_created_fails_its_job() {
-    let server = slow_cloning().await;
-    seed(&server).await;
-    let job = server
-        .admin
-        .clone_env("prod", "staging", Some(true))
-        .await
-        .unwrap();
+    let (server, job) = cloning().await;
     copied_at_least(&server.admin, &job.id, 5).await;
     server.admin.delete_env("staging").await.unwrap();
     let failed = finished(&server.admin, &job.id).await;
@@ -242,13 +243,7 @@ async fn deleting_an_environment_while_it_is_created_fails_its_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_clone_resumes_it_when_the_source_is_unchanged() {
-    let mut server = slow_cloning().await;
-    seed(&server).await;
-    let job = server
-        .admin
-        .clone_env("prod", "staging", Some(true))
-        .await
-        .unwrap();
+    let (mut server, job) = cloning().await;
     let before = copied_at_least(&server.admin, &job.id, 10).await;
     assert_eq!(before.state, JobState::Running);
     server.restart().await;
@@ -278,13 +273,7 @@ async fn a_restart_mid_clone_resumes_it_when_the_source_is_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_interrupted_after_its_source_changed_fails_cleanly_and_can_be_retried() {
-    let mut server = slow_cloning().await;
-    seed(&server).await;
-    let job = server
-        .admin
-        .clone_env("prod", "staging", Some(true))
-        .await
-        .unwrap();
+    let (mut server, job) = cloning().await;
     copied_at_least(&server.admin, &job.id, 10).await;
     // The source takes edits while it is copied (the copy is of the version asked for)...
     server.toggle("prod", "f01", false).await;

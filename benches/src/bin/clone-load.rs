@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use clap::Parser;
 use serde_json::json;
 use vane_benches::load::LoadTransport;
 use vane_benches::load::fleet::{Fleet, FleetSpec};
+use vane_benches::spawned::SpawnedVane;
 use vane_server::api::JobState;
 use vane_server::api::client::AdminClient;
 use vane_server::keys::KeyKind;
@@ -47,18 +47,6 @@ struct Args {
     /// Extra arguments for `vane serve` (repeat), e.g. `--server-arg=--clone-batch=200`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
-}
-
-struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -122,28 +110,8 @@ struct Phase {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let http = format!("127.0.0.1:{}", args.port);
-    let listen = format!("127.0.0.1:{}", args.port + 1);
-    let child = Command::new(&args.vane)
-        .arg("--data")
-        .arg(dir.path())
-        .args(["serve", "--no-quic", "--listen", &listen, "--http", &http])
-        .args(&args.server_args)
-        .env("VANE_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("vane starts");
-    let base = format!("http://{http}");
-    let ops = AdminClient::new(&base, "");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ops.ready().await.unwrap_or(false) {
-        assert!(Instant::now() < deadline, "vane became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _server = Server { child, _dir: dir };
-    let token = std::fs::read_to_string(_server._dir.path().join("admin-token")).expect("token");
-    let admin = AdminClient::new(&base, token.trim());
+    let server = SpawnedVane::start(&args.vane, args.port, &args.server_args).await;
+    let admin = server.admin.clone();
 
     // The environment to clone, written by 8 writers at once.
     eprintln!("writing {} flags to `big`", args.flags);
@@ -188,9 +156,9 @@ async fn main() {
         .await
         .expect("key")
         .secret;
-    let ca = std::fs::read_to_string(_server._dir.path().join("tls/ca.pem")).expect("CA");
+    let ca = std::fs::read_to_string(server.data().join("tls/ca.pem")).expect("CA");
     let fleet = Fleet::start(FleetSpec {
-        endpoint: listen.parse().expect("address"),
+        endpoint: server.listen.parse().expect("address"),
         transport: LoadTransport::Tcp,
         ca_pem: ca,
         sdk_key: key,

@@ -12,11 +12,11 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::json;
+use vane_benches::spawned::SpawnedVane;
 use vane_server::api::client::AdminClient;
 use vane_server::keys::KeyKind;
 
@@ -43,41 +43,9 @@ struct Args {
     port: u16,
 }
 
-struct Server {
-    child: Child,
-    http: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start(args: &Args, extra: &[String]) -> (Server, AdminClient, String) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let http = format!("127.0.0.1:{}", args.port);
-    let listen = format!("127.0.0.1:{}", args.port + 1);
-    let child = Command::new(&args.vane)
-        .arg("--data")
-        .arg(dir.path())
-        .args(["serve", "--no-quic", "--listen", &listen, "--http", &http])
-        .args(extra)
-        .env("VANE_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("vane starts");
-    let base = format!("http://{http}");
-    let ops = AdminClient::new(&base, "");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ops.ready().await.unwrap_or(false) {
-        assert!(Instant::now() < deadline, "vane became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let token = std::fs::read_to_string(dir.path().join("admin-token")).expect("admin token");
-    let admin = AdminClient::new(&base, token.trim());
+async fn start(args: &Args, extra: &[String]) -> (SpawnedVane, AdminClient, String) {
+    let server = SpawnedVane::start(&args.vane, args.port, extra).await;
+    let admin = server.admin.clone();
     admin.create_env("load").await.expect("environment");
     let key = admin
         .create_key("load", KeyKind::Server)
@@ -99,11 +67,6 @@ async fn start(args: &Args, extra: &[String]) -> (Server, AdminClient, String) {
             .await
             .expect("flag");
     }
-    let server = Server {
-        child,
-        http: base,
-        _dir: dir,
-    };
     (server, admin, key)
 }
 

@@ -312,6 +312,14 @@ fn logged<P: rusqlite::Params>(
         .collect()
 }
 
+/// A stored secret hash (hex) read back; `what` names its owner in the error.
+fn secret_hash(hex_text: &str, what: impl FnOnce() -> String) -> Result<SecretHash, StoreError> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|h| SecretHash::try_from(h).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("{}: unreadable hash", what())))
+}
+
 fn query_keys<P: rusqlite::Params>(
     conn: &Connection,
     filter: &str,
@@ -338,10 +346,7 @@ fn query_keys<P: rusqlite::Params>(
         let (id, env, kind, prefix, hash, created_at, revoked_at) = row.map_err(db)?;
         let kind = KeyKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("key {id}: kind {kind:?}")))?;
-        let hash = hex::decode(&hash)
-            .ok()
-            .and_then(|h| SecretHash::try_from(h).ok())
-            .ok_or_else(|| StoreError::Corrupt(format!("key {id}: unreadable hash")))?;
+        let hash = secret_hash(&hash, || format!("key {id}"))?;
         Ok(KeyRecord {
             id,
             env,
@@ -565,10 +570,7 @@ fn query_tokens<P: rusqlite::Params>(
         .map_err(db)?;
     rows.map(|row| {
         let (name, prefix, hash, created_at, revoked_at) = row.map_err(db)?;
-        let hash = hex::decode(&hash)
-            .ok()
-            .and_then(|h| SecretHash::try_from(h).ok())
-            .ok_or_else(|| StoreError::Corrupt(format!("admin token {name}: unreadable hash")))?;
+        let hash = secret_hash(&hash, || format!("admin token {name}"))?;
         Ok(TokenRecord {
             name,
             prefix,
