@@ -3,7 +3,8 @@
 //! Thin on purpose: each exported object wraps an `Arc` of a `vane-core` type and delegates in a
 //! line; records mirror core types through `From`; errors cross as one small enum converted in
 //! one place ([`VaneError`]); listeners are foreign traits, and registering one hands back a
-//! handle that unregisters on `close()` or when dropped. Behaviour is tested in Rust, in
+//! handle that unregisters on `cancel()` (not when dropped: an app that drops it keeps its
+//! listener, until the client shuts down). Behaviour is tested in Rust, in
 //! `vane-core` and the end-to-end tests; the Kotlin and Swift tests check that calls, errors and
 //! callbacks cross the boundary intact.
 //!
@@ -60,7 +61,13 @@ pub enum VaneError {
         /// What is wrong.
         reason: String,
     },
-    /// Anything else, e.g. the client was closed.
+    /// The client was closed: every call after `close()` says so.
+    #[error("closed: {reason}")]
+    Closed {
+        /// What was called.
+        reason: String,
+    },
+    /// Anything else.
     #[error("{reason}")]
     Other {
         /// What happened.
@@ -78,6 +85,7 @@ impl From<ClientError> for VaneError {
             }
             ClientError::Rejected(_) => VaneError::Protocol { reason },
             ClientError::Timeout { .. } => VaneError::Network { reason },
+            ClientError::Closed => VaneError::Closed { reason },
             _ => VaneError::Other { reason },
         }
     }
@@ -190,6 +198,21 @@ impl From<protocol::Transport> for Transport {
         }
     }
 }
+
+/// How initialization ended: none of these is an error; an app offline at start is served from
+/// its cache, or its defaults, and goes live when the network returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum InitStatus {
+    /// Live values arrived from the server.
+    Ready,
+    /// No live connection in time, but the offline cache's values are being served.
+    ServingCache,
+    /// Neither in time: the getters answer the caller's defaults until values arrive.
+    TimedOut,
+}
+
+/// The prefix of server SDK keys, which carry every flag's rules.
+const SERVER_KEY_PREFIX: &str = "vane_srv_";
 
 /// How to build a client.
 #[derive(Debug, Clone, uniffi::Record)]
@@ -341,26 +364,19 @@ pub trait FlagListener: Send + Sync {
     fn on_flags_changed(&self, keys: Vec<String>);
 }
 
-/// A registered listener. `cancel()` unregisters it; so does releasing the handle (`close()` in
-/// Kotlin, which every UniFFI object has, or the last reference going away in Swift).
+/// A registered listener. It stays registered until `cancel()` or the client's `shutdown()`:
+/// releasing the handle (a garbage collection of the Kotlin object, the last Swift reference
+/// going away) does not unregister it, so an app that drops the handle keeps its listener.
 #[derive(Debug, uniffi::Object)]
 pub struct ListenerHandle {
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: tokio::task::AbortHandle,
 }
 
 #[uniffi::export]
 impl ListenerHandle {
-    /// Stops the callbacks.
+    /// Stops the callbacks. Idempotent.
     pub fn cancel(&self) {
-        if let Some(task) = self.task.lock().take() {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for ListenerHandle {
-    fn drop(&mut self) {
-        self.cancel();
+        self.task.abort();
     }
 }
 
@@ -368,6 +384,9 @@ impl Drop for ListenerHandle {
 #[derive(Debug, uniffi::Object)]
 pub struct VaneClient {
     inner: Arc<Client>,
+    /// The listener tasks, stopped by `shutdown()`. They hold the client weakly, so one that is
+    /// dropped without `shutdown()` still goes away.
+    listeners: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// A typed read of `d`: the value if `pick` accepts it, else `default` with the reason and the
@@ -404,6 +423,13 @@ impl VaneClient {
     /// available at once, with reason `CACHED`.
     #[uniffi::constructor]
     pub fn new(config: VaneConfig) -> Result<Arc<Self>, VaneError> {
+        if config.sdk_key.starts_with(SERVER_KEY_PREFIX) {
+            return Err(config_error(
+                "this is a server SDK key: it can download every flag's rules, and an app can be \
+                 taken apart. Mobile SDKs take a mobile key, which gets evaluated values only: \
+                 `vane key create ENV --kind mobile`",
+            ));
+        }
         let context = Context::parse(&config.context_json).map_err(config_error)?;
         let mut core =
             ClientConfig::new(config.endpoint, config.sdk_key, config.ca_pem.into_bytes())
@@ -420,7 +446,37 @@ impl VaneClient {
         let _entered = runtime().enter();
         Ok(Arc::new(VaneClient {
             inner: Arc::new(Client::start(core)?),
+            listeners: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Waits up to `timeout_ms` for live values and says how it went; being offline is not an
+    /// error (see [`InitStatus`]). Errors only when the server rejected the client (a wrong or
+    /// revoked key, a refused context) or the client is closed. Blocks: not on the UI thread.
+    pub fn initialize(&self, timeout_ms: u64) -> Result<InitStatus, VaneError> {
+        let inner = self.inner.clone();
+        let waited = runtime().block_on(async move {
+            inner
+                .wait_for_initialization(Duration::from_millis(timeout_ms))
+                .await
+        });
+        match waited {
+            Ok(()) => Ok(InitStatus::Ready),
+            Err(ClientError::Timeout { .. }) => {
+                let flags = self.inner.flags();
+                Ok(if flags.selector().is_some() && flags.is_cached() {
+                    InitStatus::ServingCache
+                } else {
+                    InitStatus::TimedOut
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether live values have arrived since the client started.
+    pub fn is_initialized(&self) -> bool {
+        self.inner.status().initialized
     }
 
     /// Blocks until live flags arrived (or the server rejected the client, or the timeout
@@ -568,10 +624,10 @@ impl VaneClient {
         Ok(())
     }
 
-    /// Registers a listener; keep the handle, and `close()` it to unregister.
+    /// Registers a listener for the changes from now on; `cancel()` the handle to unregister.
     pub fn add_listener(&self, listener: Arc<dyn FlagListener>) -> Arc<ListenerHandle> {
-        let inner = self.inner.clone();
-        let mut updates = inner.subscribe();
+        let client = Arc::downgrade(&self.inner);
+        let mut updates = self.inner.subscribe();
         let task = runtime().spawn(async move {
             loop {
                 match updates.recv().await {
@@ -579,7 +635,10 @@ impl VaneClient {
                     Ok(update) => listener.on_flags_changed(update.changed),
                     // Fell behind: say everything may have changed.
                     Err(RecvError::Lagged(_)) => {
-                        let keys = inner
+                        let Some(client) = client.upgrade() else {
+                            break;
+                        };
+                        let keys = client
                             .flags()
                             .keys()
                             .into_iter()
@@ -591,9 +650,11 @@ impl VaneClient {
                 }
             }
         });
-        Arc::new(ListenerHandle {
-            task: Mutex::new(Some(task)),
-        })
+        let task = task.abort_handle();
+        let mut listeners = self.listeners.lock();
+        listeners.retain(|t| !t.is_finished());
+        listeners.push(task.clone());
+        Arc::new(ListenerHandle { task })
     }
 
     /// Where the connection stands.
@@ -619,6 +680,9 @@ impl VaneClient {
     /// Closes the connection; listeners stop. Blocks briefly. Not on the UI thread. (Named so
     /// as not to clash with the `close()` that releases every UniFFI object in Kotlin.)
     pub fn shutdown(&self) {
+        for task in self.listeners.lock().drain(..) {
+            task.abort();
+        }
         let inner = self.inner.clone();
         runtime().block_on(async move { inner.close().await });
     }

@@ -1,6 +1,7 @@
-//! `vane serve --demo`: an environment `demo` with a few flags of every type and a server key,
-//! so the quick start has something to watch. The key's secret is kept in `DATA/demo-sdk-key`
-//! (mode 0600), since the store only holds its hash.
+//! `vane serve --demo`: an environment `demo` with a few flags of every type, a server key and a
+//! mobile key, so the quick start has something to watch from a service and from an app. The
+//! secrets are kept in `DATA/demo-sdk-key` and `DATA/demo-mobile-key` (mode 0600), since the
+//! store only holds their hashes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +41,7 @@ fn flag(
 /// Creates the demo environment on first use and prints its server key.
 pub async fn seed(control: &Arc<Control>, data_dir: &Path) -> anyhow::Result<()> {
     let key_path = data_dir.join("demo-sdk-key");
+    let mobile_path = data_dir.join("demo-mobile-key");
     if control.hub().env("demo").is_none() {
         control.create_env("demo", SYSTEM_ACTOR).await?;
         let mut new_checkout = Flag::boolean("new-checkout", true, true);
@@ -90,6 +92,14 @@ pub async fn seed(control: &Arc<Control>, data_dir: &Path) -> anyhow::Result<()>
         crate::tls::write_private(&key_path, format!("{}\n", key.secret).as_bytes())
             .with_context(|| format!("writing {}", key_path.display()))?;
     }
+    // Mobile apps take a mobile key (values only): demos from before it was made get one too.
+    if !mobile_path.exists() && control.hub().env("demo").is_some() {
+        let key = control
+            .create_key("demo", KeyKind::Mobile, SYSTEM_ACTOR)
+            .await?;
+        crate::tls::write_private(&mobile_path, format!("{}\n", key.secret).as_bytes())
+            .with_context(|| format!("writing {}", mobile_path.display()))?;
+    }
     match std::fs::read_to_string(&key_path) {
         Ok(secret) => println!(
             "demo environment ready; its server SDK key (also in {}):\n  {}",
@@ -100,6 +110,13 @@ pub async fn seed(control: &Arc<Control>, data_dir: &Path) -> anyhow::Result<()>
             "demo environment exists, but {} is gone; create a key with: vane key create demo --kind server",
             key_path.display()
         ),
+    }
+    if let Ok(secret) = std::fs::read_to_string(&mobile_path) {
+        println!(
+            "its mobile SDK key, for apps (also in {}):\n  {}",
+            mobile_path.display(),
+            secret.trim()
+        );
     }
     Ok(())
 }

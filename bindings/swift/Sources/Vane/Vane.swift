@@ -1,20 +1,29 @@
 // The idiomatic Swift face of the Vane SDK. Everything delegates to the generated bindings
 // (module VaneFFI), which call the Rust client core.
 //
-// Threading: getters never block (they read memory). `waitForInitialization` and `close` block
-// the calling thread; do not call them on the main thread. Listener callbacks arrive on the
-// SDK's background thread ("vane-sdk"); hop to the main actor yourself.
+// Threading: getters never block (they read memory). `initialize` is async; `close` blocks
+// briefly (not on the main thread). Listener callbacks run one at a time on the SDK's callback
+// queue ("dev.vane.sdk.callbacks"), or on the queue given as `callbackQueue` (`.main` for UI
+// code).
 import Foundation
 import VaneFFI
 
 /// A Vane client for one user (context).
 ///
 ///     let vane = try Vane(endpoint: "flags.example.com:7443", sdkKey: mobileKey, caPem: caPem,
-///                         context: "{\"key\": \"user-1\"}", cacheDir: cachesURL.path)
+///                         context: "{\"key\": \"user-1\"}", cacheDir: cachesURL.path,
+///                         callbackQueue: .main)
+///     let status = try await vane.initialize(timeoutMs: 2000)  // .ready, .servingCache, .timedOut
 ///     if vane.boolValue("new-checkout", defaultValue: false) { ... }
-///     let handle = vane.addListener { keys in DispatchQueue.main.async { refresh(keys) } }
-public final class Vane {
+///     let registration = vane.addListener { keys in refresh(keys) }  // until registration.cancel()
+public final class Vane: @unchecked Sendable {
+    // @unchecked: `closed` and `registrations` are only touched under `lock`; the rest is
+    // immutable, and the generated client is thread-safe.
     private let client: VaneClient
+    private let callbackQueue: DispatchQueue
+    private let lock = NSLock()
+    private var closed = false
+    private var registrations: [Registration] = []
 
     /// Starts the client; it connects in the background. Throws `VaneError.Config` for a bad
     /// context or CA.
@@ -26,8 +35,10 @@ public final class Vane {
         cacheDir: String? = nil,
         transport: TransportPreference? = nil,
         serverName: String? = nil,
-        httpEndpoint: String? = nil
+        httpEndpoint: String? = nil,
+        callbackQueue: DispatchQueue? = nil
     ) throws {
+        self.callbackQueue = callbackQueue ?? DispatchQueue(label: "dev.vane.sdk.callbacks")
         let config = VaneConfig(
             endpoint: endpoint,
             sdkKey: sdkKey,
@@ -41,8 +52,44 @@ public final class Vane {
         client = try VaneClient(config: config)
     }
 
-    /// Blocks until live flags arrived; throws `VaneError.Auth` for a rejected key.
+    private var isClosed: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return closed
+    }
+
+    private func checkOpen(_ what: String) throws {
+        if isClosed {
+            throw VaneError.Closed(reason: "\(what) after close()")
+        }
+    }
+
+    /// Waits up to `timeoutMs` for live values and says how it went: `.ready`, `.servingCache`
+    /// (offline, the cache's values are served) or `.timedOut` (defaults until values arrive).
+    /// Being offline is not an error; a rejected key is (`VaneError.Auth`).
+    public func initialize(timeoutMs: UInt64) async throws -> InitStatus {
+        try checkOpen("initialize")
+        let client = self.client
+        return try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async {
+                do {
+                    continuation.resume(returning: try client.initialize(timeoutMs: timeoutMs))
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }
+    }
+
+    /// Whether live values have arrived.
+    public var isInitialized: Bool {
+        return !isClosed && client.isInitialized()
+    }
+
+    /// Blocks until live flags arrived; throws `VaneError.Network` on timeout, `VaneError.Auth`
+    /// for a rejected key. Prefer `initialize`, which does not throw for being offline.
     public func waitForInitialization(timeoutMs: UInt64) throws {
+        try checkOpen("waitForInitialization")
         try client.waitForInitialization(timeoutMs: timeoutMs)
     }
 
@@ -94,13 +141,27 @@ public final class Vane {
 
     /// Switch user; the values that differ arrive shortly and listeners are told.
     public func identify(context: String) throws {
+        try checkOpen("identify")
         try client.identify(contextJson: context)
     }
 
-    /// Calls `onChange` with the keys of changed flags. Keep the handle; `cancel()` it (or let it
-    /// go) to stop.
-    public func addListener(_ onChange: @escaping ([String]) -> Void) -> ListenerHandle {
-        return client.addListener(listener: ClosureListener(onChange))
+    /// Calls `onChange` with the keys of changed flags, on the callback queue. The listener stays
+    /// registered until the registration is cancelled or the client closes: letting the
+    /// registration go does not unregister it. After `close()` it does nothing.
+    @discardableResult
+    public func addListener(_ onChange: @escaping @Sendable ([String]) -> Void) -> Registration {
+        let handle = client.addListener(listener: ClosureListener(onChange, queue: callbackQueue))
+        let registration = Registration(handle)
+        lock.lock()
+        let wasClosed = closed
+        if !wasClosed {
+            registrations.append(registration)
+        }
+        lock.unlock()
+        if wasClosed {
+            registration.cancel()
+        }
+        return registration
     }
 
     /// The keys of changed flags as an async sequence; ending the iteration unregisters.
@@ -133,21 +194,51 @@ public final class Vane {
         client.setForeground(foreground: foreground)
     }
 
-    /// Closes the connection and stops listeners. Blocks briefly.
+    /// Closes the connection and stops listeners. Blocks briefly. Idempotent; afterwards the
+    /// throwing calls throw `VaneError.Closed` and the getters return their defaults.
     public func close() {
+        lock.lock()
+        let first = !closed
+        closed = true
+        let stopping = registrations
+        registrations = []
+        lock.unlock()
+        guard first else { return }
+        for registration in stopping {
+            registration.cancel()
+        }
         client.shutdown()
     }
 }
 
-/// Adapts a closure to the generated listener protocol.
-final class ClosureListener: FlagListener {
-    private let onChange: ([String]) -> Void
+/// A registered listener: it stays registered until `cancel()` or the client closes.
+public final class Registration: Sendable {
+    private let handle: ListenerHandle
 
-    init(_ onChange: @escaping ([String]) -> Void) {
+    init(_ handle: ListenerHandle) {
+        self.handle = handle
+    }
+
+    /// Stops the callbacks. Idempotent.
+    public func cancel() {
+        handle.cancel()
+    }
+}
+
+/// Adapts a closure to the generated listener protocol: each callback is dispatched to `queue`.
+final class ClosureListener: FlagListener, Sendable {
+    private let onChange: @Sendable ([String]) -> Void
+    private let queue: DispatchQueue
+
+    init(_ onChange: @escaping @Sendable ([String]) -> Void, queue: DispatchQueue) {
         self.onChange = onChange
+        self.queue = queue
     }
 
     func onFlagsChanged(keys: [String]) {
-        onChange(keys)
+        let onChange = self.onChange
+        queue.async {
+            onChange(keys)
+        }
     }
 }

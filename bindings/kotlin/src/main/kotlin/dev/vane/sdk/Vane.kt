@@ -9,6 +9,7 @@ import dev.vane.sdk.ffi.DoubleDetails
 import dev.vane.sdk.ffi.FlagListener
 import dev.vane.sdk.ffi.FlagSnapshot
 import dev.vane.sdk.ffi.FlagType
+import dev.vane.sdk.ffi.InitStatus
 import dev.vane.sdk.ffi.IntDetails
 import dev.vane.sdk.ffi.JsonDetails
 import dev.vane.sdk.ffi.ListenerHandle
@@ -19,31 +20,68 @@ import dev.vane.sdk.ffi.TransportPreference
 import dev.vane.sdk.ffi.VaneClient
 import dev.vane.sdk.ffi.VaneConfig
 import dev.vane.sdk.ffi.VaneException
+import java.util.concurrent.CopyOnWriteArrayList
+import java.util.concurrent.Executor
+import java.util.concurrent.ExecutorService
+import java.util.concurrent.Executors
+import java.util.concurrent.atomic.AtomicBoolean
+import java.util.logging.Level
+import java.util.logging.Logger
+import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.channels.awaitClose
 import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.callbackFlow
+import kotlinx.coroutines.withContext
 
 /**
  * A Vane client for one user (context). Getters never block: they read values held in memory.
- * [waitForInitialization] and [close] block the calling thread; call them off the main thread.
- * Listener callbacks arrive on the SDK's background thread ("vane-sdk"). Errors are
- * [VaneException]: `Network`, `Auth`, `Protocol`, `Config` or `Other`, each with a `reason`.
+ * [initialize] suspends; [close] blocks briefly (call it off the main thread). Listener
+ * callbacks run one at a time on the SDK's callback thread ("vane-sdk-callbacks"), or on the
+ * executor given to [Builder.callbackExecutor] (Android: `ContextCompat.getMainExecutor(context)`);
+ * a listener that throws is logged (logger `dev.vane.sdk`) and stays registered. Errors are
+ * [VaneException]: `Network`, `Auth`, `Protocol`, `Config`, `Closed` or `Other`, each with a
+ * `reason`; after [close], every call throws `VaneException.Closed`.
  *
  * ```
  * val vane = Vane.builder("flags.example.com:7443", mobileKey)
  *     .caPem(caPem)
  *     .context("""{"key": "user-1", "country": "de"}""")
  *     .cacheDir(context.cacheDir.path)
+ *     .callbackExecutor(ContextCompat.getMainExecutor(context))
  *     .build()
+ * lifecycleScope.launch { vane.initialize(2_000) }   // READY, SERVING_CACHE or TIMED_OUT
  * if (vane.boolValue("new-checkout", false)) { ... }
- * vane.addListener { keys -> runOnUiThread { refresh(keys) } }
+ * val registration = vane.addListener { keys -> refresh(keys) }  // until registration.cancel()
  * ```
  */
-class Vane private constructor(private val client: VaneClient) : AutoCloseable {
+class Vane private constructor(private val client: VaneClient, callbackExecutor: Executor?) : AutoCloseable {
+
+    private val closed = AtomicBoolean(false)
+
+    // The default callback thread: one, named, a daemon (it never keeps an app's JVM alive).
+    private val ownExecutor: ExecutorService? = if (callbackExecutor == null) {
+        Executors.newSingleThreadExecutor { task -> Thread(task, "vane-sdk-callbacks").apply { isDaemon = true } }
+    } else null
+    private val callbacks: Executor = callbackExecutor ?: ownExecutor!!
+
+    /** A registered listener: it stays registered until [cancel] or the client closes —
+     *  dropping the registration does not unregister it. */
+    inner class Registration internal constructor(private val handle: ListenerHandle) : AutoCloseable {
+        /** Stops the callbacks. Idempotent. */
+        fun cancel() {
+            handle.cancel()
+            registrations.remove(this)
+        }
+
+        override fun close() = cancel()
+    }
+
+    private val registrations = CopyOnWriteArrayList<Registration>()
 
     // Getters read this immutable snapshot instead of crossing JNA on every call (a JNA crossing
     // costs tens of microseconds; see docs/BENCHMARKS.md). It is replaced after every change: by
-    // this internal listener, and by each app listener before it runs, so the app reads new values.
+    // this internal listener, and by each app listener before its callback is dispatched, so the
+    // app reads the new values.
     @Volatile private var snapshot: Map<String, FlagSnapshot> = load()
     private val internal: ListenerHandle = client.addListener(object : FlagListener {
         override fun onFlagsChanged(keys: List<String>) {
@@ -53,6 +91,10 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
 
     private fun load(): Map<String, FlagSnapshot> = client.allValues().associateBy { it.key }
 
+    private fun checkOpen(what: String) {
+        if (closed.get()) throw VaneException.Closed("$what after close()")
+    }
+
     /** Collects the settings of a [Vane] client. */
     class Builder internal constructor(private val endpoint: String, private val sdkKey: String) {
         private var caPem: String = ""
@@ -61,6 +103,7 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
         private var transport: TransportPreference? = null
         private var serverName: String? = null
         private var httpEndpoint: String? = null
+        private var callbackExecutor: Executor? = null
 
         /** PEM of the CA that signed the server's certificate. */
         fun caPem(pem: String) = apply { caPem = pem }
@@ -83,25 +126,54 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
          */
         fun httpEndpoint(url: String) = apply { httpEndpoint = url }
 
-        /** Starts the client; it connects in the background. */
+        /** Where listener callbacks run (default: the SDK's own "vane-sdk-callbacks" thread). */
+        fun callbackExecutor(executor: Executor) = apply { callbackExecutor = executor }
+
+        /** Starts the client; it connects in the background. A server key is refused
+         *  (`VaneException.Config`): apps take a mobile key. */
         @Throws(VaneException::class)
-        fun build(): Vane = Vane(VaneClient(VaneConfig(endpoint, sdkKey, caPem, contextJson, cacheDir, transport, serverName, httpEndpoint)))
+        fun build(): Vane = Vane(
+            VaneClient(VaneConfig(endpoint, sdkKey, caPem, contextJson, cacheDir, transport, serverName, httpEndpoint)),
+            callbackExecutor,
+        )
     }
 
     companion object {
+        private val log: Logger = Logger.getLogger("dev.vane.sdk")
+
         /** A builder for a client of the server at `endpoint` (`host:port`) with `sdkKey`. */
         fun builder(endpoint: String, sdkKey: String) = Builder(endpoint, sdkKey)
     }
 
-    /** Blocks until live flags arrived; throws [VaneException] (e.g. `Auth` for a bad key). */
+    /**
+     * Waits up to `timeoutMs` for live values, without blocking a thread of the caller's, and
+     * says how it went: [InitStatus.READY], [InitStatus.SERVING_CACHE] (offline, the cache's
+     * values are served) or [InitStatus.TIMED_OUT] (the getters answer defaults until values
+     * arrive). Being offline is not an error; a rejected key is (`VaneException.Auth`).
+     */
+    @Throws(VaneException::class)
+    suspend fun initialize(timeoutMs: Long): InitStatus {
+        checkOpen("initialize")
+        val status = withContext(Dispatchers.IO) { client.initialize(timeoutMs.toULong()) }
+        snapshot = load()
+        return status
+    }
+
+    /** Whether live values have arrived. */
+    val isInitialized: Boolean get() = !closed.get() && client.isInitialized()
+
+    /** Blocks until live flags arrived; throws [VaneException] (`Network` on timeout, `Auth` for a
+     *  bad key). Prefer [initialize], which does not throw for being offline. */
     @Throws(VaneException::class)
     fun waitForInitialization(timeoutMs: Long) {
+        checkOpen("waitForInitialization")
         client.waitForInitialization(timeoutMs.toULong())
         snapshot = load()
     }
 
     /** The snapshot entry for `key` if it holds a value of type `want`, else why not. */
     private fun lookup(key: String, want: FlagType): Pair<FlagSnapshot?, String?> {
+        checkOpen("reading $key")
         val s = snapshot[key] ?: return Pair(null, "FLAG_NOT_FOUND")
         return when (s.kind) {
             want -> Pair(s, null)
@@ -135,21 +207,40 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
         details(key, FlagType.JSON, default, { it.stringValue }, ::JsonDetails) as JsonDetails
 
     /** Every flag with a value: key → value as JSON text. */
-    fun allFlags(): Map<String, String> = client.allFlags()
+    fun allFlags(): Map<String, String> {
+        checkOpen("allFlags")
+        return client.allFlags()
+    }
 
     /** Switch user: the values that differ arrive shortly and listeners are told. */
     @Throws(VaneException::class)
-    fun identify(contextJson: String) = client.identify(contextJson)
+    fun identify(contextJson: String) {
+        checkOpen("identify")
+        client.identify(contextJson)
+    }
 
-    /** Calls `onChange` with the keys of flags changed from now on, on the SDK's thread;
-     *  `cancel()` (or `close()`) the handle to stop. */
-    fun addListener(onChange: (List<String>) -> Unit): ListenerHandle =
-        client.addListener(object : FlagListener {
+    /**
+     * Calls `onChange` with the keys of flags changed from now on, on the callback executor,
+     * after the getters already answer the new values. The listener stays registered until the
+     * returned registration is cancelled or the client closes — dropping the registration does
+     * not unregister it.
+     */
+    fun addListener(onChange: (List<String>) -> Unit): Registration {
+        checkOpen("addListener")
+        val handle = client.addListener(object : FlagListener {
             override fun onFlagsChanged(keys: List<String>) {
                 snapshot = load()
-                onChange(keys)
+                callbacks.execute {
+                    try {
+                        onChange(keys)
+                    } catch (e: Throwable) {
+                        log.log(Level.WARNING, "a Vane listener threw; it stays registered", e)
+                    }
+                }
             }
         })
+        return Registration(handle).also { registrations.add(it) }
+    }
 
     /** The keys of changed flags as a cold Flow; collecting registers a listener. */
     fun changes(): Flow<List<String>> = callbackFlow {
@@ -157,22 +248,36 @@ class Vane private constructor(private val client: VaneClient) : AutoCloseable {
         awaitClose { handle.cancel() }
     }
 
-    val connectionState: ConnectionState get() = client.connectionState()
-    val transport: Transport? get() = client.transport()
+    val connectionState: ConnectionState get() = if (closed.get()) ConnectionState.STOPPED else client.connectionState()
+    val transport: Transport? get() = if (closed.get()) null else client.transport()
 
     /** Call from your connectivity callback. */
-    fun setNetworkAvailable(available: Boolean) = client.setNetworkAvailable(available)
+    fun setNetworkAvailable(available: Boolean) {
+        checkOpen("setNetworkAvailable")
+        client.setNetworkAvailable(available)
+    }
 
     /** Call from onStart/onStop (or your lifecycle observer). */
-    fun setForeground(foreground: Boolean) = client.setForeground(foreground)
+    fun setForeground(foreground: Boolean) {
+        checkOpen("setForeground")
+        client.setForeground(foreground)
+    }
 
-    /** Closes the connection, stops listeners and releases the native client. Blocks briefly. */
+    /** Closes the connection, stops listeners and releases the native client. Blocks briefly.
+     *  Idempotent: a second call does nothing. */
     override fun close() {
+        if (!closed.compareAndSet(false, true)) return
+        registrations.forEach { it.cancel() }
+        internal.cancel()
         internal.close()
         client.shutdown()
         client.close()
+        ownExecutor?.shutdown()
     }
 
     /** The raw FFI getter, one JNA crossing per call (for measurements; prefer [boolValue]). */
-    fun boolValueDirect(key: String, default: Boolean): Boolean = client.boolValue(key, default)
+    fun boolValueDirect(key: String, default: Boolean): Boolean {
+        checkOpen("boolValueDirect")
+        return client.boolValue(key, default)
+    }
 }

@@ -6,6 +6,7 @@ package dev.vane.sdk.test
 import dev.vane.sdk.Vane
 import dev.vane.sdk.ffi.ConnectionState
 import dev.vane.sdk.ffi.FlagType
+import dev.vane.sdk.ffi.InitStatus
 import dev.vane.sdk.ffi.Reason
 import dev.vane.sdk.ffi.TransportPreference
 import dev.vane.sdk.ffi.VaneEvaluator
@@ -19,6 +20,7 @@ import java.util.concurrent.CountDownLatch
 import java.util.concurrent.LinkedBlockingQueue
 import java.util.concurrent.TimeUnit
 import kotlin.system.exitProcess
+import kotlinx.coroutines.runBlocking
 
 private fun env(name: String): String = System.getenv(name) ?: error("$name is not set (run bindings/kotlin/run-tests)")
 
@@ -28,6 +30,7 @@ private val token = env("VANE_TOKEN")
 private val ca = File(env("VANE_CA")).readText()
 private val http = HttpClient.newHttpClient()
 private lateinit var mobileKey: String
+private lateinit var serverKey: String
 
 private fun admin(method: String, path: String, body: String? = null): String {
     val request = HttpRequest.newBuilder(URI.create("$httpBase/api/v1$path"))
@@ -43,6 +46,8 @@ private fun admin(method: String, path: String, body: String? = null): String {
 private fun setUp() {
     admin("POST", "/environments", """{"name": "mobile"}""")
     mobileKey = Json.parse(admin("POST", "/environments/mobile/keys", """{"kind": "mobile"}"""))
+        .let { (it as Map<*, *>)["secret"] as String }
+    serverKey = Json.parse(admin("POST", "/environments/mobile/keys", """{"kind": "server"}"""))
         .let { (it as Map<*, *>)["secret"] as String }
     val flags = mapOf(
         "new-checkout" to """{"on": true, "variants": {"on": true, "off": false}, "off_variant": "off", "fallthrough": {"variant": "on"}}""",
@@ -174,6 +179,109 @@ private fun closeStopsCallbacks() {
     assertEq(0, live.size, "callbacks after close()")
 }
 
+private fun toggle(flag: String, on: Boolean) =
+    admin("POST", "/environments/mobile/flags/$flag/toggle", """{"on": $on}""")
+
+/** Issue 15.1: an app that drops the registration keeps its listener, through garbage collections. */
+private fun aDroppedRegistrationKeepsItsListener() {
+    client().use { vane ->
+        vane.waitForInitialization(20_000)
+        val seen = LinkedBlockingQueue<List<String>>()
+        vane.addListener { seen.add(it) } // the registration is not kept
+        repeat(5) {
+            System.gc()
+            Thread.sleep(20)
+        }
+        for (on in listOf(false, true)) {
+            toggle("banner", on)
+            seen.poll(20, TimeUnit.SECONDS) ?: throw AssertionError("the listener stopped after a GC")
+        }
+    }
+}
+
+/** Issue 15.3: callbacks run on one named SDK thread; a listener that throws is logged and lives on. */
+private fun aThrowingListenerStaysAndOthersAreCalled() {
+    client().use { vane ->
+        vane.waitForInitialization(20_000)
+        val threads = LinkedBlockingQueue<String>()
+        val thrower = LinkedBlockingQueue<List<String>>()
+        val other = LinkedBlockingQueue<List<String>>()
+        vane.addListener { keys ->
+            threads.add(Thread.currentThread().name)
+            thrower.add(keys)
+            throw IllegalStateException("an app bug")
+        }
+        vane.addListener { other.add(it) }
+        for (on in listOf(false, true)) {
+            toggle("banner", on)
+            thrower.poll(20, TimeUnit.SECONDS) ?: throw AssertionError("the throwing listener was not called again")
+            other.poll(20, TimeUnit.SECONDS) ?: throw AssertionError("the other listener was silenced")
+        }
+        assertEq(setOf("vane-sdk-callbacks"), threads.toSet(), "callback thread")
+        val ui = java.util.concurrent.Executors.newSingleThreadExecutor { Thread(it, "app-main").apply { isDaemon = true } }
+        Vane.builder(endpoint, mobileKey).caPem(ca).transport(TransportPreference.TCP)
+            .context("""{"key": "user-1"}""").callbackExecutor(ui).build().use { onMain ->
+                onMain.waitForInitialization(20_000)
+                val where = LinkedBlockingQueue<String>()
+                onMain.addListener { where.add(Thread.currentThread().name) }
+                toggle("banner", false)
+                assertEq("app-main", where.poll(20, TimeUnit.SECONDS), "the app's executor")
+                toggle("banner", true)
+            }
+        ui.shutdown()
+    }
+}
+
+/** Issue 15.5: close() is idempotent, and every later call says "closed" in the SDK's own error. */
+private fun closeIsIdempotentAndLaterCallsSayClosed() {
+    val vane = client()
+    vane.waitForInitialization(20_000)
+    vane.close()
+    vane.close()
+    assertEq(ConnectionState.STOPPED, vane.connectionState, "state after close")
+    for ((what, call) in listOf<Pair<String, () -> Unit>>(
+        "boolValue" to { vane.boolValue("banner", false) },
+        "identify" to { vane.identify("""{"key": "u"}""") },
+        "addListener" to { vane.addListener { } },
+        "initialize" to { runBlocking { vane.initialize(10) } },
+    )) {
+        try {
+            call()
+            throw AssertionError("$what after close() did not throw")
+        } catch (e: VaneException.Closed) {
+            check(e.reason.contains("after close()")) { "$what: ${e.reason}" }
+        }
+    }
+}
+
+/** Issue 15.2: initialization returns a status and does not throw for being offline. */
+private fun initializationOfflineReturnsAStatus() {
+    val dir = File(env("VANE_CACHE_DIR"), "init-${System.nanoTime()}").apply { mkdirs() }
+    client(cacheDir = dir.path).use { vane ->
+        assertEq(InitStatus.READY, runBlocking { vane.initialize(20_000) }, "online")
+        check(vane.isInitialized)
+    }
+    client(endpoint = "127.0.0.1:1", cacheDir = dir.path).use { offline ->
+        assertEq(InitStatus.SERVING_CACHE, runBlocking { offline.initialize(300) }, "offline with a cache")
+        assertEq("Hello", offline.stringValue("banner", "default"), "a cached value")
+        check(!offline.isInitialized)
+    }
+    client(endpoint = "127.0.0.1:1").use { offline ->
+        assertEq(InitStatus.TIMED_OUT, runBlocking { offline.initialize(300) }, "offline without a cache")
+        assertEq("default", offline.stringValue("banner", "default"), "the default")
+    }
+}
+
+/** Issue 15.9: a server key is refused by the mobile SDK, with what to do instead. */
+private fun aServerKeyIsRefused() {
+    try {
+        client(key = serverKey).close()
+        throw AssertionError("the mobile SDK took a server key")
+    } catch (e: VaneException.Config) {
+        check(e.reason.contains("mobile key")) { e.reason }
+    }
+}
+
 private fun sharedEvaluationVectors() {
     val files = File(env("VANE_VECTORS")).listFiles { f -> f.name.endsWith(".json") }!!.sorted()
     check(files.size >= 4) { "vectors found: ${files.size}" }
@@ -231,6 +339,11 @@ fun main() {
         "a bad key is VaneException.Auth" to ::aBadKeyIsAnAuthException,
         "the cache serves when the server is down" to ::theCacheServesWhenTheServerIsDown,
         "close() stops callbacks" to ::closeStopsCallbacks,
+        "a dropped registration keeps its listener" to ::aDroppedRegistrationKeepsItsListener,
+        "a throwing listener stays, others are called" to ::aThrowingListenerStaysAndOthersAreCalled,
+        "close() is idempotent; later calls say closed" to ::closeIsIdempotentAndLaterCallsSayClosed,
+        "initialization offline returns a status" to ::initializationOfflineReturnsAStatus,
+        "a server key is refused" to ::aServerKeyIsRefused,
         "shared evaluation vectors" to ::sharedEvaluationVectors,
     )
     var passed = 0
