@@ -357,6 +357,77 @@ impl FlagSnapshot {
     }
 }
 
+/// What the client is doing, in a word: what a status line in an app shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum StatusCause {
+    /// Dialling the server for the first time.
+    Connecting,
+    /// Live (see `transport`), or polling over HTTP where streaming does not get through.
+    Connected,
+    /// The server cannot be reached just now (`last_error` says why: refused, timed out, TLS);
+    /// the client keeps trying, and serves what it has.
+    Offline,
+    /// The app suspended it (background, or no network).
+    Suspended,
+    /// The server refused the key (unknown, revoked, or a server key): it will not retry.
+    /// Values already held go on being served.
+    Unauthorized,
+    /// Stopped: closed by the app, or the server refused the protocol or the context.
+    Stopped,
+}
+
+/// Where the client stands, and why.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct VaneStatus {
+    /// The connection state.
+    pub state: ConnectionState,
+    /// Why, in a word.
+    pub cause: StatusCause,
+    /// The transport of the live session, if any.
+    pub transport: Option<Transport>,
+    /// Whether values arrived from the server at least once.
+    pub initialized: bool,
+    /// Whether the values served now are the offline cache's, not yet confirmed live.
+    pub serving_cache: bool,
+    /// Whether the values come from polling the HTTP listener.
+    pub polling: bool,
+    /// The last error: why the last connection ended or attempt failed, or why the server
+    /// refused the client.
+    pub last_error: Option<String>,
+}
+
+fn vane_status(s: &client::Status, serving_cache: bool) -> VaneStatus {
+    let cause = match s.state {
+        client::ConnectionState::Connected => StatusCause::Connected,
+        client::ConnectionState::Suspended => StatusCause::Suspended,
+        client::ConnectionState::Stopped => match &s.fatal {
+            Some(Fatal::Unauthenticated(_) | Fatal::PermissionDenied(_)) => {
+                StatusCause::Unauthorized
+            }
+            _ => StatusCause::Stopped,
+        },
+        _ if s.polling => StatusCause::Connected,
+        client::ConnectionState::Connecting if s.last_error.is_none() => StatusCause::Connecting,
+        _ => StatusCause::Offline,
+    };
+    VaneStatus {
+        state: s.state.into(),
+        cause,
+        transport: s.transport.map(Into::into),
+        initialized: s.initialized,
+        serving_cache,
+        polling: s.polling,
+        last_error: s.last_error.clone(),
+    }
+}
+
+/// Receives the client's status, at once and on every change.
+#[uniffi::export(foreign)]
+pub trait StatusListener: Send + Sync {
+    /// Called on the SDK's thread with the new status.
+    fn on_status(&self, status: VaneStatus);
+}
+
 /// Receives the keys of flags whose values changed.
 #[uniffi::export(foreign)]
 pub trait FlagListener: Send + Sync {
@@ -462,14 +533,11 @@ impl VaneClient {
         });
         match waited {
             Ok(()) => Ok(InitStatus::Ready),
-            Err(ClientError::Timeout { .. }) => {
-                let flags = self.inner.flags();
-                Ok(if flags.selector().is_some() && flags.is_cached() {
-                    InitStatus::ServingCache
-                } else {
-                    InitStatus::TimedOut
-                })
-            }
+            Err(ClientError::Timeout { .. }) => Ok(if serving_cache(&self.inner) {
+                InitStatus::ServingCache
+            } else {
+                InitStatus::TimedOut
+            }),
             Err(e) => Err(e.into()),
         }
     }
@@ -650,11 +718,7 @@ impl VaneClient {
                 }
             }
         });
-        let task = task.abort_handle();
-        let mut listeners = self.listeners.lock();
-        listeners.retain(|t| !t.is_finished());
-        listeners.push(task.clone());
-        Arc::new(ListenerHandle { task })
+        self.track(task)
     }
 
     /// Where the connection stands.
@@ -665,6 +729,37 @@ impl VaneClient {
     /// The live connection's transport, if any.
     pub fn transport(&self) -> Option<Transport> {
         self.inner.status().transport.map(Into::into)
+    }
+
+    /// Where the client stands, and why.
+    pub fn status(&self) -> VaneStatus {
+        vane_status(&self.inner.status(), serving_cache(&self.inner))
+    }
+
+    /// Calls `listener` with the status now, then on every change, until the handle is
+    /// cancelled or the client shuts down.
+    pub fn add_status_listener(&self, listener: Arc<dyn StatusListener>) -> Arc<ListenerHandle> {
+        let client = Arc::downgrade(&self.inner);
+        let mut status = self.inner.watch_status();
+        let task = runtime().spawn(async move {
+            let mut last = None;
+            loop {
+                let now = {
+                    let Some(client) = client.upgrade() else {
+                        break;
+                    };
+                    vane_status(&status.borrow_and_update(), serving_cache(&client))
+                };
+                if last.as_ref() != Some(&now) {
+                    listener.on_status(now.clone());
+                    last = Some(now);
+                }
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.track(task)
     }
 
     /// Tell the SDK whether the device has a network (stops reconnect attempts while it has none).
@@ -686,6 +781,23 @@ impl VaneClient {
         let inner = self.inner.clone();
         runtime().block_on(async move { inner.close().await });
     }
+}
+
+impl VaneClient {
+    /// Keeps a listener task, to stop it at `shutdown()`, and hands back its handle.
+    fn track(&self, task: tokio::task::JoinHandle<()>) -> Arc<ListenerHandle> {
+        let task = task.abort_handle();
+        let mut listeners = self.listeners.lock();
+        listeners.retain(|t| !t.is_finished());
+        listeners.push(task.clone());
+        Arc::new(ListenerHandle { task })
+    }
+}
+
+/// Whether the values `client` serves are the offline cache's.
+fn serving_cache(client: &Client) -> bool {
+    let flags = client.flags();
+    flags.selector().is_some() && flags.is_cached()
 }
 
 /// One evaluation, for the offline evaluator.

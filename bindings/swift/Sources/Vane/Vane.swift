@@ -184,6 +184,26 @@ public final class Vane: @unchecked Sendable {
         return client.transport()
     }
 
+    /// Where the client stands and why: `cause` is `.connecting`, `.connected` (see `transport`),
+    /// `.offline` (`lastError` says why; it keeps trying), `.suspended`, `.unauthorized` (the key
+    /// is unknown or revoked: it stops, values held are still served) or `.stopped`.
+    public var status: VaneStatus {
+        return client.status()
+    }
+
+    /// The status now, then every change, until the iteration ends.
+    public func statusUpdates() -> AsyncStream<VaneStatus> {
+        let client = self.client
+        return AsyncStream { continuation in
+            let handle = client.addStatusListener(listener: ClosureStatusListener { status in
+                continuation.yield(status)
+            })
+            continuation.onTermination = { _ in
+                handle.cancel()
+            }
+        }
+    }
+
     /// Call from your network path monitor.
     public func setNetworkAvailable(_ available: Bool) {
         client.setNetworkAvailable(available: available)
@@ -222,6 +242,19 @@ public final class Registration: Sendable {
     /// Stops the callbacks. Idempotent.
     public func cancel() {
         handle.cancel()
+    }
+}
+
+/// Adapts a closure to the generated status listener protocol.
+final class ClosureStatusListener: StatusListener, Sendable {
+    private let handler: @Sendable (VaneStatus) -> Void
+
+    init(_ handler: @escaping @Sendable (VaneStatus) -> Void) {
+        self.handler = handler
+    }
+
+    func onStatus(status: VaneStatus) {
+        handler(status)
     }
 }
 

@@ -14,12 +14,14 @@ import dev.vane.sdk.ffi.IntDetails
 import dev.vane.sdk.ffi.JsonDetails
 import dev.vane.sdk.ffi.ListenerHandle
 import dev.vane.sdk.ffi.Reason
+import dev.vane.sdk.ffi.StatusListener
 import dev.vane.sdk.ffi.StringDetails
 import dev.vane.sdk.ffi.Transport
 import dev.vane.sdk.ffi.TransportPreference
 import dev.vane.sdk.ffi.VaneClient
 import dev.vane.sdk.ffi.VaneConfig
 import dev.vane.sdk.ffi.VaneException
+import dev.vane.sdk.ffi.VaneStatus
 import java.util.concurrent.CopyOnWriteArrayList
 import java.util.concurrent.Executor
 import java.util.concurrent.ExecutorService
@@ -30,6 +32,9 @@ import java.util.logging.Logger
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.channels.awaitClose
 import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.MutableStateFlow
+import kotlinx.coroutines.flow.StateFlow
+import kotlinx.coroutines.flow.asStateFlow
 import kotlinx.coroutines.flow.callbackFlow
 import kotlinx.coroutines.withContext
 
@@ -90,6 +95,21 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
     })
 
     private fun load(): Map<String, FlagSnapshot> = client.allValues().associateBy { it.key }
+
+    private val statusFlow = MutableStateFlow(client.status())
+    private val statusHandle: ListenerHandle = client.addStatusListener(object : StatusListener {
+        override fun onStatus(status: VaneStatus) {
+            statusFlow.value = status
+        }
+    })
+
+    /**
+     * Where the client stands and why, as it changes: `cause` is `CONNECTING`, `CONNECTED` (see
+     * `transport`), `OFFLINE` (`lastError` says why; it keeps trying), `SUSPENDED`,
+     * `UNAUTHORIZED` (the key is unknown or revoked: it stops, values held are still served) or
+     * `STOPPED`; `servingCache` says the values are the offline cache's.
+     */
+    val status: StateFlow<VaneStatus> = statusFlow.asStateFlow()
 
     private fun checkOpen(what: String) {
         if (closed.get()) throw VaneException.Closed("$what after close()")
@@ -270,6 +290,8 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
         registrations.forEach { it.cancel() }
         internal.cancel()
         internal.close()
+        statusHandle.cancel()
+        statusHandle.close()
         client.shutdown()
         client.close()
         ownExecutor?.shutdown()

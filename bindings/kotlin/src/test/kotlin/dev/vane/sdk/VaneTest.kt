@@ -20,7 +20,10 @@ import java.util.concurrent.CountDownLatch
 import java.util.concurrent.LinkedBlockingQueue
 import java.util.concurrent.TimeUnit
 import kotlin.system.exitProcess
+import dev.vane.sdk.ffi.StatusCause
+import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
 
 private fun env(name: String): String = System.getenv(name) ?: error("$name is not set (run bindings/kotlin/run-tests)")
 
@@ -282,6 +285,32 @@ private fun aServerKeyIsRefused() {
     }
 }
 
+/** Issue 15.8: the status says why: nothing listening is OFFLINE with the cause, not a timeout. */
+private fun theStatusSaysOfflineAndWhy() {
+    client(endpoint = "127.0.0.1:1").use { vane ->
+        val offline = runBlocking { withTimeout(20_000) { vane.status.first { it.cause == StatusCause.OFFLINE } } }
+        check(offline.lastError?.contains("refused") == true) { "the cause: $offline" }
+        assertEq(ConnectionState.CONNECTING == offline.state || ConnectionState.DISCONNECTED == offline.state, true, "state ${offline.state}")
+    }
+    client().use { vane ->
+        val live = runBlocking { withTimeout(20_000) { vane.status.first { it.cause == StatusCause.CONNECTED } } }
+        assertEq(dev.vane.sdk.ffi.Transport.TCP, live.transport, "transport")
+    }
+}
+
+/** Issue 15.8: a revoked key is seen in the status stream, and the values held stay served. */
+private fun revocationIsSeenInTheStatusStream() {
+    val created = Json.parse(admin("POST", "/environments/mobile/keys", """{"kind": "mobile"}""")) as Map<*, *>
+    client(key = created["secret"] as String).use { vane ->
+        vane.waitForInitialization(20_000)
+        admin("DELETE", "/environments/mobile/keys/${created["id"]}")
+        val revoked = runBlocking { withTimeout(20_000) { vane.status.first { it.cause == StatusCause.UNAUTHORIZED } } }
+        check(revoked.lastError?.contains("revoked") == true) { "the cause: $revoked" }
+        assertEq(ConnectionState.STOPPED, revoked.state, "state")
+        assertEq("Hello", vane.stringValue("banner", "default"), "values held are still served")
+    }
+}
+
 private fun sharedEvaluationVectors() {
     val files = File(env("VANE_VECTORS")).listFiles { f -> f.name.endsWith(".json") }!!.sorted()
     check(files.size >= 4) { "vectors found: ${files.size}" }
@@ -344,6 +373,8 @@ fun main() {
         "close() is idempotent; later calls say closed" to ::closeIsIdempotentAndLaterCallsSayClosed,
         "initialization offline returns a status" to ::initializationOfflineReturnsAStatus,
         "a server key is refused" to ::aServerKeyIsRefused,
+        "the status says offline and why" to ::theStatusSaysOfflineAndWhy,
+        "revocation is seen in the status stream" to ::revocationIsSeenInTheStatusStream,
         "shared evaluation vectors" to ::sharedEvaluationVectors,
     )
     var passed = 0
