@@ -899,3 +899,122 @@ impl VaneEvaluator {
         })
     }
 }
+
+/// How much the SDK logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, uniffi::Enum)]
+pub enum LogLevel {
+    /// Something failed or was ignored (a corrupt cache, a server refusal).
+    Warn,
+    /// What the SDK does (connections, sessions).
+    Info,
+    /// Details, for looking into a problem.
+    Debug,
+}
+
+impl LogLevel {
+    fn admits(self, level: &tracing::Level) -> bool {
+        let wanted = match self {
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+        };
+        *level <= wanted
+    }
+}
+
+/// Receives the SDK's log lines, for the app to route to Logcat, OSLog or its own logger.
+#[uniffi::export(foreign)]
+pub trait LogSink: Send + Sync {
+    /// One log line: its level (errors come as `Warn`), where it came from (a Rust module path,
+    /// e.g. `vane_core::cache`) and the message with its fields (`ignoring corrupt flag cache
+    /// path=… error=…`). Called on the thread that logged: return quickly.
+    fn log(&self, level: LogLevel, target: String, message: String);
+}
+
+/// The sink the SDK's logs go to, once one is set.
+static LOG_SINK: parking_lot::RwLock<Option<(Arc<dyn LogSink>, LogLevel)>> =
+    parking_lot::RwLock::new(None);
+
+/// Sends the SDK's logs at `level` and above to `sink` (replacing any earlier sink). Returns
+/// false if the process already had another `tracing` subscriber, which then gets them instead.
+/// Release builds for apps (`--features mobile`) contain warnings and errors only.
+#[uniffi::export]
+pub fn set_log_sink(sink: Arc<dyn LogSink>, level: LogLevel) -> bool {
+    *LOG_SINK.write() = Some((sink, level));
+    static INSTALLED: OnceLock<bool> = OnceLock::new();
+    let installed =
+        *INSTALLED.get_or_init(|| tracing::subscriber::set_global_default(Forward).is_ok());
+    tracing::callsite::rebuild_interest_cache();
+    installed
+}
+
+/// A `tracing` subscriber that hands events to the [`LogSink`]; spans are not kept.
+struct Forward;
+
+impl tracing::Subscriber for Forward {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        LOG_SINK
+            .read()
+            .as_ref()
+            .is_some_and(|(_, level)| metadata.is_event() && level.admits(metadata.level()))
+    }
+
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        // The sink and its level change at run time: ask `enabled` every time.
+        tracing::subscriber::Interest::sometimes()
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let Some((sink, _)) = LOG_SINK.read().clone() else {
+            return;
+        };
+        let mut line = Line::default();
+        event.record(&mut line);
+        let metadata = event.metadata();
+        let level = match *metadata.level() {
+            tracing::Level::ERROR | tracing::Level::WARN => LogLevel::Warn,
+            tracing::Level::INFO => LogLevel::Info,
+            _ => LogLevel::Debug,
+        };
+        sink.log(level, metadata.target().to_owned(), line.0);
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// An event's message, then its other fields as `name=value`.
+#[derive(Default)]
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        if field.name() == "message" {
+            let fields = std::mem::take(&mut self.0);
+            let _ = write!(self.0, "{value:?}{fields}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = format!("{value}{}", self.0);
+        } else {
+            self.0.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+}

@@ -231,6 +231,30 @@ public final class Vane: @unchecked Sendable {
     }
 }
 
+extension Vane {
+    /// Sends the SDK's log lines at `level` and above to `log` (level, origin, message), e.g.
+    /// `Vane.setLogger(level: .info) { level, _, message in os_log("%{public}@", message) }`.
+    /// Called on the thread that logged. Until one is set, the SDK's logs go nowhere.
+    @discardableResult
+    public static func setLogger(level: LogLevel = .warn,
+                                 _ log: @escaping @Sendable (LogLevel, String, String) -> Void) -> Bool {
+        return setLogSink(sink: ClosureLogSink(log), level: level)
+    }
+}
+
+/// Adapts a closure to the generated log sink protocol.
+final class ClosureLogSink: LogSink, Sendable {
+    private let handler: @Sendable (LogLevel, String, String) -> Void
+
+    init(_ handler: @escaping @Sendable (LogLevel, String, String) -> Void) {
+        self.handler = handler
+    }
+
+    func log(level: LogLevel, target: String, message: String) {
+        handler(level, target, message)
+    }
+}
+
 /// A registered listener: it stays registered until `cancel()` or the client closes.
 public final class Registration: Sendable {
     private let handle: ListenerHandle

@@ -13,6 +13,8 @@ import dev.vane.sdk.ffi.InitStatus
 import dev.vane.sdk.ffi.IntDetails
 import dev.vane.sdk.ffi.JsonDetails
 import dev.vane.sdk.ffi.ListenerHandle
+import dev.vane.sdk.ffi.LogLevel
+import dev.vane.sdk.ffi.LogSink
 import dev.vane.sdk.ffi.Reason
 import dev.vane.sdk.ffi.StatusListener
 import dev.vane.sdk.ffi.StringDetails
@@ -163,6 +165,17 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
 
         /** A builder for a client of the server at `endpoint` (`host:port`) with `sdkKey`. */
         fun builder(endpoint: String, sdkKey: String) = Builder(endpoint, sdkKey)
+
+        /**
+         * Sends the SDK's log lines at `level` and above to `log` — e.g.
+         * `Vane.setLogger(LogLevel.INFO) { level, tag, message -> Log.println(priority(level), "Vane", message) }`.
+         * Called on the thread that logged. Until one is set, the SDK's logs go nowhere. Returns
+         * false if the process already routes Rust's `tracing` logs elsewhere.
+         */
+        fun setLogger(level: LogLevel = LogLevel.WARN, log: (LogLevel, String, String) -> Unit): Boolean =
+            dev.vane.sdk.ffi.setLogSink(object : LogSink {
+                override fun log(level: LogLevel, target: String, message: String) = log(level, target, message)
+            }, level)
     }
 
     /**

@@ -7,6 +7,7 @@ import dev.vane.sdk.Vane
 import dev.vane.sdk.ffi.ConnectionState
 import dev.vane.sdk.ffi.FlagType
 import dev.vane.sdk.ffi.InitStatus
+import dev.vane.sdk.ffi.LogLevel
 import dev.vane.sdk.ffi.Reason
 import dev.vane.sdk.ffi.TransportPreference
 import dev.vane.sdk.ffi.VaneEvaluator
@@ -311,6 +312,27 @@ private fun revocationIsSeenInTheStatusStream() {
     }
 }
 
+/** Issue 15.10: the SDK's logs reach the app: a corrupt cache is a warning the app sees. */
+private fun aCorruptCacheIsAWarningTheAppSees() {
+    val lines = LinkedBlockingQueue<Triple<LogLevel, String, String>>()
+    check(Vane.setLogger(LogLevel.WARN) { level, target, message -> lines.add(Triple(level, target, message)) })
+    val dir = File(env("VANE_CACHE_DIR"), "logs-${System.nanoTime()}").apply { mkdirs() }
+    client(cacheDir = dir.path).use { it.waitForInitialization(20_000) }
+    dir.listFiles()!!.forEach { it.writeText("{ not json") }
+    client(endpoint = "127.0.0.1:1", cacheDir = dir.path).use { }
+    val deadline = System.nanoTime() + 20_000_000_000
+    var seen: Triple<LogLevel, String, String>? = null
+    while (seen == null && System.nanoTime() < deadline) {
+        val line = lines.poll(1, TimeUnit.SECONDS) ?: continue
+        if (line.third.contains("corrupt flag cache")) seen = line
+    }
+    seen ?: throw AssertionError("no warning about the corrupt cache")
+    assertEq(LogLevel.WARN, seen.first, "level")
+    check(seen.second.startsWith("vane_core")) { seen.second }
+    check(seen.third.contains("path=")) { "fields: ${seen.third}" }
+    Vane.setLogger(LogLevel.WARN) { _, _, _ -> }
+}
+
 private fun sharedEvaluationVectors() {
     val files = File(env("VANE_VECTORS")).listFiles { f -> f.name.endsWith(".json") }!!.sorted()
     check(files.size >= 4) { "vectors found: ${files.size}" }
@@ -375,6 +397,7 @@ fun main() {
         "a server key is refused" to ::aServerKeyIsRefused,
         "the status says offline and why" to ::theStatusSaysOfflineAndWhy,
         "revocation is seen in the status stream" to ::revocationIsSeenInTheStatusStream,
+        "a corrupt cache is a warning the app sees" to ::aCorruptCacheIsAWarningTheAppSees,
         "shared evaluation vectors" to ::sharedEvaluationVectors,
     )
     var passed = 0
