@@ -458,6 +458,8 @@ pub struct VaneClient {
     /// The listener tasks, stopped by `shutdown()`. They hold the client weakly, so one that is
     /// dropped without `shutdown()` still goes away.
     listeners: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Where the anonymous key is kept, for `identify` with a context without a key.
+    cache_dir: Option<String>,
 }
 
 /// A typed read of `d`: the value if `pick` accepts it, else `default` with the reason and the
@@ -502,6 +504,7 @@ impl VaneClient {
             ));
         }
         let context = Context::parse(&config.context_json).map_err(config_error)?;
+        let context = with_key(context, config.cache_dir.as_deref());
         let mut core =
             ClientConfig::new(config.endpoint, config.sdk_key, config.ca_pem.into_bytes())
                 .evaluated(context);
@@ -516,6 +519,7 @@ impl VaneClient {
         core.sync.sdk_name = "vane-mobile".into();
         let _entered = runtime().enter();
         Ok(Arc::new(VaneClient {
+            cache_dir: core.cache_dir.as_ref().map(|d| d.display().to_string()),
             inner: Arc::new(Client::start(core)?),
             listeners: Mutex::new(Vec::new()),
         }))
@@ -687,9 +691,15 @@ impl VaneClient {
     /// Switches to another user or context; the values that differ arrive shortly (listeners
     /// are told).
     pub fn identify(&self, context_json: String) -> Result<(), VaneError> {
+        let context = Context::parse(&context_json).map_err(config_error)?;
         self.inner
-            .identify(Context::parse(&context_json).map_err(config_error)?);
+            .identify(with_key(context, self.cache_dir.as_deref()));
         Ok(())
+    }
+
+    /// The targeting key in use: the context's own, or this device's anonymous key.
+    pub fn context_key(&self) -> Option<String> {
+        self.inner.context().key().map(str::to_owned)
     }
 
     /// Registers a listener for the changes from now on; `cancel()` the handle to unregister.
@@ -1016,5 +1026,113 @@ impl tracing::field::Visit for Line {
         } else {
             self.0.push_str(&format!(" {}={value}", field.name()));
         }
+    }
+}
+
+/// The file in the cache directory that keeps an anonymous user's key across starts.
+const ANONYMOUS_KEY_FILE: &str = "vane-anonymous-key";
+
+/// `context` with a targeting key: its own, or this device's anonymous one (kept in the cache
+/// directory, so an anonymous user keeps one rollout bucket and one cache file across starts),
+/// marked `"anonymous": true`.
+fn with_key(context: Context, cache_dir: Option<&str>) -> Context {
+    if context.key().is_some() {
+        return context;
+    }
+    let key = anonymous_key(cache_dir);
+    let mut json = context.to_json();
+    if let Some(map) = json.as_object_mut() {
+        map.insert("key".into(), serde_json::Value::String(key.clone()));
+        map.insert("anonymous".into(), serde_json::Value::Bool(true));
+    }
+    Context::new(json).unwrap_or_else(|_| Context::with_key(key))
+}
+
+/// This device's anonymous key: read from the cache directory, or made and written there.
+fn anonymous_key(cache_dir: Option<&str>) -> String {
+    let fresh = || format!("anon-{:032x}", rand::random::<u128>());
+    let Some(dir) = cache_dir else {
+        tracing::warn!(
+            "a context without a key and no cache directory: the anonymous key is not kept, so this user gets a new one at the next start"
+        );
+        return fresh();
+    };
+    let path = std::path::Path::new(dir).join(ANONYMOUS_KEY_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let key = text.trim();
+        if !key.is_empty() && key.len() <= 128 {
+            return key.to_owned();
+        }
+        tracing::warn!(path = %path.display(), "ignoring an unreadable anonymous key; making a new one");
+    }
+    let key = fresh();
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, format!("{key}\n")))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "could not keep the anonymous key");
+    }
+    key
+}
+
+/// Builds an evaluation context: a targeting key (or none, for an anonymous user: the SDK gives
+/// it this device's anonymous key) and typed attributes. `build()` is the JSON the SDK takes.
+#[derive(Debug, uniffi::Object)]
+pub struct ContextBuilder {
+    map: Mutex<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[uniffi::export]
+impl ContextBuilder {
+    /// A context for the user `key`; `null` for an anonymous user.
+    #[uniffi::constructor]
+    pub fn new(key: Option<String>) -> Arc<Self> {
+        let mut map = serde_json::Map::new();
+        if let Some(key) = key {
+            map.insert("key".into(), serde_json::Value::String(key));
+        }
+        Arc::new(ContextBuilder {
+            map: Mutex::new(map),
+        })
+    }
+
+    /// Sets a text attribute (`country`, `plan`, `email`).
+    pub fn string(self: Arc<Self>, name: String, value: String) -> Arc<Self> {
+        self.set(name, serde_json::Value::String(value))
+    }
+
+    /// Sets a number attribute.
+    pub fn number(self: Arc<Self>, name: String, value: f64) -> Arc<Self> {
+        let value = serde_json::Number::from_f64(value).map_or(serde_json::Value::Null, Into::into);
+        self.set(name, value)
+    }
+
+    /// Sets a boolean attribute.
+    pub fn bool(self: Arc<Self>, name: String, value: bool) -> Arc<Self> {
+        self.set(name, serde_json::Value::Bool(value))
+    }
+
+    /// Sets a list-of-text attribute (an `in` clause matches any of them).
+    pub fn strings(self: Arc<Self>, name: String, values: Vec<String>) -> Arc<Self> {
+        self.set(
+            name,
+            values.into_iter().map(serde_json::Value::String).collect(),
+        )
+    }
+
+    /// The context as the JSON text the SDK takes.
+    pub fn build(&self) -> String {
+        serde_json::Value::Object(self.map.lock().clone()).to_string()
+    }
+}
+
+impl ContextBuilder {
+    fn set(self: Arc<Self>, name: String, value: serde_json::Value) -> Arc<Self> {
+        // The targeting key is the constructor's: an attribute cannot replace it.
+        if name != "key" {
+            self.map.lock().insert(name, value);
+        }
+        self
     }
 }

@@ -380,6 +380,12 @@ impl Client {
         self.shared.flags.read().evaluate(key, &context).into()
     }
 
+    /// The context: the one the getters evaluate for (rules mode), or the one last identified
+    /// with (evaluated mode).
+    pub fn context(&self) -> Arc<Context> {
+        self.shared.context.read().clone()
+    }
+
     /// Switches the client to another context. Rules mode: getters evaluate for it from now on.
     /// Evaluated mode: the server is told and sends the values that differ; until they arrive
     /// the getters serve the previous context's values.

@@ -139,10 +139,21 @@ public final class Vane: @unchecked Sendable {
         return client.allFlags()
     }
 
-    /// Switch user; the values that differ arrive shortly and listeners are told.
+    /// Switch user; the values that differ arrive shortly and listeners are told. A context
+    /// without a `key` is anonymous: it gets this device's anonymous key (kept in `cacheDir`).
     public func identify(context: String) throws {
         try checkOpen("identify")
         try client.identify(contextJson: context)
+    }
+
+    /// Switch user, with a typed context: `ContextBuilder(key: "user-2").string(name: "country", value: "fr")`.
+    public func identify(context: ContextBuilder) throws {
+        try identify(context: context.build())
+    }
+
+    /// The targeting key in use: the context's own, or this device's anonymous key.
+    public var contextKey: String? {
+        return client.contextKey()
     }
 
     /// Calls `onChange` with the keys of changed flags, on the callback queue. The listener stays

@@ -5,6 +5,7 @@ package dev.vane.sdk
 
 import dev.vane.sdk.ffi.BoolDetails
 import dev.vane.sdk.ffi.ConnectionState
+import dev.vane.sdk.ffi.ContextBuilder
 import dev.vane.sdk.ffi.DoubleDetails
 import dev.vane.sdk.ffi.FlagListener
 import dev.vane.sdk.ffi.FlagSnapshot
@@ -130,8 +131,14 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
         /** PEM of the CA that signed the server's certificate. */
         fun caPem(pem: String) = apply { caPem = pem }
 
-        /** The evaluation context as a JSON object, e.g. `{"key": "user-1"}`. */
+        /** The evaluation context as a JSON object, e.g. `{"key": "user-1"}`. Without a `key`
+         *  the user is anonymous: the SDK gives it this device's anonymous key, kept in
+         *  [cacheDir] across starts. */
         fun context(json: String) = apply { contextJson = json }
+
+        /** The evaluation context, typed: `ContextBuilder("user-1").string("country", "de")`, or
+         *  `ContextBuilder(null)` for an anonymous user. */
+        fun context(context: ContextBuilder) = apply { contextJson = context.build() }
 
         /** Persist the last known values here so a cold start has them without a network. */
         fun cacheDir(path: String) = apply { cacheDir = path }
@@ -251,6 +258,13 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
         checkOpen("identify")
         client.identify(contextJson)
     }
+
+    /** Switch user, with a typed context. */
+    @Throws(VaneException::class)
+    fun identify(context: ContextBuilder) = identify(context.build())
+
+    /** The targeting key in use: the context's own, or this device's anonymous key. */
+    val contextKey: String? get() = client.contextKey()
 
     /**
      * Calls `onChange` with the keys of flags changed from now on, on the callback executor,

@@ -5,6 +5,7 @@ package dev.vane.sdk.test
 
 import dev.vane.sdk.Vane
 import dev.vane.sdk.ffi.ConnectionState
+import dev.vane.sdk.ffi.ContextBuilder
 import dev.vane.sdk.ffi.FlagType
 import dev.vane.sdk.ffi.InitStatus
 import dev.vane.sdk.ffi.LogLevel
@@ -333,6 +334,27 @@ private fun aCorruptCacheIsAWarningTheAppSees() {
     Vane.setLogger(LogLevel.WARN) { _, _, _ -> }
 }
 
+/** Issue 15.6: typed contexts, and an anonymous user keeps one key across starts. */
+private fun typedContextsAndAKeptAnonymousKey() {
+    val typed = ContextBuilder("user-1").string("country", "de").number("age", 30.0).bool("beta", true)
+    Vane.builder(endpoint, mobileKey).caPem(ca).transport(TransportPreference.TCP).context(typed).build().use { vane ->
+        vane.waitForInitialization(20_000)
+        assertEq(true, vane.boolValue("beta", false), "the typed attribute decides the rule")
+        assertEq("user-1", vane.contextKey, "the key")
+    }
+    val dir = File(env("VANE_CACHE_DIR"), "anon-${System.nanoTime()}").path
+    val first = client(context = "{}", cacheDir = dir).use { it.contextKey }
+    check(first?.startsWith("anon-") == true) { "an anonymous key: $first" }
+    val again = client(context = ContextBuilder(null).string("country", "fr").build(), cacheDir = dir).use { vane ->
+        vane.waitForInitialization(20_000)
+        assertEq(false, vane.boolValue("beta", true), "attributes still apply")
+        vane.contextKey
+    }
+    assertEq(first, again, "the anonymous key is kept across starts")
+    val elsewhere = client(context = "{}", cacheDir = File(env("VANE_CACHE_DIR"), "anon2-${System.nanoTime()}").path).use { it.contextKey }
+    check(elsewhere != first) { "another device, another key" }
+}
+
 private fun sharedEvaluationVectors() {
     val files = File(env("VANE_VECTORS")).listFiles { f -> f.name.endsWith(".json") }!!.sorted()
     check(files.size >= 4) { "vectors found: ${files.size}" }
@@ -398,6 +420,7 @@ fun main() {
         "the status says offline and why" to ::theStatusSaysOfflineAndWhy,
         "revocation is seen in the status stream" to ::revocationIsSeenInTheStatusStream,
         "a corrupt cache is a warning the app sees" to ::aCorruptCacheIsAWarningTheAppSees,
+        "typed contexts and a kept anonymous key" to ::typedContextsAndAKeptAnonymousKey,
         "shared evaluation vectors" to ::sharedEvaluationVectors,
     )
     var passed = 0
