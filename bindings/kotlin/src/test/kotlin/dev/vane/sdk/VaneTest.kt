@@ -400,6 +400,12 @@ private fun measureBoolValue() {
         repeat(m) { if (vane.boolValueDirect("new-checkout", false)) yes++ }
         val direct = (System.nanoTime() - directStart).toDouble() / m
         println("measure: one FFI crossing (boolValueDirect, JNA): %.0f ns per call (%d calls)".format(direct, m))
+        // The same crossing with no argument and a plain bool back: what the call itself costs,
+        // without a string to marshal.
+        val bare = System.nanoTime()
+        repeat(m) { if (vane.isInitialized) yes++ }
+        val plain = (System.nanoTime() - bare).toDouble() / m
+        println("measure: one FFI crossing without arguments (isInitialized, JNA): %.0f ns per call (%d calls)".format(plain, m))
     }
 }
 
