@@ -1,7 +1,10 @@
 //! `vane-ffi`: the UniFFI layer that gives Kotlin and Swift the same client core as Rust services.
 //!
 //! Thin on purpose: each exported object wraps an `Arc` of a `vane-core` type and delegates in a
-//! line; records mirror core types through `From`; errors cross as one small enum converted in
+//! line; a flag's value crosses as one `FlagDetails` record with a `VaneValue` enum, and each
+//! change once, as a `FlagUpdate` carrying the changed values, from which the Kotlin and Swift
+//! layers keep the snapshot their typed getters read (a crossing costs microseconds of JNA, a
+//! snapshot read nanoseconds); records mirror core types through `From`; errors cross as one small enum converted in
 //! one place ([`VaneError`]); listeners are foreign traits, and registering one hands back a
 //! handle that unregisters on `cancel()` (not when dropped: an app that drops it keeps its
 //! listener, until the client shuts down). Behaviour is tested in Rust, in
@@ -241,85 +244,39 @@ pub struct VaneConfig {
     pub http_endpoint: Option<String>,
 }
 
-/// A value with how it was decided.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct BoolDetails {
-    /// The value, or the caller's default.
-    pub value: bool,
-    /// The variant served, if any.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// OpenFeature error code when `reason` is `ERROR`.
-    pub error_code: Option<String>,
+/// A flag's value, typed.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum VaneValue {
+    /// A boolean.
+    Bool {
+        /// The value.
+        value: bool,
+    },
+    /// A number (a double; integral ones read as `Int` too).
+    Number {
+        /// The value.
+        value: f64,
+    },
+    /// A string.
+    Text {
+        /// The value.
+        value: String,
+    },
+    /// A JSON document.
+    Json {
+        /// The document, as JSON text.
+        json: String,
+    },
 }
 
-/// A value with how it was decided.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct StringDetails {
-    /// The value, or the caller's default.
-    pub value: String,
-    /// The variant served, if any.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// OpenFeature error code when `reason` is `ERROR`.
-    pub error_code: Option<String>,
-}
-
-/// A value with how it was decided.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct IntDetails {
-    /// The value, or the caller's default.
-    pub value: i64,
-    /// The variant served, if any.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// OpenFeature error code when `reason` is `ERROR`.
-    pub error_code: Option<String>,
-}
-
-/// A value with how it was decided.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct DoubleDetails {
-    /// The value, or the caller's default.
-    pub value: f64,
-    /// The variant served, if any.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// OpenFeature error code when `reason` is `ERROR`.
-    pub error_code: Option<String>,
-}
-
-/// A JSON value (as text) with how it was decided.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct JsonDetails {
-    /// The value as JSON text, or the caller's default.
-    pub value: String,
-    /// The variant served, if any.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// OpenFeature error code when `reason` is `ERROR`.
-    pub error_code: Option<String>,
-}
-
-/// A flag's current value, typed, with how it was decided: what `allValues()` returns, so a
-/// host-language layer can hold a snapshot and answer getters without crossing the FFI.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct FlagSnapshot {
+/// A flag's current value with how it was decided: what the SDK layers keep in their snapshot
+/// and answer their typed getters from, without crossing the FFI.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct FlagDetails {
     /// The flag key.
     pub key: String,
-    /// The value's type; `null` when there is no value (evaluation failed).
-    pub kind: Option<FlagType>,
-    /// Set when `kind` is `Bool`.
-    pub bool_value: Option<bool>,
-    /// Set when `kind` is `Number`.
-    pub number_value: Option<f64>,
-    /// Set when `kind` is `String`; for `Json`, the JSON text.
-    pub string_value: Option<String>,
+    /// The value; `null` when evaluation failed (the caller's default applies; see `error_code`).
+    pub value: Option<VaneValue>,
     /// The variant served.
     pub variant: Option<String>,
     /// Why.
@@ -328,33 +285,35 @@ pub struct FlagSnapshot {
     pub error_code: Option<String>,
 }
 
-impl FlagSnapshot {
-    fn new(key: &str, d: Details) -> FlagSnapshot {
-        let mut s = FlagSnapshot {
+impl FlagDetails {
+    fn new(key: &str, d: Details) -> FlagDetails {
+        FlagDetails {
             key: key.to_owned(),
-            kind: None,
-            bool_value: None,
-            number_value: None,
-            string_value: None,
+            value: d.value.map(|v| match v {
+                FlagValue::Bool(value) => VaneValue::Bool { value },
+                FlagValue::Number(value) => VaneValue::Number { value },
+                FlagValue::String(value) => VaneValue::Text { value },
+                FlagValue::Json(j) => VaneValue::Json {
+                    json: j.to_string(),
+                },
+            }),
             variant: d.variant,
             reason: d.reason.into(),
             error_code: d.error_code.map(|c| c.as_str().to_owned()),
-        };
-        match d.value {
-            Some(FlagValue::Bool(b)) => (s.kind, s.bool_value) = (Some(FlagType::Bool), Some(b)),
-            Some(FlagValue::Number(n)) => {
-                (s.kind, s.number_value) = (Some(FlagType::Number), Some(n))
-            }
-            Some(FlagValue::String(v)) => {
-                (s.kind, s.string_value) = (Some(FlagType::String), Some(v))
-            }
-            Some(FlagValue::Json(j)) => {
-                (s.kind, s.string_value) = (Some(FlagType::Json), Some(j.to_string()))
-            }
-            None => {}
         }
-        s
     }
+}
+
+/// What one change did to the values: handed across the FFI once, so a snapshot kept from it is
+/// current without reading anything back.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct FlagUpdate {
+    /// The flags whose value, variant or reason changed (or appeared), with their new details.
+    pub changed: Vec<FlagDetails>,
+    /// The flags that no longer exist.
+    pub removed: Vec<String>,
+    /// `changed` is every flag: replace the whole snapshot (after the listener fell behind).
+    pub complete: bool,
 }
 
 /// What the client is doing, in a word: what a status line in an app shows.
@@ -428,11 +387,11 @@ pub trait StatusListener: Send + Sync {
     fn on_status(&self, status: VaneStatus);
 }
 
-/// Receives the keys of flags whose values changed.
+/// Receives what each change did to the values.
 #[uniffi::export(foreign)]
 pub trait FlagListener: Send + Sync {
-    /// Called on the SDK's thread after the flags changed; read the new values with the getters.
-    fn on_flags_changed(&self, keys: Vec<String>);
+    /// Called on the SDK's thread after the flags changed, with the new values.
+    fn on_flags_changed(&self, update: FlagUpdate);
 }
 
 /// A registered listener. It stays registered until `cancel()` or the client's `shutdown()`:
@@ -460,34 +419,6 @@ pub struct VaneClient {
     listeners: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Where the anonymous key is kept, for `identify` with a context without a key.
     cache_dir: Option<String>,
-}
-
-/// A typed read of `d`: the value if `pick` accepts it, else `default` with the reason and the
-/// error code (the engine's, or `TYPE_MISMATCH` when a value of another type exists). One place
-/// for every `…Details` getter.
-fn typed<T>(
-    d: Details,
-    default: T,
-    pick: impl Fn(&FlagValue) -> Option<T>,
-) -> (T, Option<String>, Reason, Option<String>) {
-    match d.value.as_ref().map(&pick) {
-        Some(Some(value)) => (value, d.variant, d.reason.into(), None),
-        had_value => {
-            let code = match (d.error_code, had_value) {
-                (Some(code), _) => code.as_str(),
-                (None, Some(None)) => "TYPE_MISMATCH",
-                (None, _) => "GENERAL",
-            };
-            (default, None, Reason::Error, Some(code.to_owned()))
-        }
-    }
-}
-
-fn as_int(v: &FlagValue) -> Option<i64> {
-    match v {
-        FlagValue::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => Some(*n as i64),
-        _ => None,
-    }
 }
 
 #[uniffi::export]
@@ -562,105 +493,20 @@ impl VaneClient {
         })?)
     }
 
-    /// A boolean flag's value, or `default`.
-    pub fn bool_value(&self, key: String, default_value: bool) -> bool {
-        self.inner.bool_value(&key, default_value)
+    /// One flag's details, read across the FFI (the SDK layers answer getters from their
+    /// snapshot instead; this is for measurements and for callers without one).
+    pub fn details(&self, key: String) -> FlagDetails {
+        FlagDetails::new(&key, self.inner.details(&key))
     }
 
-    /// A string flag's value, or `default`.
-    pub fn string_value(&self, key: String, default_value: String) -> String {
-        self.inner.string_value(&key, &default_value)
-    }
-
-    /// An integral number flag's value, or `default` (also for a number with a fraction).
-    pub fn int_value(&self, key: String, default_value: i64) -> i64 {
-        self.int_details(key, default_value).value
-    }
-
-    /// A number flag's value, or `default`.
-    pub fn double_value(&self, key: String, default_value: f64) -> f64 {
-        self.inner.number_value(&key, default_value)
-    }
-
-    /// A JSON flag's value as JSON text, or `default`.
-    pub fn json_value(&self, key: String, default_value: String) -> String {
-        self.json_details(key, default_value).value
-    }
-
-    /// A boolean value with variant, reason and error code.
-    pub fn bool_details(&self, key: String, default_value: bool) -> BoolDetails {
-        let pick = |v: &FlagValue| match v {
-            FlagValue::Bool(b) => Some(*b),
-            _ => None,
-        };
-        let (value, variant, reason, error_code) =
-            typed(self.inner.details(&key), default_value, pick);
-        BoolDetails {
-            value,
-            variant,
-            reason,
-            error_code,
-        }
-    }
-
-    /// A string value with variant, reason and error code.
-    pub fn string_details(&self, key: String, default_value: String) -> StringDetails {
-        let pick = |v: &FlagValue| match v {
-            FlagValue::String(s) => Some(s.clone()),
-            _ => None,
-        };
-        let (value, variant, reason, error_code) =
-            typed(self.inner.details(&key), default_value, pick);
-        StringDetails {
-            value,
-            variant,
-            reason,
-            error_code,
-        }
-    }
-
-    /// An integral value with variant, reason and error code.
-    pub fn int_details(&self, key: String, default_value: i64) -> IntDetails {
-        let (value, variant, reason, error_code) =
-            typed(self.inner.details(&key), default_value, as_int);
-        IntDetails {
-            value,
-            variant,
-            reason,
-            error_code,
-        }
-    }
-
-    /// A number value with variant, reason and error code.
-    pub fn double_details(&self, key: String, default_value: f64) -> DoubleDetails {
-        let pick = |v: &FlagValue| match v {
-            FlagValue::Number(n) => Some(*n),
-            _ => None,
-        };
-        let (value, variant, reason, error_code) =
-            typed(self.inner.details(&key), default_value, pick);
-        DoubleDetails {
-            value,
-            variant,
-            reason,
-            error_code,
-        }
-    }
-
-    /// A JSON value (as text) with variant, reason and error code.
-    pub fn json_details(&self, key: String, default_value: String) -> JsonDetails {
-        let pick = |v: &FlagValue| match v {
-            FlagValue::Json(j) => Some(j.to_string()),
-            _ => None,
-        };
-        let (value, variant, reason, error_code) =
-            typed(self.inner.details(&key), default_value, pick);
-        JsonDetails {
-            value,
-            variant,
-            reason,
-            error_code,
-        }
+    /// Every flag's details: one crossing for a whole snapshot.
+    pub fn all_details(&self) -> Vec<FlagDetails> {
+        let flags = self.inner.flags();
+        flags
+            .keys()
+            .into_iter()
+            .map(|k| FlagDetails::new(k, self.inner.peek(k)))
+            .collect()
     }
 
     /// Every flag with a value: key → the value as JSON text (`true`, `"text"`, `3`, `{…}`).
@@ -675,16 +521,6 @@ impl VaneClient {
                     serde_json::to_string(self.inner.peek(k).value.as_ref()?).ok()?,
                 ))
             })
-            .collect()
-    }
-
-    /// Every flag's value, typed, with variant and reason: one crossing for a whole snapshot.
-    pub fn all_values(&self) -> Vec<FlagSnapshot> {
-        let flags = self.inner.flags();
-        flags
-            .keys()
-            .into_iter()
-            .map(|k| FlagSnapshot::new(k, self.inner.peek(k)))
             .collect()
     }
 
@@ -708,24 +544,47 @@ impl VaneClient {
         let mut updates = self.inner.subscribe();
         let task = runtime().spawn(async move {
             loop {
-                match updates.recv().await {
-                    Ok(update) if update.changed.is_empty() => {}
-                    Ok(update) => listener.on_flags_changed(update.changed),
-                    // Fell behind: say everything may have changed.
+                let update = match updates.recv().await {
+                    Ok(update) if update.changed.is_empty() => continue,
+                    Ok(update) => {
+                        let Some(client) = client.upgrade() else {
+                            break;
+                        };
+                        let flags = client.flags();
+                        let (mut changed, mut removed) = (Vec::new(), Vec::new());
+                        for key in update.changed {
+                            if flags.contains(&key) {
+                                changed.push(FlagDetails::new(&key, client.peek(&key)));
+                            } else {
+                                removed.push(key);
+                            }
+                        }
+                        FlagUpdate {
+                            changed,
+                            removed,
+                            complete: false,
+                        }
+                    }
+                    // Fell behind: the whole set, to replace what the listener holds.
                     Err(RecvError::Lagged(_)) => {
                         let Some(client) = client.upgrade() else {
                             break;
                         };
-                        let keys = client
-                            .flags()
+                        let flags = client.flags();
+                        let changed = flags
                             .keys()
                             .into_iter()
-                            .map(str::to_owned)
+                            .map(|k| FlagDetails::new(k, client.peek(k)))
                             .collect();
-                        listener.on_flags_changed(keys);
+                        FlagUpdate {
+                            changed,
+                            removed: Vec::new(),
+                            complete: true,
+                        }
                     }
                     Err(RecvError::Closed) => break,
-                }
+                };
+                listener.on_flags_changed(update);
             }
         });
         self.track(task)

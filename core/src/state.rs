@@ -173,6 +173,11 @@ impl FlagSet {
         self.values.get(key).map(|v| &**v)
     }
 
+    /// Whether a flag with this key is held (a definition, or an evaluated value).
+    pub fn contains(&self, key: &str) -> bool {
+        self.flags.contains_key(key) || self.values.contains_key(key)
+    }
+
     /// Every flag key held, sorted.
     pub fn keys(&self) -> Vec<&str> {
         let mut keys: Vec<&str> = self

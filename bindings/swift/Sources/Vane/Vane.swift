@@ -18,12 +18,16 @@ import VaneFFI
 ///     let registration = vane.addListener { keys in refresh(keys) }  // until registration.cancel()
 public final class Vane: @unchecked Sendable {
     // @unchecked: `closed` and `registrations` are only touched under `lock`; the rest is
-    // immutable, and the generated client is thread-safe.
+    // immutable (`snapshot` locks itself), and the generated client is thread-safe.
     private let client: VaneClient
     private let callbackQueue: DispatchQueue
     private let lock = NSLock()
     private var closed = false
     private var registrations: [Registration] = []
+    // The getters read this, kept current by the values each change brings (one crossing per
+    // change), instead of crossing into Rust on every call.
+    private let snapshot: Snapshot
+    private let internalHandle: ListenerHandle
 
     /// Starts the client; it connects in the background. Throws `VaneError.Config` for a bad
     /// context or CA.
@@ -49,7 +53,12 @@ public final class Vane: @unchecked Sendable {
             serverName: serverName,
             httpEndpoint: httpEndpoint
         )
-        client = try VaneClient(config: config)
+        let client = try VaneClient(config: config)
+        let snapshot = Snapshot()
+        snapshot.replace(client.allDetails())
+        self.client = client
+        self.snapshot = snapshot
+        self.internalHandle = client.addListener(listener: SnapshotListener(snapshot))
     }
 
     private var isClosed: Bool {
@@ -93,45 +102,76 @@ public final class Vane: @unchecked Sendable {
         try client.waitForInitialization(timeoutMs: timeoutMs)
     }
 
+    /// `key`'s value if `pick` takes it, else `defaultValue` with why; read from the snapshot,
+    /// without crossing into Rust.
+    private func typed<T: Sendable>(_ key: String, _ defaultValue: T, _ pick: (VaneValue) -> T?) -> Details<T> {
+        guard let d = snapshot.get(key) else {
+            return Details(value: defaultValue, variant: nil, reason: .error, errorCode: "FLAG_NOT_FOUND")
+        }
+        guard let value = d.value else {
+            return Details(value: defaultValue, variant: nil, reason: .error, errorCode: d.errorCode ?? "GENERAL")
+        }
+        guard let picked = pick(value) else {
+            return Details(value: defaultValue, variant: nil, reason: .error, errorCode: "TYPE_MISMATCH")
+        }
+        return Details(value: picked, variant: d.variant, reason: d.reason, errorCode: nil)
+    }
+
+    public func boolDetails(_ key: String, defaultValue: Bool) -> Details<Bool> {
+        return typed(key, defaultValue) { v in
+            if case let .bool(value) = v { return value }
+            return nil
+        }
+    }
+
+    public func stringDetails(_ key: String, defaultValue: String) -> Details<String> {
+        return typed(key, defaultValue) { v in
+            if case let .text(value) = v { return value }
+            return nil
+        }
+    }
+
+    public func intDetails(_ key: String, defaultValue: Int64) -> Details<Int64> {
+        return typed(key, defaultValue) { v in
+            if case let .number(value) = v, value.rounded() == value, abs(value) < 9e15 { return Int64(value) }
+            return nil
+        }
+    }
+
+    public func doubleDetails(_ key: String, defaultValue: Double) -> Details<Double> {
+        return typed(key, defaultValue) { v in
+            if case let .number(value) = v { return value }
+            return nil
+        }
+    }
+
+    /// The value as JSON text.
+    public func jsonDetails(_ key: String, defaultValue: String) -> Details<String> {
+        return typed(key, defaultValue) { v in
+            if case let .json(json) = v { return json }
+            return nil
+        }
+    }
+
     public func boolValue(_ key: String, defaultValue: Bool) -> Bool {
-        return client.boolValue(key: key, defaultValue: defaultValue)
+        return boolDetails(key, defaultValue: defaultValue).value
     }
 
     public func stringValue(_ key: String, defaultValue: String) -> String {
-        return client.stringValue(key: key, defaultValue: defaultValue)
+        return stringDetails(key, defaultValue: defaultValue).value
     }
 
     public func intValue(_ key: String, defaultValue: Int64) -> Int64 {
-        return client.intValue(key: key, defaultValue: defaultValue)
+        return intDetails(key, defaultValue: defaultValue).value
     }
 
     public func doubleValue(_ key: String, defaultValue: Double) -> Double {
-        return client.doubleValue(key: key, defaultValue: defaultValue)
+        return doubleDetails(key, defaultValue: defaultValue).value
     }
 
     /// The value as JSON text.
     public func jsonValue(_ key: String, defaultValue: String) -> String {
-        return client.jsonValue(key: key, defaultValue: defaultValue)
-    }
-
-    public func boolDetails(_ key: String, defaultValue: Bool) -> BoolDetails {
-        return client.boolDetails(key: key, defaultValue: defaultValue)
-    }
-
-    public func stringDetails(_ key: String, defaultValue: String) -> StringDetails {
-        return client.stringDetails(key: key, defaultValue: defaultValue)
-    }
-
-    public func intDetails(_ key: String, defaultValue: Int64) -> IntDetails {
-        return client.intDetails(key: key, defaultValue: defaultValue)
-    }
-
-    public func doubleDetails(_ key: String, defaultValue: Double) -> DoubleDetails {
-        return client.doubleDetails(key: key, defaultValue: defaultValue)
-    }
-
-    public func jsonDetails(_ key: String, defaultValue: String) -> JsonDetails {
-        return client.jsonDetails(key: key, defaultValue: defaultValue)
+        return jsonDetails(key, defaultValue: defaultValue).value
     }
 
     /// Every flag: key to value as JSON text.
@@ -161,7 +201,7 @@ public final class Vane: @unchecked Sendable {
     /// registration go does not unregister it. After `close()` it does nothing.
     @discardableResult
     public func addListener(_ onChange: @escaping @Sendable ([String]) -> Void) -> Registration {
-        let handle = client.addListener(listener: ClosureListener(onChange, queue: callbackQueue))
+        let handle = client.addListener(listener: ClosureListener(onChange, queue: callbackQueue, snapshot: snapshot))
         let registration = Registration(handle)
         lock.lock()
         let wasClosed = closed
@@ -238,6 +278,7 @@ public final class Vane: @unchecked Sendable {
         for registration in stopping {
             registration.cancel()
         }
+        internalHandle.cancel()
         client.shutdown()
     }
 }
@@ -263,6 +304,65 @@ final class ClosureLogSink: LogSink, Sendable {
 
     func log(level: LogLevel, target: String, message: String) {
         handler(level, target, message)
+    }
+}
+
+/// A value with how it was decided: the value (or the caller's default), the variant, the
+/// reason, and OpenFeature's error code when the default was served.
+public struct Details<T: Sendable>: Sendable {
+    public let value: T
+    public let variant: String?
+    public let reason: Reason
+    public let errorCode: String?
+}
+
+/// The values the getters read, replaced or patched by each `FlagUpdate`.
+final class Snapshot: @unchecked Sendable {
+    // @unchecked: `values` is only touched under `lock`.
+    private let lock = NSLock()
+    private var values: [String: FlagDetails] = [:]
+
+    func get(_ key: String) -> FlagDetails? {
+        lock.lock()
+        defer { lock.unlock() }
+        return values[key]
+    }
+
+    func replace(_ all: [FlagDetails]) {
+        var fresh: [String: FlagDetails] = [:]
+        for d in all {
+            fresh[d.key] = d
+        }
+        lock.lock()
+        values = fresh
+        lock.unlock()
+    }
+
+    func apply(_ update: FlagUpdate) {
+        if update.complete {
+            return replace(update.changed)
+        }
+        lock.lock()
+        for d in update.changed {
+            values[d.key] = d
+        }
+        for key in update.removed {
+            values.removeValue(forKey: key)
+        }
+        lock.unlock()
+    }
+}
+
+/// Keeps the snapshot current.
+final class SnapshotListener: FlagListener, Sendable {
+    private let snapshot: Snapshot
+
+    init(_ snapshot: Snapshot) {
+        self.snapshot = snapshot
+    }
+
+    func onFlagsChanged(update: FlagUpdate) {
+        snapshot.apply(update)
     }
 }
 
@@ -293,17 +393,22 @@ final class ClosureStatusListener: StatusListener, Sendable {
     }
 }
 
-/// Adapts a closure to the generated listener protocol: each callback is dispatched to `queue`.
+/// Adapts a closure to the generated listener protocol: the snapshot is patched first, so the
+/// callback, dispatched to `queue`, reads the new values.
 final class ClosureListener: FlagListener, Sendable {
     private let onChange: @Sendable ([String]) -> Void
     private let queue: DispatchQueue
+    private let snapshot: Snapshot
 
-    init(_ onChange: @escaping @Sendable ([String]) -> Void, queue: DispatchQueue) {
+    init(_ onChange: @escaping @Sendable ([String]) -> Void, queue: DispatchQueue, snapshot: Snapshot) {
         self.onChange = onChange
         self.queue = queue
+        self.snapshot = snapshot
     }
 
-    func onFlagsChanged(keys: [String]) {
+    func onFlagsChanged(update: FlagUpdate) {
+        snapshot.apply(update)
+        let keys = (update.changed.map { $0.key } + update.removed).sorted()
         let onChange = self.onChange
         queue.async {
             onChange(keys)

@@ -3,28 +3,24 @@
 // which call the Rust client core.
 package dev.vane.sdk
 
-import dev.vane.sdk.ffi.BoolDetails
 import dev.vane.sdk.ffi.ConnectionState
 import dev.vane.sdk.ffi.ContextBuilder
-import dev.vane.sdk.ffi.DoubleDetails
+import dev.vane.sdk.ffi.FlagDetails
 import dev.vane.sdk.ffi.FlagListener
-import dev.vane.sdk.ffi.FlagSnapshot
-import dev.vane.sdk.ffi.FlagType
+import dev.vane.sdk.ffi.FlagUpdate
 import dev.vane.sdk.ffi.InitStatus
-import dev.vane.sdk.ffi.IntDetails
-import dev.vane.sdk.ffi.JsonDetails
 import dev.vane.sdk.ffi.ListenerHandle
 import dev.vane.sdk.ffi.LogLevel
 import dev.vane.sdk.ffi.LogSink
 import dev.vane.sdk.ffi.Reason
 import dev.vane.sdk.ffi.StatusListener
-import dev.vane.sdk.ffi.StringDetails
 import dev.vane.sdk.ffi.Transport
 import dev.vane.sdk.ffi.TransportPreference
 import dev.vane.sdk.ffi.VaneClient
 import dev.vane.sdk.ffi.VaneConfig
 import dev.vane.sdk.ffi.VaneException
 import dev.vane.sdk.ffi.VaneStatus
+import dev.vane.sdk.ffi.VaneValue
 import java.util.concurrent.CopyOnWriteArrayList
 import java.util.concurrent.Executor
 import java.util.concurrent.ExecutorService
@@ -86,18 +82,31 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
 
     private val registrations = CopyOnWriteArrayList<Registration>()
 
-    // Getters read this immutable snapshot instead of crossing JNA on every call (a JNA crossing
-    // costs tens of microseconds; see docs/BENCHMARKS.md). It is replaced after every change: by
-    // this internal listener, and by each app listener before its callback is dispatched, so the
-    // app reads the new values.
-    @Volatile private var snapshot: Map<String, FlagSnapshot> = load()
+    // Getters read this immutable snapshot instead of crossing JNA on every call (a crossing
+    // costs ~15 µs, most of it JNA's per-call structures; see docs/BENCHMARKS.md). Every change
+    // arrives with its new values in one crossing and is applied here, by this internal listener
+    // and by each app listener before its callback is dispatched, so the app reads the new values.
+    @Volatile private var snapshot: Map<String, FlagDetails> = load()
     private val internal: ListenerHandle = client.addListener(object : FlagListener {
-        override fun onFlagsChanged(keys: List<String>) {
-            snapshot = load()
-        }
+        override fun onFlagsChanged(update: FlagUpdate) = apply(update)
     })
 
-    private fun load(): Map<String, FlagSnapshot> = client.allValues().associateBy { it.key }
+    private fun load(): Map<String, FlagDetails> = client.allDetails().associateBy { it.key }
+
+    /** The keys an update names, for the app's listeners. */
+    private fun keysOf(update: FlagUpdate): List<String> = (update.changed.map { it.key } + update.removed).sorted()
+
+    @Synchronized
+    private fun apply(update: FlagUpdate) {
+        snapshot = if (update.complete) {
+            update.changed.associateBy { it.key }
+        } else {
+            HashMap(snapshot).apply {
+                for (d in update.changed) put(d.key, d)
+                for (k in update.removed) remove(k)
+            }
+        }
+    }
 
     private val statusFlow = MutableStateFlow(client.status())
     private val statusHandle: ListenerHandle = client.addStatusListener(object : StatusListener {
@@ -114,8 +123,9 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
      */
     val status: StateFlow<VaneStatus> = statusFlow.asStateFlow()
 
-    private fun checkOpen(what: String) {
-        if (closed.get()) throw VaneException.Closed("$what after close()")
+    /** Throws `VaneException.Closed` after [close]; `what` names the call (built only then). */
+    private inline fun checkOpen(what: () -> String) {
+        if (closed.get()) throw VaneException.Closed("${what()} after close()")
     }
 
     /** Collects the settings of a [Vane] client. */
@@ -193,7 +203,7 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
      */
     @Throws(VaneException::class)
     suspend fun initialize(timeoutMs: Long): InitStatus {
-        checkOpen("initialize")
+        checkOpen { "initialize" }
         val status = withContext(Dispatchers.IO) { client.initialize(timeoutMs.toULong()) }
         snapshot = load()
         return status
@@ -206,56 +216,54 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
      *  bad key). Prefer [initialize], which does not throw for being offline. */
     @Throws(VaneException::class)
     fun waitForInitialization(timeoutMs: Long) {
-        checkOpen("waitForInitialization")
+        checkOpen { "waitForInitialization" }
         client.waitForInitialization(timeoutMs.toULong())
         snapshot = load()
     }
 
-    /** The snapshot entry for `key` if it holds a value of type `want`, else why not. */
-    private fun lookup(key: String, want: FlagType): Pair<FlagSnapshot?, String?> {
-        checkOpen("reading $key")
-        val s = snapshot[key] ?: return Pair(null, "FLAG_NOT_FOUND")
-        return when (s.kind) {
-            want -> Pair(s, null)
-            null -> Pair(null, s.errorCode ?: "GENERAL")
-            else -> Pair(null, "TYPE_MISMATCH")
-        }
+    /** A value with how it was decided: the value (or the caller's default), the variant,
+     *  the reason, and OpenFeature's error code when the default was served. */
+    data class Details<T>(val value: T, val variant: String?, val reason: Reason, val errorCode: String?)
+
+    /** `key`'s value if it is of the type `pick` takes, else `default` with why. */
+    private inline fun <T> typed(key: String, default: T, pick: (VaneValue) -> T?): Details<T> {
+        checkOpen { "reading $key" }
+        val d = snapshot[key] ?: return Details(default, null, Reason.ERROR, "FLAG_NOT_FOUND")
+        val value = d.value ?: return Details(default, null, Reason.ERROR, d.errorCode ?: "GENERAL")
+        val picked = pick(value) ?: return Details(default, null, Reason.ERROR, "TYPE_MISMATCH")
+        return Details(picked, d.variant, d.reason, null)
     }
 
-    private fun <T> details(key: String, want: FlagType, default: T, pick: (FlagSnapshot) -> T?, make: (T, String?, Reason, String?) -> Any): Any {
-        val (s, error) = lookup(key, want)
-        val value = s?.let(pick)
-        return if (s != null && value != null) make(value, s.variant, s.reason, null)
-        else make(default, null, Reason.ERROR, error ?: "TYPE_MISMATCH")
+    fun boolDetails(key: String, default: Boolean): Details<Boolean> = typed(key, default) { (it as? VaneValue.Bool)?.value }
+    fun stringDetails(key: String, default: String): Details<String> = typed(key, default) { (it as? VaneValue.Text)?.value }
+    fun intDetails(key: String, default: Long): Details<Long> =
+        typed(key, default) { v -> (v as? VaneValue.Number)?.value?.takeIf { it % 1.0 == 0.0 && Math.abs(it) < 9e15 }?.toLong() }
+    fun doubleDetails(key: String, default: Double): Details<Double> = typed(key, default) { (it as? VaneValue.Number)?.value }
+    /** The value as JSON text. */
+    fun jsonDetails(key: String, default: String): Details<String> = typed(key, default) { (it as? VaneValue.Json)?.json }
+
+    // The value getters allocate nothing: one map lookup and a type test.
+    private fun valueOf(key: String): VaneValue? {
+        checkOpen { "reading $key" }
+        return snapshot[key]?.value
     }
 
-    fun boolValue(key: String, default: Boolean): Boolean = lookup(key, FlagType.BOOL).first?.boolValue ?: default
-    fun stringValue(key: String, default: String): String = lookup(key, FlagType.STRING).first?.stringValue ?: default
+    fun boolValue(key: String, default: Boolean): Boolean = (valueOf(key) as? VaneValue.Bool)?.value ?: default
+    fun stringValue(key: String, default: String): String = (valueOf(key) as? VaneValue.Text)?.value ?: default
     fun intValue(key: String, default: Long): Long = intDetails(key, default).value
-    fun doubleValue(key: String, default: Double): Double = lookup(key, FlagType.NUMBER).first?.numberValue ?: default
-    fun jsonValue(key: String, default: String): String = lookup(key, FlagType.JSON).first?.stringValue ?: default
-
-    fun boolDetails(key: String, default: Boolean): BoolDetails =
-        details(key, FlagType.BOOL, default, { it.boolValue }, ::BoolDetails) as BoolDetails
-    fun stringDetails(key: String, default: String): StringDetails =
-        details(key, FlagType.STRING, default, { it.stringValue }, ::StringDetails) as StringDetails
-    fun intDetails(key: String, default: Long): IntDetails =
-        details(key, FlagType.NUMBER, default, { n -> n.numberValue?.takeIf { it % 1.0 == 0.0 && Math.abs(it) < 9e15 }?.toLong() }, ::IntDetails) as IntDetails
-    fun doubleDetails(key: String, default: Double): DoubleDetails =
-        details(key, FlagType.NUMBER, default, { it.numberValue }, ::DoubleDetails) as DoubleDetails
-    fun jsonDetails(key: String, default: String): JsonDetails =
-        details(key, FlagType.JSON, default, { it.stringValue }, ::JsonDetails) as JsonDetails
+    fun doubleValue(key: String, default: Double): Double = (valueOf(key) as? VaneValue.Number)?.value ?: default
+    fun jsonValue(key: String, default: String): String = (valueOf(key) as? VaneValue.Json)?.json ?: default
 
     /** Every flag with a value: key → value as JSON text. */
     fun allFlags(): Map<String, String> {
-        checkOpen("allFlags")
+        checkOpen { "allFlags" }
         return client.allFlags()
     }
 
     /** Switch user: the values that differ arrive shortly and listeners are told. */
     @Throws(VaneException::class)
     fun identify(contextJson: String) {
-        checkOpen("identify")
+        checkOpen { "identify" }
         client.identify(contextJson)
     }
 
@@ -273,10 +281,11 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
      * not unregister it.
      */
     fun addListener(onChange: (List<String>) -> Unit): Registration {
-        checkOpen("addListener")
+        checkOpen { "addListener" }
         val handle = client.addListener(object : FlagListener {
-            override fun onFlagsChanged(keys: List<String>) {
-                snapshot = load()
+            override fun onFlagsChanged(update: FlagUpdate) {
+                apply(update)
+                val keys = keysOf(update)
                 callbacks.execute {
                     try {
                         onChange(keys)
@@ -300,13 +309,13 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
 
     /** Call from your connectivity callback. */
     fun setNetworkAvailable(available: Boolean) {
-        checkOpen("setNetworkAvailable")
+        checkOpen { "setNetworkAvailable" }
         client.setNetworkAvailable(available)
     }
 
     /** Call from onStart/onStop (or your lifecycle observer). */
     fun setForeground(foreground: Boolean) {
-        checkOpen("setForeground")
+        checkOpen { "setForeground" }
         client.setForeground(foreground)
     }
 
@@ -324,9 +333,10 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
         ownExecutor?.shutdown()
     }
 
-    /** The raw FFI getter, one JNA crossing per call (for measurements; prefer [boolValue]). */
-    fun boolValueDirect(key: String, default: Boolean): Boolean {
-        checkOpen("boolValueDirect")
-        return client.boolValue(key, default)
+    /** One flag's details read across the FFI, one crossing (for measurements; prefer the
+     *  getters, which read the snapshot). */
+    fun detailsDirect(key: String): FlagDetails {
+        checkOpen { "detailsDirect" }
+        return client.details(key)
     }
 }

@@ -397,15 +397,33 @@ private fun measureBoolValue() {
         check(yes == n)
         val m = 20_000
         val directStart = System.nanoTime()
-        repeat(m) { if (vane.boolValueDirect("new-checkout", false)) yes++ }
+        repeat(m) { if (vane.detailsDirect("new-checkout").value != null) yes++ }
         val direct = (System.nanoTime() - directStart).toDouble() / m
-        println("measure: one FFI crossing (boolValueDirect, JNA): %.0f ns per call (%d calls)".format(direct, m))
+        println("measure: one FFI crossing with a String argument (detailsDirect, JNA): %.0f ns per call (%d calls)".format(direct, m))
         // The same crossing with no argument and a plain bool back: what the call itself costs,
         // without a string to marshal.
         val bare = System.nanoTime()
         repeat(m) { if (vane.isInitialized) yes++ }
         val plain = (System.nanoTime() - bare).toDouble() / m
         println("measure: one FFI crossing without arguments (isInitialized, JNA): %.0f ns per call (%d calls)".format(plain, m))
+        // From the server's commit of a change to the getter answering it: one crossing per change
+        // brings the new values (FlagUpdate), and the getter reads them from the snapshot.
+        val delays = ArrayList<Double>()
+        var on = vane.boolValue("new-checkout", false)
+        repeat(20) {
+            on = !on
+            val answer = Json.parse(admin("POST", "/environments/mobile/flags/new-checkout/toggle", """{"on": $on}""")) as Map<*, *>
+            val committed = (answer["committed_at_ns"] as String).toBigInteger()
+            val deadline = System.nanoTime() + 20_000_000_000
+            while (vane.boolValue("new-checkout", !on) != on) {
+                check(System.nanoTime() < deadline) { "the change did not arrive" }
+                Thread.onSpinWait()
+            }
+            val now = java.time.Instant.now().let { it.epochSecond.toBigInteger() * 1_000_000_000.toBigInteger() + it.nano.toBigInteger() }
+            delays.add((now - committed).toDouble() / 1e6)
+        }
+        delays.sort()
+        println("measure: commit to getter (one FlagUpdate crossing per change): median %.2f ms, max %.2f ms (%d changes)".format(delays[delays.size / 2], delays.last(), delays.size))
     }
 }
 
