@@ -15,12 +15,13 @@
 //!
 //! - The SDK runs its connection on one background thread of its own (`vane-sdk`), shared by
 //!   every client in the process; the app needs no async runtime.
-//! - Getters (`boolValue`, `…Details`, `allFlags`, `connectionState`) never block on the network:
-//!   they read memory under a short lock. Call them from any thread, the UI thread included.
-//! - `waitForInitialization` and `close` block the calling thread (up to the timeout, or until the
-//!   connection is shut). Do not call them on the UI thread.
-//! - Listener callbacks arrive on the `vane-sdk` thread, one at a time; hop to the UI thread
-//!   yourself, and return quickly (a slow callback delays the next ones, not the connection).
+//! - Reads (`details`, `allDetails`, `allFlags`, `status`) never block on the network: they read
+//!   memory under a short lock. Call them from any thread, the UI thread included.
+//! - `initialize`, `waitForInitialization` and `shutdown` block the calling thread (up to the
+//!   timeout, or until the connection is shut): the Kotlin and Swift layers call them off it.
+//! - Listener callbacks arrive on the `vane-sdk` thread, one at a time; the Kotlin and Swift
+//!   layers patch their snapshot there and hand the app's callbacks to the app's executor or
+//!   queue, so a slow app callback delays nothing of the SDK's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
