@@ -34,6 +34,28 @@ export function fail(box, e) {
   box.hidden = false;
 }
 
+/** A "Revoke" button for `name` (its accessible name says which): asks `question`, then runs
+ *  `action`, showing what it throws in `box`. */
+function revokeButton(name, question, box, action) {
+  return h(
+    "button",
+    {
+      type: "button",
+      class: "danger",
+      onclick: async () => {
+        if (!confirm(question)) return;
+        try {
+          await action();
+        } catch (e) {
+          fail(box, e);
+        }
+      },
+    },
+    "Revoke",
+    h("span", { class: "sr" }, ` ${name}`),
+  );
+}
+
 /** A form's submit handler: runs `action`, and shows what it throws in `box`. */
 function submitting(box, action) {
   return async (ev) => {
@@ -455,25 +477,11 @@ async function keys(env) {
               "td",
               {},
               !k.revoked_at &&
-                h(
-                  "button",
-                  {
-                    type: "button",
-                    class: "danger",
-                    onclick: async () => {
-                      if (!confirm(`Revoke ${k.id}? Its sessions end at once.`)) return;
-                      try {
-                        await api("DELETE", `/environments/${seg(env)}/keys/${seg(k.id)}`);
-                        say(`revoked ${k.id}`);
-                        await refresh();
-                      } catch (e) {
-                        fail(error, e);
-                      }
-                    },
-                  },
-                  "Revoke",
-                  h("span", { class: "sr" }, ` ${k.id}`),
-                ),
+                revokeButton(k.id, `Revoke ${k.id}? Its sessions end at once.`, error, async () => {
+                  await api("DELETE", `/environments/${seg(env)}/keys/${seg(k.id)}`);
+                  say(`revoked ${k.id}`);
+                  await refresh();
+                }),
             ),
           ),
         ),
@@ -714,20 +722,11 @@ async function tokens() {
             "td",
             {},
             !t.revoked_at &&
-              h(
-                "button",
-                {
-                  type: "button",
-                  class: "danger",
-                  onclick: async () => {
-                    if (!confirm(`Revoke the admin token ${t.name}?`)) return;
-                    await api("DELETE", `/tokens/${seg(t.name)}`).catch((e) => fail(error, e));
-                    await refresh();
-                  },
-                },
-                "Revoke",
-                h("span", { class: "sr" }, ` ${t.name}`),
-              ),
+              revokeButton(t.name, `Revoke the admin token ${t.name}?`, error, async () => {
+                await api("DELETE", `/tokens/${seg(t.name)}`);
+                say(`revoked ${t.name}`);
+                await refresh();
+              }),
           ),
         ),
       ),

@@ -61,6 +61,15 @@ async fn seed(server: &TestServer) {
     }
 }
 
+/// An edit of `env`: a flag `x` put.
+async fn put_x(
+    server: &TestServer,
+    env: &str,
+) -> Result<vane_server::api::Written, vane_server::api::client::AdminError> {
+    let flag = vane_core::model::Flag::boolean("x", true, true);
+    server.admin.put_flag(env, "x", &flag).await
+}
+
 /// Polls the job until it is no longer running.
 async fn finished(admin: &AdminClient, id: &str) -> JobInfo {
     tokio::time::timeout(PATIENCE, async {
@@ -118,16 +127,7 @@ async fn a_clone_is_creating_until_ready_and_waiting_clients_then_get_a_full_sna
     assert_eq!(env.job.as_deref(), Some(job.id.as_str()));
     assert_eq!(env.progress.unwrap().total, FLAGS as u64 + 1);
     let key = server.key("staging", KeyKind::Server).await;
-    let (status, _, message) = refusal(
-        server
-            .admin
-            .put_flag(
-                "staging",
-                "x",
-                &vane_core::model::Flag::boolean("x", true, true),
-            )
-            .await,
-    );
+    let (status, _, message) = refusal(put_x(&server, "staging").await);
     assert_eq!(status, 409);
     assert!(message.contains("being created"), "{message}");
     let ofrep = reqwest::Client::new()
@@ -306,16 +306,7 @@ async fn a_clone_interrupted_after_its_source_changed_fails_cleanly_and_can_be_r
         .await
         .unwrap();
     assert_eq!(snapshot.status(), 503, "a failed environment is not served");
-    let (status, code, _) = refusal(
-        server
-            .admin
-            .put_flag(
-                "staging",
-                "x",
-                &vane_core::model::Flag::boolean("x", true, true),
-            )
-            .await,
-    );
+    let (status, code, _) = refusal(put_x(&server, "staging").await);
     assert_eq!((status, code), (409, ErrorCode::EnvironmentNotReady));
 
     // Retried: copied again from the source as it is now.
