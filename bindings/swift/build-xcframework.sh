@@ -20,11 +20,14 @@ done
 
 # Bindings are generated from a host build of the same library (UniFFI library mode).
 cargo build --locked -p vane-ffi -p uniffi-bindgen
-rm -rf "$out" && mkdir -p "$out/headers" "$out/ios-sim" "$out/macos"
+rm -rf "$out" && mkdir -p "$out/headers/VaneFFIFFI" "$out/ios-sim" "$out/macos"
 "$root/target/debug/uniffi-bindgen" generate --library "$root/target/debug/libvane_ffi.dylib" \
   --language swift --out-dir "$out/gen"
-cp "$out/gen/VaneFFIFFI.h" "$out/headers/"
-cp "$out/gen/VaneFFIFFI.modulemap" "$out/headers/module.modulemap"
+# The header and module map go in a folder of their own (Headers/VaneFFIFFI/module.modulemap), not
+# flat in Headers/: Xcode copies every xcframework's Headers into one include directory, where two
+# flat module.modulemap files from different frameworks would collide.
+cp "$out/gen/VaneFFIFFI.h" "$out/headers/VaneFFIFFI/"
+cp "$out/gen/VaneFFIFFI.modulemap" "$out/headers/VaneFFIFFI/module.modulemap"
 cp "$out/gen/VaneFFI.swift" "$here/Sources/VaneFFI/VaneFFI.swift"
 
 lib() { echo "$root/target/$1/mobile/libvane_ffi.a"; }
@@ -37,4 +40,7 @@ xcodebuild -create-xcframework \
   -library "$out/ios-sim/libvane_ffi.a" -headers "$out/headers" \
   -library "$out/macos/libvane_ffi.a" -headers "$out/headers" \
   -output "$here/VaneFFIFFI.xcframework"
+# The zip a release publishes, and the checksum Package.swift's remote binary target needs.
+(cd "$here" && rm -f VaneFFIFFI.xcframework.zip && zip -qry VaneFFIFFI.xcframework.zip VaneFFIFFI.xcframework)
 echo "built $here/VaneFFIFFI.xcframework and Sources/VaneFFI/VaneFFI.swift"
+echo "release: upload VaneFFIFFI.xcframework.zip; its checksum: $(cd "$here" && swift package compute-checksum VaneFFIFFI.xcframework.zip)"
