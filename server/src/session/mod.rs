@@ -238,6 +238,9 @@ impl Outbox {
 
 /// Seconds a refused client is told to wait when the server, or its environment, is not ready.
 const RETRY_WHEN_NOT_READY: Duration = Duration::from_secs(1);
+/// What a client of an environment whose clone failed is told to wait: until someone retries or
+/// deletes it, which takes a person.
+const RETRY_WHEN_FAILED: Duration = Duration::from_secs(30);
 
 fn error_frame(code: ErrorCode, message: &str, retry_after: Option<Duration>) -> Bytes {
     let retry_after = retry_after.unwrap_or(match code {
@@ -533,8 +536,13 @@ impl Session {
                 format!("environment {:?} is not loaded", grant.env),
             )
         })?;
-        if let Some(why) = env.lifecycle().not_serving(env.name()) {
-            return Err(refuse(ErrorCode::EnvironmentNotReady, why));
+        let lifecycle = env.lifecycle();
+        if let Some(why) = lifecycle.not_serving(env.name()) {
+            // A failed clone is not going to be ready in a second: its clients wait longer.
+            let retry =
+                (lifecycle.state == crate::store::EnvState::Failed).then_some(RETRY_WHEN_FAILED);
+            self.finish_with(refuse(ErrorCode::EnvironmentNotReady, why), retry);
+            return Ok(());
         }
         let delivery = match hello.mode() {
             pb::DeliveryMode::Evaluated => match Context::parse(&hello.context) {

@@ -1424,3 +1424,49 @@ fn an_evaluation_summary_before_hello_is_a_protocol_violation() {
         session.end()
     );
 }
+
+#[test]
+fn sessions_of_an_environment_being_created_are_refused_and_a_failed_one_waits_longer() {
+    use crate::store::EnvState;
+    let mut p = Pair::new(&[flag("f", true)]);
+    p.env().set_lifecycle(|l| l.state = EnvState::Creating);
+    p.connect();
+    let (reason, wait) = p.last_disconnect();
+    assert!(
+        matches!(
+            reason,
+            DisconnectReason::Server {
+                code: ErrorCode::EnvironmentNotReady,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    assert!(
+        wait <= Duration::from_millis(1_200),
+        "a creating one is retried soon: {wait:?}"
+    );
+    p.env().set_lifecycle(|l| l.state = EnvState::Failed);
+    p.until_client_deadline();
+    p.connect();
+    let (reason, wait) = p.last_disconnect();
+    assert!(
+        matches!(
+            reason,
+            DisconnectReason::Server {
+                code: ErrorCode::EnvironmentNotReady,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    assert!(
+        wait >= Duration::from_secs(30),
+        "a failed one waits: {wait:?}"
+    );
+    // Ready again: admitted, with the whole state.
+    p.env().set_lifecycle(|l| l.state = EnvState::Ready);
+    p.until_client_deadline();
+    p.connect();
+    assert_eq!(p.client_bool("f"), Some(true));
+}
