@@ -30,8 +30,17 @@ export function say(message) {
 
 /** Shows an error where the page shows errors (its `role=alert` box). */
 export function fail(box, e) {
-  box.textContent = e instanceof ApiError ? `${e.message} (${e.code})` : String(e);
+  box.textContent = e instanceof ApiError ? `${e.message} (${e.code})` : e instanceof Error ? e.message : String(e);
   box.hidden = false;
+}
+
+/** The JSON typed into `input`; what is not JSON throws, naming `what`. */
+function jsonOf(input, what) {
+  try {
+    return JSON.parse(input.value || "{}");
+  } catch (e) {
+    throw new Error(`the ${what} is not JSON: ${e.message}`);
+  }
 }
 
 /** A "Revoke" button for `name` (its accessible name says which): asks `question`, then runs
@@ -378,30 +387,23 @@ async function segments(env, key) {
     "form",
     {
       class: "card",
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        error.hidden = true;
-        let definition;
-        try {
-          definition = JSON.parse(body.value || "{}");
-        } catch (e) {
-          return fail(error, `the definition is not JSON: ${e.message}`);
-        }
+      onsubmit: submitting(error, async () => {
         body.removeAttribute("aria-invalid");
+        const definition = jsonOf(body, "definition");
         try {
           const w = await api("PUT", `/environments/${seg(env)}/segments/${seg(keyInput.value)}`, definition);
           say(`saved ${keyInput.value} at version ${w.version}`);
           await refresh();
         } catch (e) {
-          fail(error, e);
-          // The definition is one field here: mark it, and name the path in the error.
+          // The definition is one field here: mark it (the error names the path).
           if (e.field !== undefined) {
             body.setAttribute("aria-invalid", "true");
             body.setAttribute("aria-describedby", error.id);
             body.focus();
           }
+          throw e;
         }
-      },
+      }),
     },
     h("h2", {}, "Segment"),
     h("p", { class: "hint" }, 'JSON as in docs/FLAGS.md: {"included": [...], "excluded": [...], "rules": [{"clauses": [...]}]}'),
@@ -541,33 +543,22 @@ async function evaluate(env) {
     "form",
     {
       class: "card",
-      onsubmit: async (ev) => {
-        ev.preventDefault();
-        error.hidden = true;
-        let ctx;
-        try {
-          ctx = JSON.parse(context.value);
-        } catch (e) {
-          return fail(error, `the context is not JSON: ${e.message}`);
-        }
-        try {
-          const r = await api("POST", `/environments/${seg(env)}/flags/${seg(flag.value)}/evaluate`, { context: ctx });
-          const rule = r.rule ? `${r.rule.index}${r.rule.id ? ` (${r.rule.id})` : ""}` : "none";
-          answer.replaceChildren(
-            ...[
-              ["Value", JSON.stringify(r.value)],
-              ["Variant", r.variant ?? "(the caller's default)"],
-              ["Reason", r.reason + (r.error_code ? ` (${r.error_code})` : "")],
-              ["Deciding rule", rule],
-              ["Bucket", r.bucket ?? "none"],
-              ["Why", r.explanation],
-              ["At version", r.version],
-            ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]),
-          );
-        } catch (e) {
-          fail(error, e);
-        }
-      },
+      onsubmit: submitting(error, async () => {
+        const context_ = jsonOf(context, "context");
+        const r = await api("POST", `/environments/${seg(env)}/flags/${seg(flag.value)}/evaluate`, { context: context_ });
+        const rule = r.rule ? `${r.rule.index}${r.rule.id ? ` (${r.rule.id})` : ""}` : "none";
+        answer.replaceChildren(
+          ...[
+            ["Value", JSON.stringify(r.value)],
+            ["Variant", r.variant ?? "(the caller's default)"],
+            ["Reason", r.reason + (r.error_code ? ` (${r.error_code})` : "")],
+            ["Deciding rule", rule],
+            ["Bucket", r.bucket ?? "none"],
+            ["Why", r.explanation],
+            ["At version", r.version],
+          ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]),
+        );
+      }),
     },
     h("label", { for: "eval-flag" }, "Flag"),
     flag,

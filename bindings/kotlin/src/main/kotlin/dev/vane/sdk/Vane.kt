@@ -96,8 +96,12 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
     /** The keys an update names, for the app's listeners. */
     private fun keysOf(update: FlagUpdate): List<String> = (update.changed.map { it.key } + update.removed).sorted()
 
+    // Every listener's callback brings the same update: the first applies it, the others find
+    // it applied and copy nothing.
     @Synchronized
     private fun apply(update: FlagUpdate) {
+        val current = snapshot
+        if (!update.complete && update.changed.all { current[it.key] == it } && update.removed.none { it in current }) return
         snapshot = if (update.complete) {
             update.changed.associateBy { it.key }
         } else {
