@@ -23,6 +23,9 @@
 //!   layers patch their snapshot there and hand the app's callbacks to the app's executor or
 //!   queue, so a slow app callback delays nothing of the SDK's.
 
+#[cfg(target_os = "android")]
+mod android;
+
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -31,8 +34,8 @@ use parking_lot::Mutex;
 use tokio::runtime::Runtime;
 use tokio::sync::broadcast::error::RecvError;
 use vane_core::client::{self, Client, ClientConfig, ClientError, Details};
-use vane_core::eval::{self, CompiledFlag, CompiledSegment, Context};
-use vane_core::model::{Flag, FlagValue, Segment, ValueType};
+use vane_core::eval::{self, Context};
+use vane_core::model::FlagValue;
 use vane_core::protocol;
 use vane_core::sync::Fatal;
 
@@ -225,8 +228,10 @@ pub struct VaneConfig {
     pub endpoint: String,
     /// A mobile (or server) SDK key.
     pub sdk_key: String,
-    /// PEM of the CA to trust (the server's `tls/ca.pem`).
-    pub ca_pem: String,
+    /// PEM of a private CA to trust instead of the platform's trust store (such as the
+    /// server's own `tls/ca.pem`); `null` verifies the server against the platform's roots.
+    #[uniffi(default = None)]
+    pub ca_pem: Option<String>,
     /// The evaluation context, a JSON object: `{"key": "user-1", "country": "de"}`.
     pub context_json: String,
     /// A directory for the offline cache; `null` for none.
@@ -263,11 +268,65 @@ pub enum VaneValue {
         /// The value.
         value: String,
     },
-    /// A JSON document.
+    /// A JSON document (a flag of type `json`).
     Json {
-        /// The document, as JSON text.
-        json: String,
+        /// The document, typed.
+        value: JsonValue,
     },
+}
+
+/// A JSON value, typed: what a `json` flag serves, read without a JSON parser on the app's side.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum JsonValue {
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool {
+        /// The value.
+        value: bool,
+    },
+    /// A number, as a double.
+    Number {
+        /// The value.
+        value: f64,
+    },
+    /// A string.
+    Text {
+        /// The value.
+        value: String,
+    },
+    /// An array.
+    Array {
+        /// The elements, in order.
+        items: Vec<JsonValue>,
+    },
+    /// An object.
+    Object {
+        /// The members.
+        entries: HashMap<String, JsonValue>,
+    },
+}
+
+impl From<&serde_json::Value> for JsonValue {
+    fn from(v: &serde_json::Value) -> Self {
+        use serde_json::Value as V;
+        match v {
+            V::Null => JsonValue::Null,
+            V::Bool(value) => JsonValue::Bool { value: *value },
+            // Every JSON number fits a double, though integers above 2^53 lose precision (as
+            // they do in JavaScript).
+            V::Number(n) => JsonValue::Number {
+                value: n.as_f64().unwrap_or(f64::NAN),
+            },
+            V::String(s) => JsonValue::Text { value: s.clone() },
+            V::Array(items) => JsonValue::Array {
+                items: items.iter().map(Into::into).collect(),
+            },
+            V::Object(map) => JsonValue::Object {
+                entries: map.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
+            },
+        }
+    }
 }
 
 /// A flag's current value with how it was decided: what the SDK layers keep in their snapshot
@@ -294,9 +353,7 @@ impl FlagDetails {
                 FlagValue::Bool(value) => VaneValue::Bool { value },
                 FlagValue::Number(value) => VaneValue::Number { value },
                 FlagValue::String(value) => VaneValue::Text { value },
-                FlagValue::Json(j) => VaneValue::Json {
-                    json: j.to_string(),
-                },
+                FlagValue::Json(j) => VaneValue::Json { value: (&j).into() },
             }),
             variant: d.variant,
             reason: d.reason.into(),
@@ -435,11 +492,21 @@ impl VaneClient {
                  `vane key create ENV --kind mobile`",
             ));
         }
+        if config
+            .ca_pem
+            .as_deref()
+            .is_some_and(|pem| pem.trim().is_empty())
+        {
+            return Err(config_error(
+                "the CA PEM is empty: pass the PEM of the CA to trust, or none for the \
+                 platform's trust store",
+            ));
+        }
         let context = Context::parse(&config.context_json).map_err(config_error)?;
         let context = with_key(context, config.cache_dir.as_deref());
+        let ca_pem = config.ca_pem.unwrap_or_default().into_bytes();
         let mut core =
-            ClientConfig::new(config.endpoint, config.sdk_key, config.ca_pem.into_bytes())
-                .evaluated(context);
+            ClientConfig::new(config.endpoint, config.sdk_key, ca_pem).evaluated(context);
         core.cache_dir = config.cache_dir.map(Into::into);
         core.server_name = config.server_name;
         core.http_endpoint = config.http_endpoint;
@@ -532,6 +599,25 @@ impl VaneClient {
         self.inner
             .identify(with_key(context, self.cache_dir.as_deref()));
         Ok(())
+    }
+
+    /// Switches context and waits up to `timeout_ms` for its values: `true` once the getters
+    /// answer for it, `false` if they did not arrive in time (offline: the previous context's
+    /// values are served until a connection brings them). Errors for a bad context, a rejected
+    /// client or a closed one. Blocks: not on the UI thread.
+    pub fn identify_and_wait(
+        &self,
+        context_json: String,
+        timeout_ms: u64,
+    ) -> Result<bool, VaneError> {
+        let context = Context::parse(&context_json).map_err(config_error)?;
+        let context = with_key(context, self.cache_dir.as_deref());
+        let inner = self.inner.clone();
+        Ok(runtime().block_on(async move {
+            inner
+                .identify_and_wait(context, Duration::from_millis(timeout_ms))
+                .await
+        })?)
     }
 
     /// The targeting key in use: the context's own, or this device's anonymous key.
@@ -668,106 +754,6 @@ impl VaneClient {
 fn serving_cache(client: &Client) -> bool {
     let flags = client.flags();
     flags.selector().is_some() && flags.is_cached()
-}
-
-/// One evaluation, for the offline evaluator.
-#[derive(Debug, Clone, uniffi::Record)]
-pub struct EvaluationDetails {
-    /// The value as JSON text; `null` when the caller's default applies.
-    pub value_json: Option<String>,
-    /// The variant served.
-    pub variant: Option<String>,
-    /// Why.
-    pub reason: Reason,
-    /// OpenFeature error code when `reason` is `ERROR`.
-    pub error_code: Option<String>,
-    /// The rule that decided, if one did.
-    pub rule_index: Option<u32>,
-    /// The rollout bucket (0–99999), if a rollout decided.
-    pub bucket: Option<u32>,
-}
-
-/// The value type a typed getter asks for.
-#[derive(Debug, Clone, Copy, uniffi::Enum)]
-pub enum FlagType {
-    /// Boolean.
-    Bool,
-    /// Number.
-    Number,
-    /// String.
-    String,
-    /// JSON object or array.
-    Json,
-}
-
-/// Evaluates flag definitions locally with the same engine as the server (for bootstrap data,
-/// tools, and the shared test vectors).
-#[derive(Debug, uniffi::Object)]
-pub struct VaneEvaluator {
-    flags: HashMap<String, Arc<CompiledFlag>>,
-    segments: HashMap<String, Arc<CompiledSegment>>,
-}
-
-#[uniffi::export]
-impl VaneEvaluator {
-    /// From JSON arrays of flag and segment definitions (docs/FLAGS.md).
-    #[uniffi::constructor]
-    pub fn new(flags_json: String, segments_json: String) -> Result<Arc<Self>, VaneError> {
-        let flags: Vec<Flag> = serde_json::from_str(&flags_json).map_err(config_error)?;
-        let segments: Vec<Segment> = serde_json::from_str(&segments_json).map_err(config_error)?;
-        let compile_flag = |f: Flag| {
-            Ok::<_, VaneError>((
-                f.key.clone(),
-                Arc::new(CompiledFlag::new(f).map_err(config_error)?),
-            ))
-        };
-        let compile_segment = |s: Segment| {
-            Ok::<_, VaneError>((
-                s.key.clone(),
-                Arc::new(CompiledSegment::new(s).map_err(config_error)?),
-            ))
-        };
-        Ok(Arc::new(VaneEvaluator {
-            flags: flags
-                .into_iter()
-                .map(compile_flag)
-                .collect::<Result<_, _>>()?,
-            segments: segments
-                .into_iter()
-                .map(compile_segment)
-                .collect::<Result<_, _>>()?,
-        }))
-    }
-
-    /// Evaluates `key` for a context; `want` applies a typed getter's check.
-    pub fn evaluate(
-        &self,
-        key: String,
-        context_json: String,
-        want: Option<FlagType>,
-    ) -> Result<EvaluationDetails, VaneError> {
-        let ctx = Context::parse(&context_json).map_err(config_error)?;
-        let mut e = match self.flags.get(&key) {
-            Some(flag) => flag.evaluate(&ctx, &self.segments),
-            None => eval::Evaluation::not_found(),
-        };
-        if let Some(want) = want {
-            e = e.typed(match want {
-                FlagType::Bool => ValueType::Bool,
-                FlagType::Number => ValueType::Number,
-                FlagType::String => ValueType::String,
-                FlagType::Json => ValueType::Json,
-            });
-        }
-        Ok(EvaluationDetails {
-            value_json: e.value.and_then(|v| serde_json::to_string(v).ok()),
-            variant: e.variant.map(str::to_owned),
-            reason: e.reason.into(),
-            error_code: e.error.map(|c| c.as_str().to_owned()),
-            rule_index: e.rule.map(|r| r as u32),
-            bucket: e.bucket,
-        })
-    }
 }
 
 /// How much the SDK logs.

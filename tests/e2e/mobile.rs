@@ -95,3 +95,26 @@ async fn background_closes_the_connection_and_foreground_resumes_by_delta() {
     status_until(&mut status, |s| s.state == ConnectionState::Connected).await;
     client.close().await;
 }
+
+/// Without a CA of its own the client verifies against the system's trust store (here Debian's
+/// CA bundle), which does not hold the test server's freshly generated CA: refused, and the
+/// status says it was the certificate. With that CA it connects (every other test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_the_system_trust_store_decides() {
+    let server = TestServer::start().await;
+    let key = server.env_with_key("prod", KeyKind::Mobile).await;
+    let mut config = server
+        .client_config(&key, TransportPreference::Tcp)
+        .evaluated(Context::new(json!({"key": "u1"})).unwrap());
+    config.ca_pem = Vec::new();
+    let client = Client::start(config).unwrap();
+    let mut status = client.watch_status();
+    let refused = status_until(&mut status, |s| s.last_error.is_some()).await;
+    let error = refused.last_error.unwrap();
+    assert!(
+        error.contains("certificate") && error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    assert!(!refused.initialized);
+    client.close().await;
+}

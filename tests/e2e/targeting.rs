@@ -2,6 +2,8 @@
 //! evaluate locally, and evaluated-mode (mobile) sessions that get only values, only when their
 //! values change.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use vane_core::client::TransportPreference;
@@ -260,6 +262,30 @@ async fn identify_switches_context_on_a_live_session() {
         vec!["checkout"],
         "only the value that differs"
     );
+    assert_eq!(client.string_value("checkout", "x"), "new");
+
+    // Awaited: when it returns true the getters already answer for the new context.
+    let back = ctx(json!({"key": "u3", "country": "fr"}));
+    assert!(client.identify_and_wait(back, PATIENCE).await.unwrap());
+    assert_eq!(client.string_value("checkout", "x"), "old");
+    // Offline it answers false in time, and the previous context's values stay.
+    client.set_network_available(false);
+    let mut status = client.watch_status();
+    status_until(&mut status, |s| {
+        s.state != vane_core::client::ConnectionState::Connected
+    })
+    .await;
+    let boss = ctx(json!({"key": "u-boss"}));
+    let boss_json = boss.to_json().to_string();
+    let waited = client.identify_and_wait(boss, Duration::from_millis(300));
+    assert!(!waited.await.unwrap());
+    assert_eq!(client.string_value("checkout", "x"), "old");
+    // Back online, the Hello carries the new context.
+    client.set_network_available(true);
+    status_until(&mut status, |s| {
+        s.values_for.as_deref() == Some(&*boss_json)
+    })
+    .await;
     assert_eq!(client.string_value("checkout", "x"), "new");
     client.close().await;
 }

@@ -22,7 +22,7 @@ android {
         ndk { abiFilters += abis }
     }
     sourceSets["main"].apply {
-        kotlin.srcDirs(repo.resolve("bindings/kotlin/src/main/kotlin"), generated)
+        kotlin.srcDirs("src/main/kotlin", repo.resolve("bindings/kotlin/src/main/kotlin"), generated)
         jniLibs.srcDir(rustOut)
     }
     compileOptions {
@@ -37,9 +37,19 @@ android {
     }
 }
 
+// The Kotlin half of rustls-platform-verifier (Android's trust store, see VaneAndroid.kt), from
+// its project's Maven archive (settings.gradle.kts), at exactly the version of the
+// `rustls-platform-verifier-android` crate in Cargo.lock: the native and Kotlin halves must match.
+val verifierVersion: String = repo.resolve("Cargo.lock").readLines().let { lines ->
+    val at = lines.indexOfFirst { it.trim() == "name = \"rustls-platform-verifier-android\"" }
+    check(at >= 0) { "rustls-platform-verifier-android is not in Cargo.lock" }
+    lines[at + 1].substringAfter('"').substringBefore('"')
+}
+
 dependencies {
     implementation("net.java.dev.jna:jna:5.14.0@aar")
     implementation("org.jetbrains.kotlinx:kotlinx-coroutines-android:1.9.0")
+    implementation("rustls:rustls-platform-verifier:$verifierVersion")
 }
 
 // The Rust library per ABI: `cargo install cargo-ndk` and `rustup target add

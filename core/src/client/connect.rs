@@ -36,27 +36,134 @@ impl Connected {
     }
 }
 
-/// The TLS client configuration both transports use: TLS 1.3 only, ALPN `vane/1`, trusting the
-/// certificates in `ca_pem`.
+/// The TLS client configuration both transports use: TLS 1.3 only, ALPN `vane/1`. It trusts the
+/// certificates in `ca_pem` and nothing else (a private CA, such as the server's `tls/ca.pem`),
+/// or, when `ca_pem` is empty, the platform's trust store: the OS verifier on Android, iOS and
+/// macOS, the system's CA bundle elsewhere (`SSL_CERT_FILE`/`SSL_CERT_DIR` honoured).
 pub fn tls_config(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
-        let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(ClientError::Config("CA PEM holds no certificate".into()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
+    let mut tls = if ca_pem.is_empty() {
+        use rustls_platform_verifier::BuilderVerifierExt;
+        builder
+            .with_platform_verifier()
+            .map_err(|e| ClientError::Config(format!("the platform's trust store: {e}")))?
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|e| ClientError::Config(format!("CA PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Config(format!("CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Config("CA PEM holds no certificate".into()));
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
     tls.alpn_protocols = vec![vane_proto::ALPN.to_vec()];
     Ok(Arc::new(tls))
+}
+
+/// *ring*'s cryptography cut to what a client of this protocol needs, for the mobile library's
+/// size (docs/BENCHMARKS.md): the TLS 1.3 suites; P-256 key exchange only (RFC 8446 makes it
+/// the one group every TLS 1.3 server must support; X25519 would add 33 KB); the signature
+/// checks of public CAs' chains (ECDSA P-256/P-384, RSA), not Ed25519 certificates, which
+/// public CAs do not issue and browsers do not accept (13 KB); and no signing keys, since a
+/// client never authenticates with a certificate (`default_provider()` links RSA and ECDSA
+/// signing).
+fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::{cipher_suite, kx_group};
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ],
+        kx_groups: vec![kx_group::SECP256R1],
+        signature_verification_algorithms: SIGNATURE_ALGORITHMS,
+        secure_random: &OsRandom,
+        key_provider: &NoSigningKeys,
+    }
+}
+
+/// The signature checks *ring* offers through webpki, as rustls' own *ring* provider lists them,
+/// without Ed25519.
+static SIGNATURE_ALGORITHMS: rustls::crypto::WebPkiSupportedAlgorithms = {
+    use rustls::SignatureScheme as S;
+    use webpki::ring as alg;
+    rustls::crypto::WebPkiSupportedAlgorithms {
+        all: &[
+            alg::ECDSA_P256_SHA256,
+            alg::ECDSA_P256_SHA384,
+            alg::ECDSA_P384_SHA256,
+            alg::ECDSA_P384_SHA384,
+            alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+            alg::RSA_PKCS1_2048_8192_SHA256,
+            alg::RSA_PKCS1_2048_8192_SHA384,
+            alg::RSA_PKCS1_2048_8192_SHA512,
+            alg::RSA_PKCS1_2048_8192_SHA256_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA384_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA512_ABSENT_PARAMS,
+        ],
+        mapping: &[
+            (
+                S::ECDSA_NISTP384_SHA384,
+                &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
+            ),
+            (
+                S::ECDSA_NISTP256_SHA256,
+                &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
+            ),
+            (
+                S::RSA_PSS_SHA512,
+                &[alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY],
+            ),
+            (
+                S::RSA_PSS_SHA384,
+                &[alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY],
+            ),
+            (
+                S::RSA_PSS_SHA256,
+                &[alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY],
+            ),
+            (S::RSA_PKCS1_SHA512, &[alg::RSA_PKCS1_2048_8192_SHA512]),
+            (S::RSA_PKCS1_SHA384, &[alg::RSA_PKCS1_2048_8192_SHA384]),
+            (S::RSA_PKCS1_SHA256, &[alg::RSA_PKCS1_2048_8192_SHA256]),
+        ],
+    }
+};
+
+/// Randomness from the operating system, as rustls' own *ring* provider draws it.
+#[derive(Debug)]
+struct OsRandom;
+
+impl rustls::crypto::SecureRandom for OsRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        use ring::rand::SecureRandom;
+        ring::rand::SystemRandom::new()
+            .fill(buf)
+            .map_err(|_| rustls::crypto::GetRandomFailed)
+    }
+}
+
+/// Refuses every private key: the client has none to load.
+#[derive(Debug)]
+struct NoSigningKeys;
+
+impl rustls::crypto::KeyProvider for NoSigningKeys {
+    fn load_private_key(
+        &self,
+        _key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        Err(rustls::Error::General(
+            "the Vane client authenticates with its SDK key, not a certificate".into(),
+        ))
+    }
 }
 
 /// Dials the server. Holds the TLS configuration and the QUIC endpoints, made once per client.

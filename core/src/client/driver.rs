@@ -330,6 +330,9 @@ fn publish(
             shared.status.send_modify(|s| {
                 s.initialized = true;
                 s.selector = Some(selector);
+                if s.values_for.as_deref() != machine.values_context() {
+                    s.values_for = machine.values_context().map(Into::into);
+                }
             });
         }
         Event::Disconnected {

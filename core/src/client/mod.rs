@@ -89,6 +89,9 @@ pub struct Status {
     /// Whether the flags come from polling the server's HTTP listener, because no streaming
     /// transport got through (`transport` is then `None`).
     pub polling: bool,
+    /// Evaluated mode: the context (as JSON text) the values held were evaluated for — after
+    /// [`Client::identify`], the previous one until the server's answer arrives.
+    pub values_for: Option<Arc<str>>,
 }
 
 /// Errors from the client API.
@@ -248,6 +251,8 @@ pub struct Client {
     /// Lifecycle inputs; the client connects only while both hold.
     lifecycle: Mutex<Lifecycle>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Evaluated mode (the server evaluates) rather than rules mode.
+    evaluated: bool,
 }
 
 impl Client {
@@ -301,6 +306,7 @@ impl Client {
             last_error: None,
             fatal: None,
             polling: false,
+            values_for: machine.values_context().map(Into::into),
         });
         let (updates, first_updates) = broadcast::channel(256);
         let shared = Arc::new(Shared {
@@ -330,6 +336,7 @@ impl Client {
                 foreground: true,
             }),
             task: Mutex::new(Some(task)),
+            evaluated,
         };
         Ok((client, first_updates))
     }
@@ -388,10 +395,40 @@ impl Client {
 
     /// Switches the client to another context. Rules mode: getters evaluate for it from now on.
     /// Evaluated mode: the server is told and sends the values that differ; until they arrive
-    /// the getters serve the previous context's values.
+    /// the getters serve the previous context's values ([`Client::identify_and_wait`] waits).
     pub fn identify(&self, context: Context) {
         *self.shared.context.write() = Arc::new(context.clone());
         let _ = self.commands.send(Command::Identify(context));
+    }
+
+    /// [`Client::identify`], then waits up to `timeout` until the getters answer for the new
+    /// context: `Ok(true)` once they do (rules mode: at once), `Ok(false)` if the server's
+    /// answer did not arrive in time (offline: it is sent when a connection is made, and the
+    /// previous context's values are served until then). Errors only if the client stopped
+    /// (the server rejected it) or closed.
+    pub async fn identify_and_wait(
+        &self,
+        context: Context,
+        timeout: Duration,
+    ) -> Result<bool, ClientError> {
+        let want: Arc<str> = context.to_json().to_string().into();
+        let mut rx = self.shared.status.subscribe();
+        self.identify(context);
+        if !self.evaluated {
+            return Ok(true);
+        }
+        let done = |s: &Status| {
+            s.values_for.as_deref() == Some(&*want) || s.state == ConnectionState::Stopped
+        };
+        match tokio::time::timeout(timeout, rx.wait_for(done)).await {
+            Ok(Ok(s)) if s.state != ConnectionState::Stopped => Ok(true),
+            Ok(Ok(s)) => Err(s
+                .fatal
+                .clone()
+                .map_or(ClientError::Closed, ClientError::Rejected)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Ok(false),
+        }
     }
 
     /// Tells the client whether the device has a network. Without one the client stops trying

@@ -211,8 +211,11 @@ fn parse(answer: &[u8]) -> Result<Polled, String> {
     if chunked {
         return Err("polling: a chunked answer (the snapshot endpoint sends a length)".into());
     }
+    // From text, like the cache file: one instantiation of the flag model's deserializer, not
+    // one per input type (each is ~40 KB of the mobile library).
+    let body = std::str::from_utf8(body).map_err(|_| "polling: the snapshot is not UTF-8")?;
     let body: Body =
-        serde_json::from_slice(body).map_err(|e| format!("polling: the snapshot: {e}"))?;
+        serde_json::from_str(body).map_err(|e| format!("polling: the snapshot: {e}"))?;
     let epoch = protocol::parse_epoch_hex(&body.epoch)
         .ok_or_else(|| format!("polling: epoch {:?}", body.epoch))?;
     let selector = Selector {

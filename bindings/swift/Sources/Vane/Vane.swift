@@ -10,7 +10,7 @@ import VaneFFI
 
 /// A Vane client for one user (context).
 ///
-///     let vane = try Vane(endpoint: "flags.example.com:7443", sdkKey: mobileKey, caPem: caPem,
+///     let vane = try Vane(endpoint: "flags.example.com:7443", sdkKey: mobileKey,
 ///                         context: "{\"key\": \"user-1\"}", cacheDir: cachesURL.path,
 ///                         callbackQueue: .main)
 ///     let status = try await vane.initialize(timeoutMs: 2000)  // .ready, .servingCache, .timedOut
@@ -30,11 +30,12 @@ public final class Vane: @unchecked Sendable {
     private let internalHandle: ListenerHandle
 
     /// Starts the client; it connects in the background. Throws `VaneError.Config` for a bad
-    /// context or CA.
+    /// context or CA. Without `caPem` the server's certificate is verified against the
+    /// system's trust store (Security framework); with it, against that private CA only.
     public init(
         endpoint: String,
         sdkKey: String,
-        caPem: String,
+        caPem: String? = nil,
         context: String,
         cacheDir: String? = nil,
         transport: TransportPreference? = nil,
@@ -79,10 +80,14 @@ public final class Vane: @unchecked Sendable {
     public func initialize(timeoutMs: UInt64) async throws -> InitStatus {
         try checkOpen("initialize")
         let client = self.client
+        let snapshot = self.snapshot
         return try await withCheckedThrowingContinuation { continuation in
             DispatchQueue.global().async {
                 do {
-                    continuation.resume(returning: try client.initialize(timeoutMs: timeoutMs))
+                    let status = try client.initialize(timeoutMs: timeoutMs)
+                    // The values may have arrived before the snapshot's listener ran.
+                    snapshot.replace(client.allDetails())
+                    continuation.resume(returning: status)
                 } catch {
                     continuation.resume(throwing: error)
                 }
@@ -145,10 +150,11 @@ public final class Vane: @unchecked Sendable {
         }
     }
 
-    /// The value as JSON text.
-    public func jsonDetails(_ key: String, defaultValue: String) -> Details<String> {
+    /// A `json` flag's document, typed (`.object`, `.array`, `.text`, ...); `allFlags()` has it
+    /// as JSON text.
+    public func jsonDetails(_ key: String, defaultValue: JsonValue) -> Details<JsonValue> {
         return typed(key, defaultValue) { v in
-            if case let .json(json) = v { return json }
+            if case let .json(value) = v { return value }
             return nil
         }
     }
@@ -169,8 +175,8 @@ public final class Vane: @unchecked Sendable {
         return doubleDetails(key, defaultValue: defaultValue).value
     }
 
-    /// The value as JSON text.
-    public func jsonValue(_ key: String, defaultValue: String) -> String {
+    /// A `json` flag's document, typed.
+    public func jsonValue(_ key: String, defaultValue: JsonValue) -> JsonValue {
         return jsonDetails(key, defaultValue: defaultValue).value
     }
 
@@ -189,6 +195,32 @@ public final class Vane: @unchecked Sendable {
     /// Switch user, with a typed context: `ContextBuilder(key: "user-2").string(name: "country", value: "fr")`.
     public func identify(context: ContextBuilder) throws {
         try identify(context: context.build())
+    }
+
+    /// Switch user and wait up to `timeoutMs` until the getters answer for the new context:
+    /// true once they do, false if its values did not arrive in time (offline: the previous
+    /// user's values are served until they do). Throws for a bad context, a rejected key or a
+    /// closed client.
+    public func identify(context: String, timeoutMs: UInt64) async throws -> Bool {
+        try checkOpen("identify")
+        let client = self.client
+        let snapshot = self.snapshot
+        return try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async {
+                do {
+                    let done = try client.identifyAndWait(contextJson: context, timeoutMs: timeoutMs)
+                    if done { snapshot.replace(client.allDetails()) }
+                    continuation.resume(returning: done)
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }
+    }
+
+    /// `identify(context:timeoutMs:)` with a typed context.
+    public func identify(context: ContextBuilder, timeoutMs: UInt64) async throws -> Bool {
+        return try await identify(context: context.build(), timeoutMs: timeoutMs)
     }
 
     /// The targeting key in use: the context's own, or this device's anonymous key.

@@ -22,13 +22,11 @@ final class VaneTests: XCTestCase {
         }
     }
 
-    func testTheOfflineEvaluatorMatchesAVector() throws {
-        let flags = "[{\"key\": \"f\", \"on\": true, \"variants\": {\"a\": \"A\", \"b\": \"B\"}, \"off_variant\": \"b\", " +
-            "\"fallthrough\": {\"rollout\": {\"variants\": [{\"variant\": \"a\", \"weight\": 30000}, {\"variant\": \"b\", \"weight\": 70000}]}}}]"
-        let evaluator = try VaneEvaluator(flagsJson: flags.replacingOccurrences(of: "\"key\": \"f\"", with: "\"key\": \"checkout\""),
-                                          segmentsJson: "[]")
-        let result = try evaluator.evaluate(key: "checkout", contextJson: "{\"key\": \"user-1\"}", want: nil)
-        XCTAssertEqual(result.bucket, 21999)
-        XCTAssertEqual(result.variant, "a")
+    func testATypedContextBuildsItsJson() throws {
+        let json = ContextBuilder(key: "u1").string(name: "country", value: "de").number(name: "age", value: 42).build()
+        let object = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+        XCTAssertEqual(object?["key"] as? String, "u1")
+        XCTAssertEqual(object?["country"] as? String, "de")
+        XCTAssertEqual(object?["age"] as? Double, 42)
     }
 }

@@ -9,6 +9,7 @@ import dev.vane.sdk.ffi.FlagDetails
 import dev.vane.sdk.ffi.FlagListener
 import dev.vane.sdk.ffi.FlagUpdate
 import dev.vane.sdk.ffi.InitStatus
+import dev.vane.sdk.ffi.JsonValue
 import dev.vane.sdk.ffi.ListenerHandle
 import dev.vane.sdk.ffi.LogLevel
 import dev.vane.sdk.ffi.LogSink
@@ -48,7 +49,6 @@ import kotlinx.coroutines.withContext
  *
  * ```
  * val vane = Vane.builder("flags.example.com:7443", mobileKey)
- *     .caPem(caPem)
  *     .context("""{"key": "user-1", "country": "de"}""")
  *     .cacheDir(context.cacheDir.path)
  *     .callbackExecutor(ContextCompat.getMainExecutor(context))
@@ -134,7 +134,7 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
 
     /** Collects the settings of a [Vane] client. */
     class Builder internal constructor(private val endpoint: String, private val sdkKey: String) {
-        private var caPem: String = ""
+        private var caPem: String? = null
         private var contextJson: String = "{}"
         private var cacheDir: String? = null
         private var transport: TransportPreference? = null
@@ -142,7 +142,9 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
         private var httpEndpoint: String? = null
         private var callbackExecutor: Executor? = null
 
-        /** PEM of the CA that signed the server's certificate. */
+        /** PEM of a private CA to trust instead of the platform's trust store (e.g. the
+         *  server's own `tls/ca.pem`). Without it, the server's certificate is verified like a
+         *  browser's: against the roots of Android (or the JVM host's system CA bundle). */
         fun caPem(pem: String) = apply { caPem = pem }
 
         /** The evaluation context as a JSON object, e.g. `{"key": "user-1"}`. Without a `key`
@@ -243,8 +245,9 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
     fun intDetails(key: String, default: Long): Details<Long> =
         typed(key, default) { v -> (v as? VaneValue.Number)?.value?.takeIf { it % 1.0 == 0.0 && Math.abs(it) < 9e15 }?.toLong() }
     fun doubleDetails(key: String, default: Double): Details<Double> = typed(key, default) { (it as? VaneValue.Number)?.value }
-    /** The value as JSON text. */
-    fun jsonDetails(key: String, default: String): Details<String> = typed(key, default) { (it as? VaneValue.Json)?.json }
+    /** A `json` flag's document, typed (`JsonValue.Object`, `.Array`, `.Text`, ...); [allFlags]
+     *  has it as JSON text. */
+    fun jsonDetails(key: String, default: JsonValue): Details<JsonValue> = typed(key, default) { (it as? VaneValue.Json)?.value }
 
     // The value getters allocate nothing: one map lookup and a type test.
     private fun valueOf(key: String): VaneValue? {
@@ -256,7 +259,7 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
     fun stringValue(key: String, default: String): String = (valueOf(key) as? VaneValue.Text)?.value ?: default
     fun intValue(key: String, default: Long): Long = intDetails(key, default).value
     fun doubleValue(key: String, default: Double): Double = (valueOf(key) as? VaneValue.Number)?.value ?: default
-    fun jsonValue(key: String, default: String): String = (valueOf(key) as? VaneValue.Json)?.json ?: default
+    fun jsonValue(key: String, default: JsonValue): JsonValue = (valueOf(key) as? VaneValue.Json)?.value ?: default
 
     /** Every flag with a value: key → value as JSON text. */
     fun allFlags(): Map<String, String> {
@@ -274,6 +277,24 @@ class Vane private constructor(private val client: VaneClient, callbackExecutor:
     /** Switch user, with a typed context. */
     @Throws(VaneException::class)
     fun identify(context: ContextBuilder) = identify(context.build())
+
+    /**
+     * Switch user and wait up to `timeoutMs`, without blocking a thread of the caller's, until
+     * the getters answer for the new context: true once they do, false if its values did not
+     * arrive in time (offline: the previous user's values are served until they do). Throws
+     * for a bad context, a rejected key or a closed client.
+     */
+    @Throws(VaneException::class)
+    suspend fun identify(contextJson: String, timeoutMs: Long): Boolean {
+        checkOpen { "identify" }
+        val done = withContext(Dispatchers.IO) { client.identifyAndWait(contextJson, timeoutMs.toULong()) }
+        if (done) snapshot = load()
+        return done
+    }
+
+    /** [identify] and wait, with a typed context. */
+    @Throws(VaneException::class)
+    suspend fun identify(context: ContextBuilder, timeoutMs: Long): Boolean = identify(context.build(), timeoutMs)
 
     /** The targeting key in use: the context's own, or this device's anonymous key. */
     val contextKey: String? get() = client.contextKey()

@@ -6,12 +6,11 @@ package dev.vane.sdk.test
 import dev.vane.sdk.Vane
 import dev.vane.sdk.ffi.ConnectionState
 import dev.vane.sdk.ffi.ContextBuilder
-import dev.vane.sdk.ffi.FlagType
 import dev.vane.sdk.ffi.InitStatus
+import dev.vane.sdk.ffi.JsonValue
 import dev.vane.sdk.ffi.LogLevel
 import dev.vane.sdk.ffi.Reason
 import dev.vane.sdk.ffi.TransportPreference
-import dev.vane.sdk.ffi.VaneEvaluator
 import dev.vane.sdk.ffi.VaneException
 import java.io.File
 import java.net.URI
@@ -59,7 +58,7 @@ private fun setUp() {
         "banner" to """{"on": true, "variants": {"hi": "Hello", "none": ""}, "off_variant": "none", "fallthrough": {"variant": "hi"}}""",
         "limit" to """{"on": true, "variants": {"v": 42}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
         "ratio" to """{"on": true, "variants": {"v": 0.25}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
-        "theme" to """{"on": true, "variants": {"v": {"dark": true}}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
+        "theme" to """{"on": true, "variants": {"v": {"dark": true, "accent": "teal", "sizes": [12, 14.5], "logo": null}}, "off_variant": "v", "fallthrough": {"variant": "v"}}""",
         "beta" to """{"on": true, "variants": {"yes": true, "no": false}, "off_variant": "no",
                       "rules": [{"id": "de", "clauses": [{"attribute": "country", "op": "in", "values": ["de"]}], "serve": {"variant": "yes"}}],
                       "fallthrough": {"variant": "no"}}""",
@@ -85,7 +84,16 @@ private fun initializationAndTypedGetters() {
         assertEq("Hello", vane.stringValue("banner", "x"), "string")
         assertEq(42L, vane.intValue("limit", 0), "int")
         assertEq(0.25, vane.doubleValue("ratio", 0.0), "double")
-        assertEq(mapOf("dark" to true), Json.parse(vane.jsonValue("theme", "{}")), "json")
+        val theme = vane.jsonValue("theme", JsonValue.Null)
+        val expected = JsonValue.Object(mapOf(
+            "dark" to JsonValue.Bool(true),
+            "accent" to JsonValue.Text("teal"),
+            "sizes" to JsonValue.Array(listOf(JsonValue.Number(12.0), JsonValue.Number(14.5))),
+            "logo" to JsonValue.Null,
+        ))
+        assertEq(expected, theme, "json, typed")
+        assertEq(Json.parse("""{"accent":"teal","dark":true,"logo":null,"sizes":[12,14.5]}"""), Json.parse(vane.allFlags()["theme"]!!), "json as text")
+        assertEq(JsonValue.Null, vane.jsonValue("banner", JsonValue.Null), "a string flag read as JSON is the default")
         val beta = vane.boolDetails("beta", false)
         assertEq(true, beta.value, "beta value")
         assertEq(Reason.TARGETING_MATCH, beta.reason, "beta reason")
@@ -123,6 +131,10 @@ private fun identifySwitchesUser() {
         if (!changed.await(20, TimeUnit.SECONDS)) throw AssertionError("no callback after identify")
         assertEq(false, vane.boolValue("beta", true), "beta for fr")
         handle.close() // releasing the handle unregisters too
+        // Awaited: when it returns true the getters already answer for the new user.
+        assertEq(true, runBlocking { vane.identify(ContextBuilder("user-3").string("country", "de"), 20_000) }, "identify awaited")
+        assertEq(true, vane.boolValue("beta", false), "beta for de, at once")
+        assertEq("user-3", vane.contextKey, "the new key")
         try {
             vane.identify("[1, 2]")
             throw AssertionError("a non-object context was accepted")
@@ -355,32 +367,27 @@ private fun typedContextsAndAKeptAnonymousKey() {
     check(elsewhere != first) { "another device, another key" }
 }
 
-private fun sharedEvaluationVectors() {
-    val files = File(env("VANE_VECTORS")).listFiles { f -> f.name.endsWith(".json") }!!.sorted()
-    check(files.size >= 4) { "vectors found: ${files.size}" }
-    var cases = 0
-    for (file in files) {
-        val doc = Json.parse(file.readText()) as Map<*, *>
-        val evaluator = VaneEvaluator(Json.write(doc["flags"]), Json.write(doc["segments"]))
-        for (case in doc["cases"] as List<*>) {
-            case as Map<*, *>
-            val name = "${file.name}: ${case["name"]}"
-            val want = when (case["type"]) {
-                "bool" -> FlagType.BOOL; "number" -> FlagType.NUMBER; "string" -> FlagType.STRING; "json" -> FlagType.JSON
-                else -> null
-            }
-            val e = evaluator.evaluate(case["flag"] as String, Json.write(case["context"]), want)
-            val expect = case["expect"] as Map<*, *>
-            assertEq(expect["value"], e.valueJson?.let { Json.parse(it) }, "$name: value")
-            assertEq(expect["variant"], e.variant, "$name: variant")
-            assertEq(expect["reason"], e.reason.name, "$name: reason")
-            assertEq(expect["error_code"], e.errorCode, "$name: error code")
-            if ("rule" in expect) assertEq((expect["rule"] as Double).toInt().toUInt(), e.ruleIndex, "$name: rule")
-            if ("bucket" in expect) assertEq((expect["bucket"] as Double).toInt().toUInt(), e.bucket, "$name: bucket")
-            cases++
-        }
+private fun thePlatformTrustStoreIsTheDefault() {
+    // run-tests puts the server's CA in the JVM's SSL_CERT_FILE, the system CA bundle of this
+    // host: a client given no caPem must trust it through the platform's store.
+    check(System.getenv("SSL_CERT_FILE") != null) { "run-tests sets SSL_CERT_FILE" }
+    Vane.builder(endpoint, mobileKey).context("""{"key": "user-1"}""").transport(TransportPreference.TCP).build().use { vane ->
+        assertEq(InitStatus.READY, runBlocking { vane.initialize(20_000) }, "trusted through the platform's store")
+        assertEq(true, vane.boolValue("new-checkout", false), "values")
     }
-    check(cases >= 50) { "only $cases cases" }
+    // And it verifies: a name the certificate does not carry is refused, and the status says why.
+    Vane.builder(endpoint, mobileKey).context("""{"key": "user-1"}""").transport(TransportPreference.TCP)
+        .serverName("flags.example.com").build().use { vane ->
+            val refused = runBlocking { withTimeout(20_000) { vane.status.first { it.lastError != null } } }
+            check("certificate" in refused.lastError!!) { "the status names the certificate: $refused" }
+            assertEq(false, vane.isInitialized, "never connected")
+        }
+    try {
+        Vane.builder(endpoint, mobileKey).caPem(" ").build().close()
+        throw AssertionError("an empty CA PEM was taken")
+    } catch (e: VaneException.Config) {
+        check("empty" in e.reason) { e.reason }
+    }
 }
 
 /** Not a test: how long one boolValue takes through the bindings (docs/BENCHMARKS.md). */
@@ -445,7 +452,7 @@ fun main() {
         "revocation is seen in the status stream" to ::revocationIsSeenInTheStatusStream,
         "a corrupt cache is a warning the app sees" to ::aCorruptCacheIsAWarningTheAppSees,
         "typed contexts and a kept anonymous key" to ::typedContextsAndAKeptAnonymousKey,
-        "shared evaluation vectors" to ::sharedEvaluationVectors,
+        "the platform trust store is the default" to ::thePlatformTrustStoreIsTheDefault,
     )
     var passed = 0
     var failed = 0
