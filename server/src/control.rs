@@ -35,7 +35,7 @@ use crate::hub::{Applied, EnvHub, Hub, Lifecycle};
 use crate::keys::{self, KeyKind, KeyRecord, NewKey};
 use crate::store::{
     Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, JobState, Retention, Store,
-    StoreError, TokenRecord, unix_now,
+    StoreError, TokenRecord, Wake, unix_now,
 };
 
 /// Attempts at an edit whose precondition a concurrent change broke.
@@ -196,6 +196,9 @@ pub struct ControlConfig {
     pub sync_clone_max: u64,
     /// The change log kept when an environment sets no retention of its own.
     pub retention: Retention,
+    /// With a store other nodes share: how often the whole state is compared with the store,
+    /// whatever the store announced (the most a lost announcement delays a change).
+    pub follow_interval: Duration,
 }
 
 impl Default for ControlConfig {
@@ -208,6 +211,7 @@ impl Default for ControlConfig {
                 max_changes: Some(100_000),
                 max_age_days: Some(90),
             },
+            follow_interval: Duration::from_secs(2),
         }
     }
 }
@@ -689,23 +693,170 @@ impl Control {
         }
     }
 
-    /// Applies the log from the hub's version on.
+    /// Applies the log from the hub's version on. If the log no longer reaches back that far
+    /// (pruned while this node was behind), the environment is loaded again instead.
     async fn catch_up(&self, env: &EnvHub) -> Result<(), ControlError> {
         loop {
-            let at = env.selector().version;
+            let at = env.selector();
             let tail = self
                 .store
-                .changes_since(env.name(), at, CATCH_UP_BATCH)
+                .changes_since(env.name(), at.version, CATCH_UP_BATCH)
                 .await?;
-            if tail.changes.is_empty() {
+            if tail.epoch != at.epoch {
+                return Ok(()); // the environment was deleted and created again
+            }
+            let Some(first) = tail.changes.first() else {
+                return Ok(());
+            };
+            if first.version != at.version + 1 {
+                warn!(env = %env.name(), at = at.version, log_starts = first.version, "the change log no longer reaches back to this node's version; loading the environment again");
+                let loaded = self.store.load_env(env.name(), self.hub.window()).await?;
+                if loaded.selector.epoch == at.epoch && loaded.selector.version > at.version {
+                    env.reset(loaded, self.hub.window());
+                }
                 return Ok(());
             }
             for change in tail.changes {
                 if env.apply(tail.epoch, change) == Applied::OtherEpoch {
-                    return Ok(()); // the environment was deleted and created again
+                    return Ok(());
                 }
             }
         }
+    }
+
+    /// With a store other nodes share, starts following them ([`Control::follow`]) until
+    /// `stop`; `None` for a store only this node writes.
+    pub async fn follow_others(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+    ) -> Result<Option<JoinHandle<()>>, ControlError> {
+        let Some(wakes) = self.store.listen().await? else {
+            return Ok(None);
+        };
+        let interval = self.config.follow_interval;
+        Ok(Some(tokio::spawn(
+            self.clone().follow(wakes, interval, stop),
+        )))
+    }
+
+    /// Keeps this node's hub current with what the other nodes sharing its store commit, until
+    /// `stop`: a wake-up for an environment's log catches that environment up, and every
+    /// `interval` (and after any other wake-up) the whole state is compared with the store.
+    /// The store is the truth and the wake-ups only make it sooner, so a lost one, a dropped
+    /// listening connection or a node paused for a while costs at most one interval.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut wakes: tokio::sync::mpsc::UnboundedReceiver<Wake>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        let mut listening = true;
+        loop {
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                wake = wakes.recv(), if listening => match wake {
+                    Some(Wake::Changes(env)) => match self.hub.env(&env) {
+                        Some(env) => self.catch_up(&env).await,
+                        None => self.reconcile().await,
+                    },
+                    Some(Wake::Meta | Wake::Resync) => self.reconcile().await,
+                    None => {
+                        listening = false;
+                        Ok(())
+                    }
+                },
+                _ = tick.tick() => self.reconcile().await,
+            };
+            match result {
+                Err(e) if !failing => {
+                    warn!(error = %e, "cannot read the store to follow the other nodes; serving the last state and trying again");
+                    failing = true;
+                }
+                Ok(()) if failing => {
+                    info!("following the other nodes again");
+                    failing = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Brings the hub to the store's state of environments, keys and tokens, and each
+    /// environment to the store's version.
+    async fn reconcile(&self) -> Result<(), ControlError> {
+        // Under the lifecycle lock, so a change this node makes meanwhile is either in what is
+        // read or applied after it, never undone by it.
+        let _order = self.lifecycle.lock().await;
+        let meta = self.store.meta().await?;
+        let mut behind = Vec::new();
+        for env in &meta.envs {
+            match self.hub.env(&env.name) {
+                Some(hub) if hub.selector().epoch == env.selector.epoch => {
+                    let lifecycle = Lifecycle::of(env.state, &env.name, &meta.jobs);
+                    let now = hub.lifecycle();
+                    if now.state != lifecycle.state || now.job != lifecycle.job {
+                        hub.set_lifecycle(|l| *l = lifecycle);
+                    } else if lifecycle.copied > now.copied {
+                        hub.set_lifecycle(|l| l.copied = lifecycle.copied);
+                    }
+                    if hub.retention() != env.retention {
+                        hub.set_retention(env.retention);
+                    }
+                    if hub.selector().version < env.selector.version {
+                        behind.push(hub);
+                    }
+                }
+                existing => {
+                    // New here, or deleted and created again elsewhere (its sessions end).
+                    if existing.is_some() {
+                        info!(env = %env.name, "environment re-created on another node");
+                        self.hub.remove_env(&env.name);
+                    } else {
+                        info!(env = %env.name, "environment created on another node");
+                    }
+                    match self.store.load_env(&env.name, self.hub.window()).await {
+                        Ok(loaded) => self.hub.install(loaded, &meta.jobs),
+                        Err(StoreError::EnvNotFound(_)) => {} // deleted since: the next pass
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        let names: HashSet<&str> = meta.envs.iter().map(|e| e.name.as_str()).collect();
+        for hub in self.hub.envs() {
+            if !names.contains(hub.name()) {
+                info!(env = %hub.name(), "environment deleted on another node; ending its sessions");
+                self.hub.remove_env(hub.name());
+            }
+        }
+        let keys: HashSet<&str> = meta.keys.iter().map(|k| k.id.as_str()).collect();
+        for id in self.hub.key_ids() {
+            if !keys.contains(id.as_str()) {
+                self.hub.revoke_key(&id);
+            }
+        }
+        let known: HashSet<String> = self.hub.key_ids().into_iter().collect();
+        for key in meta.keys.iter().filter(|k| !known.contains(&k.id)) {
+            self.hub.add_key(key);
+        }
+        let tokens: HashSet<&str> = meta.tokens.iter().map(|t| t.name.as_str()).collect();
+        for name in self.hub.token_names() {
+            if !tokens.contains(name.as_str()) {
+                self.hub.revoke_token(&name);
+            }
+        }
+        let known: HashSet<String> = self.hub.token_names().into_iter().collect();
+        for token in meta.tokens.iter().filter(|t| !known.contains(&t.name)) {
+            self.hub.add_token(token);
+        }
+        drop(_order);
+        for hub in behind {
+            self.catch_up(&hub).await?;
+        }
+        Ok(())
     }
 
     /// Creates an SDK key; the secret is returned once and stored only as a hash. An

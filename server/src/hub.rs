@@ -25,7 +25,7 @@ use vane_proto::codec;
 use vane_proto::v1 as pb;
 
 use crate::keys::{self, KeyKind, KeyRecord, SecretHash};
-use crate::store::{EnvState, Loaded, LoadedEnv, Retention, TokenRecord};
+use crate::store::{EnvState, JobRecord, Loaded, LoadedEnv, Retention, TokenRecord};
 
 /// Entries ahead of a gap that an environment keeps while it waits for the missing ones.
 const MAX_PARKED: usize = 1024;
@@ -94,6 +94,21 @@ impl Lifecycle {
             copied: 0,
             total: 0,
             error: None,
+        }
+    }
+
+    /// An environment in `state`, with the newest of `jobs` that fills `env` (while creating,
+    /// or the one that failed).
+    pub fn of(state: EnvState, env: &str, jobs: &[JobRecord]) -> Lifecycle {
+        let job = (state != EnvState::Ready)
+            .then(|| jobs.iter().rev().find(|j| j.target == env))
+            .flatten();
+        Lifecycle {
+            state,
+            job: job.map(|j| j.id.clone()),
+            copied: job.map_or(0, |j| j.copied),
+            total: job.map_or(0, |j| j.total),
+            error: job.and_then(|j| j.error.clone()),
         }
     }
 
@@ -329,6 +344,17 @@ impl EnvHub {
         let version = state.history.selector().version;
         state.parked.retain(|v, _| *v > version);
         Applied::Now
+    }
+
+    /// Replaces the state with `loaded` (same epoch, newer version): for a node that fell so
+    /// far behind that the log no longer reaches back to it. Sessions catch up from the new
+    /// state as from any push (a snapshot, when their version is older than the history
+    /// window).
+    pub fn reset(&self, loaded: LoadedEnv, window: usize) {
+        let mut state = self.data.write();
+        state.history = EnvHistory::new(loaded.selector, loaded.items, loaded.changes, window);
+        state.parked.clear();
+        self.published.send_replace(publish(&state.history, None));
     }
 
     /// Records that `session` acked `version` (and, for the live view, which of the recent
@@ -595,31 +621,9 @@ impl Hub {
     pub fn load(&self, loaded: Loaded) {
         {
             let mut map = self.envs.write();
-            for LoadedEnv {
-                name,
-                selector,
-                items,
-                changes,
-                state,
-                retention,
-            } in loaded.envs
-            {
-                let history = EnvHistory::new(selector, items, changes, self.window);
-                // The newest job of a target is the one that fills it (or failed to).
-                let job = (state != EnvState::Ready)
-                    .then(|| loaded.jobs.iter().rev().find(|j| j.target == name))
-                    .flatten();
-                let lifecycle = Lifecycle {
-                    state,
-                    job: job.map(|j| j.id.clone()),
-                    copied: job.map_or(0, |j| j.copied),
-                    total: job.map_or(0, |j| j.total),
-                    error: job.and_then(|j| j.error.clone()),
-                };
-                map.insert(
-                    name.clone(),
-                    EnvHub::new(name, history, lifecycle, retention),
-                );
+            for env in loaded.envs {
+                let hub = self.env_hub(env, &loaded.jobs);
+                map.insert(hub.name.clone(), hub);
             }
         }
         for key in &loaded.keys {
@@ -629,6 +633,36 @@ impl Hub {
             self.add_token(token);
         }
         self.ready.store(true, Ordering::Release);
+    }
+
+    fn env_hub(&self, env: LoadedEnv, jobs: &[JobRecord]) -> Arc<EnvHub> {
+        let LoadedEnv {
+            name,
+            selector,
+            items,
+            changes,
+            state,
+            retention,
+        } = env;
+        let history = EnvHistory::new(selector, items, changes, self.window);
+        let lifecycle = Lifecycle::of(state, &name, jobs);
+        EnvHub::new(name, history, lifecycle, retention)
+    }
+
+    /// Installs an environment another node created (or emptied under a new epoch), as loaded.
+    pub fn install(&self, env: LoadedEnv, jobs: &[JobRecord]) {
+        let hub = self.env_hub(env, jobs);
+        self.envs.write().insert(hub.name.clone(), hub);
+    }
+
+    /// The ids of the keys in force.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.read().values().map(|g| g.id.clone()).collect()
+    }
+
+    /// The names of the named admin tokens in force.
+    pub fn token_names(&self) -> Vec<String> {
+        self.tokens.read().values().cloned().collect()
     }
 
     /// How many changes each environment keeps for resumption.

@@ -24,6 +24,8 @@ use crate::http::HttpLimits;
 use crate::hub::Hub;
 use crate::limits::{self, Handshake, Limits, LimitsConfig, Refused, Source};
 use crate::session::{Refusal, SessionConfig, driver};
+use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::{http, quic, tls, tls_stream};
 
@@ -32,6 +34,9 @@ use crate::{http, quic, tls, tls_stream};
 pub struct ServerConfig {
     /// Holds `vane.db`, `tls/` and `admin-token`.
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (`postgres://user@host:port/db`) to keep the state in, shared by
+    /// several nodes; `None`: the embedded SQLite file `vane.db` in the data directory.
+    pub store_url: Option<String>,
     /// The protocol address: TLS on TCP and QUIC on UDP, same port.
     pub listen: SocketAddr,
     /// The HTTP address (admin API, SDK endpoints, health, metrics).
@@ -72,6 +77,7 @@ impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             data_dir: data_dir.into(),
+            store_url: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             http: SocketAddr::from(([127, 0, 0, 1], 7480)),
             quic: true,
@@ -151,6 +157,25 @@ impl Ctx {
     }
 }
 
+/// The embedded store in `dir`. A directory whose token was made by an earlier start held a
+/// server: an empty store there is a lost or damaged database, not a new server.
+fn open_sqlite(dir: &std::path::Path, created_token: bool) -> anyhow::Result<SqliteStore> {
+    let db = dir.join("vane.db");
+    let store =
+        SqliteStore::open(&db).with_context(|| format!("opening the store {}", db.display()))?;
+    if store.created() && !created_token {
+        anyhow::bail!(
+            "{} is missing or empty, but this data directory was used before ({} exists): \
+             refusing to start with no environments. Restore the database from a backup, \
+             or remove {} to start a new server here.",
+            db.display(),
+            dir.join("admin-token").display(),
+            dir.join("admin-token").display()
+        );
+    }
+    Ok(store)
+}
+
 impl Server {
     /// Prepares the data directory (database, TLS material, admin token) and binds every socket.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
@@ -162,23 +187,23 @@ impl Server {
         }
         let tls = tls::server_config(dir)?;
         let (admin_token, created_token) = admin_token(dir)?;
-        let db = dir.join("vane.db");
-        let store = SqliteStore::open(&db)
-            .with_context(|| format!("opening the store {}", db.display()))?;
-        // A directory whose token was made by an earlier start held a server: an empty store
-        // there is a lost or damaged database, not a new server.
-        if store.created() && !created_token {
-            anyhow::bail!(
-                "{} is missing or empty, but this data directory was used before ({} exists): \
-                 refusing to start with no environments. Restore the database from a backup, \
-                 or remove {} to start a new server here.",
-                db.display(),
-                dir.join("admin-token").display(),
-                dir.join("admin-token").display()
-            );
-        }
+        let store: Arc<dyn Store> = match &config.store_url {
+            None => Arc::new(open_sqlite(dir, created_token)?),
+            Some(url) => {
+                let store = PostgresStore::connect(url)
+                    .await
+                    .context("opening the PostgreSQL store")?;
+                if store.created() {
+                    info!(
+                        database = store.target(),
+                        "created the schema in PostgreSQL"
+                    );
+                }
+                Arc::new(store)
+            }
+        };
         let hub = Arc::new(Hub::new(config.history_window));
-        let control = Control::with_config(Arc::new(store), hub, config.control);
+        let control = Control::with_config(store, hub, config.control);
 
         let secret = lasting_secret(dir)?;
         let quic = config.quic.then(|| (tls.clone(), secret));
@@ -292,6 +317,14 @@ impl Server {
             cancel.cancel();
             return Err(e).context("loading state from the store");
         }
+        // With PostgreSQL: what other nodes commit reaches this hub too.
+        let follower = match control.follow_others(cancel.clone()).await {
+            Ok(follower) => follower,
+            Err(e) => {
+                cancel.cancel();
+                return Err(e).context("following the other nodes");
+            }
+        };
         info!(
             protocol = %config.listen,
             quic = config.quic,
@@ -339,6 +372,9 @@ impl Server {
             warn!("evaluation event exporters still busy after the drain timeout");
         }
         let _ = pruner.await;
+        if let Some(follower) = follower {
+            let _ = follower.await;
+        }
         control.close().await.context("closing the store")?;
         info!("stopped");
         Ok(())

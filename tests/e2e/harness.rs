@@ -100,6 +100,26 @@ impl TestServer {
         }
     }
 
+    /// A node of a cluster on the PostgreSQL database `store`: `peer`'s certificates (so a
+    /// client trusts every node alike, as behind one name), its own data directory and ports,
+    /// and a short follow interval.
+    pub async fn node(store: &str, peer: Option<&TestServer>) -> TestServer {
+        let tls = peer.map(|p| p.dir.path().join("tls"));
+        TestServer::start_with(|c| {
+            c.store_url = Some(store.to_owned());
+            c.control.follow_interval = Duration::from_millis(300);
+            if let Some(tls) = tls {
+                let to = c.data_dir.join("tls");
+                std::fs::create_dir_all(&to).unwrap();
+                for file in std::fs::read_dir(&tls).unwrap() {
+                    let file = file.unwrap();
+                    std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+                }
+            }
+        })
+        .await
+    }
+
     /// Stops and starts again on the same data directory and the same ports.
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -238,6 +258,8 @@ pub async fn update_at(rx: &mut broadcast::Receiver<Update>, version: u64) -> Up
 /// While cut, it also refuses new connections (accepts and drops them) until restored.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Where new connections go ([`Proxy::retarget`]).
+    target: Arc<parking_lot::Mutex<SocketAddr>>,
     pipes: Arc<parking_lot::Mutex<Vec<AbortHandle>>>,
     open: Arc<std::sync::atomic::AtomicBool>,
     accept: JoinHandle<()>,
@@ -249,12 +271,14 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let pipes: Arc<parking_lot::Mutex<Vec<AbortHandle>>> = Arc::default();
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (registry, gate) = (pipes.clone(), open.clone());
+        let target = Arc::new(parking_lot::Mutex::new(target));
+        let (registry, gate, to) = (pipes.clone(), open.clone(), target.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !gate.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: the client sees the connection fail
                 }
+                let target = *to.lock();
                 let pipe = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -265,10 +289,17 @@ impl Proxy {
         });
         Proxy {
             addr,
+            target,
             pipes,
             open,
             accept,
         }
+    }
+
+    /// Sends new connections to `target` from now on (a load balancer moving clients to
+    /// another node); live ones stay where they are.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock() = target;
     }
 
     /// Drops every live connection through the proxy and refuses new ones until [`Proxy::restore`].
@@ -290,6 +321,30 @@ impl Drop for Proxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// A new, empty database on the test PostgreSQL cluster (`VANE_TEST_POSTGRES`, which
+/// scripts/test-all sets); its URL.
+pub async fn postgres_database() -> String {
+    let server = std::env::var("VANE_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "needs PostgreSQL: VANE_TEST_POSTGRES=postgres://USER@HOST:PORT (scripts/test-all \
+             starts a private cluster; or `scripts/postgres start DIR`)"
+        )
+    });
+    let name = format!("vane_{}", hex::encode(rand::random::<[u8; 8]>()));
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("the test cluster answers");
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = connection.await;
+    format!("{server}/{name}")
 }
 
 /// A TLS connection to the protocol port that speaks whatever the test writes.

@@ -5,6 +5,7 @@
 
 mod admin;
 mod backpressure;
+mod cluster;
 mod damaged;
 mod delivery;
 mod faults;

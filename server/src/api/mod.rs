@@ -169,7 +169,8 @@ pub enum ErrorCode {
     Initializing,
     /// 500.
     Internal,
-    /// 503: not serving now (other than while loading).
+    /// 503: not serving now (other than while loading), or the store is unreachable (an admin
+    /// write to PostgreSQL while it is down: it was not acknowledged; retry).
     Unavailable,
     /// 429: too many failed attempts from this address; retry after `Retry-After`.
     RateLimited,

@@ -1,4 +1,4 @@
-//! `vane serve`: the server on the embedded store, until SIGTERM or SIGINT.
+//! `vane serve`: the server on the embedded store (or PostgreSQL), until SIGTERM or SIGINT.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +13,10 @@ use crate::store::Retention;
 /// `vane serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Keep the state in PostgreSQL (`postgres://user@host:port/db`), shared by every node
+    /// given the same URL, instead of the embedded SQLite file in the data directory.
+    #[arg(long, env = "VANE_STORE", value_name = "URL")]
+    pub store: Option<String>,
     /// Protocol address: TLS on TCP and QUIC on UDP, same port.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub listen: std::net::SocketAddr,
@@ -80,6 +84,11 @@ pub struct ServeArgs {
     /// Milliseconds a clone waits between batches, to leave the store to other writes.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub clone_pause_ms: u64,
+    /// With `--store postgres://…`: milliseconds between the reads of the whole state that
+    /// follow the other nodes whatever PostgreSQL announced (the most a lost announcement
+    /// delays a change made elsewhere).
+    #[arg(long, default_value_t = 2000)]
+    pub follow_interval_ms: u64,
     /// Change-log entries kept per environment (unless it sets its own; never fewer than
     /// --history); 0: no limit by count.
     #[arg(long, default_value_t = 100_000)]
@@ -92,6 +101,7 @@ pub struct ServeArgs {
 
 pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     let mut config = ServerConfig::new(data);
+    config.store_url = args.store;
     config.listen = args.listen;
     config.http = args.http;
     config.quic = !args.no_quic;
@@ -111,6 +121,7 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     config.events.summary_interval = Duration::from_secs(args.events_summary_interval.max(1));
     config.control.clone_batch = args.clone_batch.max(1);
     config.control.clone_pause = Duration::from_millis(args.clone_pause_ms);
+    config.control.follow_interval = Duration::from_millis(args.follow_interval_ms.max(10));
     config.control.retention = Retention {
         max_changes: (args.retain_changes > 0).then_some(args.retain_changes),
         max_age_days: (args.retain_days > 0).then_some(args.retain_days),

@@ -225,12 +225,17 @@ impl From<ControlError> for ApiError {
                 StoreError::KeyNotFound(_) => (StatusCode::NOT_FOUND, C::KeyNotFound),
                 StoreError::EnvExists(_) => (StatusCode::CONFLICT, C::EnvironmentExists),
                 StoreError::Conflict { .. } => (StatusCode::CONFLICT, C::Conflict),
+                // The database is unreachable (PostgreSQL down) or failing: the write is not
+                // acknowledged; reads and pushes of the last state go on.
+                StoreError::Backend { .. } => (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, C::Internal),
             },
             _ => (StatusCode::INTERNAL_SERVER_ERROR, C::Internal),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "admin operation failed");
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error = %e, "admin operation refused: the store is unavailable");
         }
         let field = match &e {
             ControlError::Invalid(v) => Some(v.field.clone()),

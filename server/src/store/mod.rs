@@ -13,9 +13,13 @@
 //! [`Store::changes_since`] is fed exactly like the node that wrote.
 //!
 //! Each backend is one module implementing [`Store`] with the backend-neutral [`StoreError`]:
-//! [`sqlite`] is the embedded default.
+//! [`sqlite`] is the embedded default, [`postgres`] the one several nodes share. Both pass the
+//! same tests (`tests.rs`).
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 
@@ -356,6 +360,49 @@ pub struct Loaded {
     pub jobs: Vec<JobRecord>,
 }
 
+/// An environment's row: what a node compares its hub with to follow the other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvMeta {
+    /// The name.
+    pub name: String,
+    /// Epoch and current version.
+    pub selector: Selector,
+    /// Ready, creating or failed.
+    pub state: EnvState,
+    /// Its own retention.
+    pub retention: Retention,
+}
+
+/// Everything but the flags, segments and logs, as of one moment: how a node learns what other
+/// nodes did to environments, keys and tokens (see [`crate::control::Control::follow`]).
+#[derive(Debug, Default)]
+pub struct Meta {
+    /// Every environment, by name.
+    pub envs: Vec<EnvMeta>,
+    /// Every SDK key that is not revoked.
+    pub keys: Vec<KeyRecord>,
+    /// Every admin token that is not revoked.
+    pub tokens: Vec<TokenRecord>,
+    /// The jobs [`Loaded::jobs`] holds.
+    pub jobs: Vec<JobRecord>,
+}
+
+/// The keys and tokens in force and the jobs a start resumes or reports, as each backend reads
+/// them for [`Loaded`] and [`Meta`].
+type Active = (Vec<KeyRecord>, Vec<TokenRecord>, Vec<JobRecord>);
+
+/// What woke a follower: a shared store's announcement that something was committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// New entries in this environment's change log.
+    Changes(String),
+    /// Environments, keys, tokens or jobs changed.
+    Meta,
+    /// Announcements may have been missed (the listening connection was re-made): compare
+    /// everything.
+    Resync,
+}
+
 /// The store: every method is one transaction, and returns after it committed.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
@@ -471,6 +518,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Every key of `env`, revoked ones included, oldest first.
     async fn keys(&self, env: &str) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Environments, keys, tokens and jobs as of one moment, without items or logs.
+    async fn meta(&self) -> Result<Meta, StoreError>;
+
+    /// One environment as [`Store::load`] loads it.
+    async fn load_env(&self, name: &str, window: usize) -> Result<LoadedEnv, StoreError>;
+
+    /// For a store several nodes share: announcements of what any node commits, as they
+    /// commit. They are wake-ups, not the data: a follower reads the store itself, so a lost
+    /// one only delays it until its next periodic read. `None`: nothing else writes to this
+    /// store (the embedded one).
+    async fn listen(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Wake>>, StoreError> {
+        Ok(None)
+    }
 
     /// Flushes what the backend buffers, for a clean shutdown.
     async fn close(&self) -> Result<(), StoreError>;

@@ -1,20 +1,22 @@
 //! The embedded store: one SQLite file in the data directory, nothing to install.
 //!
 //! One connection, behind a mutex, on the blocking pool: SQLite serialises writers anyway, and
-//! the mutex makes each method one transaction with nothing interleaved. `synchronous=FULL` in
+//! the mutex makes each method one transaction with nothing interleaved. Transactions take the
+//! write lock when they begin (`IMMEDIATE`), so another connection to the file waits its turn
+//! (`busy_timeout`) instead of failing on a lock upgrade. `synchronous=FULL` in
 //! WAL mode, so an acknowledged change survives a power cut.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use vane_core::history::{Change, Item, ItemKind, Logged, Write};
 use vane_core::protocol::Selector;
 
 use super::{
-    Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, JobState, Loaded, LoadedEnv,
-    LogTail, Retention, Store, StoreError, TokenRecord, unix_now, unix_now_ns,
+    Audit, AuditEntry, Committed, EnvMeta, EnvState, Expect, JobRecord, JobState, Loaded,
+    LoadedEnv, LogTail, Meta, Retention, Store, StoreError, TokenRecord, unix_now, unix_now_ns,
 };
 use crate::keys::{KeyKind, KeyRecord, SecretHash};
 
@@ -477,7 +479,9 @@ fn commit(
     expect: Expect,
     audit: &Audit,
 ) -> Result<Committed, StoreError> {
-    let tx = conn.transaction().map_err(db)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
     let current = env_selector(&tx, env)?;
     let (kind, key) = (write.kind(), write.key().to_owned());
     let conflict = || StoreError::Conflict {
@@ -646,64 +650,87 @@ fn one_job(conn: &Connection, id: &str) -> Result<JobRecord, StoreError> {
         .ok_or_else(|| StoreError::JobNotFound(id.to_owned()))
 }
 
+/// The environments `filter` selects, by name.
+fn env_metas<P: rusqlite::Params>(
+    conn: &Connection,
+    filter: &str,
+    p: P,
+) -> Result<Vec<EnvMeta>, StoreError> {
+    let sql = format!(
+        "SELECT name, epoch, version, state, retain_changes, retain_days FROM environments \
+         {filter} ORDER BY name"
+    );
+    let mut stmt = conn.prepare(&sql).map_err(db)?;
+    let rows = stmt
+        .query_map(p, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        })
+        .map_err(db)?;
+    rows.map(|row| {
+        let (name, epoch, version, state, retain_changes, retain_days) = row.map_err(db)?;
+        let state = EnvState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("environment {name:?}: state {state:?}")))?;
+        Ok(EnvMeta {
+            name,
+            selector: Selector {
+                epoch: from_sql(epoch),
+                version: from_sql(version),
+            },
+            state,
+            retention: Retention {
+                max_changes: retain_changes.map(from_sql),
+                max_age_days: retain_days.map(from_sql),
+            },
+        })
+    })
+    .collect()
+}
+
+/// An environment's items and newest `window` log entries.
+fn load_one(conn: &Connection, meta: EnvMeta, window: usize) -> Result<LoadedEnv, StoreError> {
+    let mut items_ = items(conn, &meta.name, ItemKind::Segment)?;
+    items_.extend(items(conn, &meta.name, ItemKind::Flag)?);
+    let window = i64::try_from(window).unwrap_or(i64::MAX);
+    let changes = logged(conn, RECENT, params![meta.name, window])?;
+    Ok(LoadedEnv {
+        name: meta.name,
+        selector: meta.selector,
+        items: items_,
+        changes,
+        state: meta.state,
+        retention: meta.retention,
+    })
+}
+
+/// The keys and tokens in force, and the jobs a start resumes or reports.
+fn active(conn: &Connection) -> Result<super::Active, StoreError> {
+    let keys = query_keys(conn, "WHERE revoked_at IS NULL", [])?;
+    let tokens = query_tokens(conn, "WHERE revoked_at IS NULL", [])?;
+    let jobs = query_jobs(
+        conn,
+        "WHERE state = 'running' OR (state = 'failed' AND target IN
+             (SELECT name FROM environments WHERE state = 'failed'))",
+        [],
+    )?;
+    Ok((keys, tokens, jobs))
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn load(&self, window: usize) -> Result<Loaded, StoreError> {
         self.run(move |conn| {
-            type EnvRow = (String, i64, i64, String, Option<i64>, Option<i64>);
-            let names: Vec<EnvRow> = {
-                let mut stmt = conn
-                    .prepare(
-                        "SELECT name, epoch, version, state, retain_changes, retain_days
-                         FROM environments ORDER BY name",
-                    )
-                    .map_err(db)?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        Ok((
-                            r.get(0)?,
-                            r.get(1)?,
-                            r.get(2)?,
-                            r.get(3)?,
-                            r.get(4)?,
-                            r.get(5)?,
-                        ))
-                    })
-                    .map_err(db)?;
-                rows.collect::<Result<_, _>>().map_err(db)?
-            };
-            let mut envs = Vec::with_capacity(names.len());
-            for (name, epoch, version, state, retain_changes, retain_days) in names {
-                let state = EnvState::parse(&state).ok_or_else(|| {
-                    StoreError::Corrupt(format!("environment {name:?}: state {state:?}"))
-                })?;
-                let mut items_ = items(conn, &name, ItemKind::Segment)?;
-                items_.extend(items(conn, &name, ItemKind::Flag)?);
-                let window = i64::try_from(window).unwrap_or(i64::MAX);
-                let changes = logged(conn, RECENT, params![name, window])?;
-                envs.push(LoadedEnv {
-                    name,
-                    selector: Selector {
-                        epoch: from_sql(epoch),
-                        version: from_sql(version),
-                    },
-                    items: items_,
-                    changes,
-                    state,
-                    retention: Retention {
-                        max_changes: retain_changes.map(from_sql),
-                        max_age_days: retain_days.map(from_sql),
-                    },
-                });
-            }
-            let keys = query_keys(conn, "WHERE revoked_at IS NULL", [])?;
-            let tokens = query_tokens(conn, "WHERE revoked_at IS NULL", [])?;
-            let jobs = query_jobs(
-                conn,
-                "WHERE state = 'running' OR (state = 'failed' AND target IN
-                     (SELECT name FROM environments WHERE state = 'failed'))",
-                [],
-            )?;
+            let envs = env_metas(conn, "", [])?
+                .into_iter()
+                .map(|meta| load_one(conn, meta, window))
+                .collect::<Result<_, _>>()?;
+            let (keys, tokens, jobs) = active(conn)?;
             Ok(Loaded {
                 envs,
                 keys,
@@ -714,10 +741,37 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn meta(&self) -> Result<Meta, StoreError> {
+        self.run(move |conn| {
+            let envs = env_metas(conn, "", [])?;
+            let (keys, tokens, jobs) = active(conn)?;
+            Ok(Meta {
+                envs,
+                keys,
+                tokens,
+                jobs,
+            })
+        })
+        .await
+    }
+
+    async fn load_env(&self, name: &str, window: usize) -> Result<LoadedEnv, StoreError> {
+        let name = name.to_owned();
+        self.run(move |conn| {
+            let meta = env_metas(conn, "WHERE name = ?1", [&name])?
+                .pop()
+                .ok_or_else(|| StoreError::EnvNotFound(name.clone()))?;
+            load_one(conn, meta, window)
+        })
+        .await
+    }
+
     async fn create_env(&self, name: &str, audit: &Audit) -> Result<Selector, StoreError> {
         let (name, audit) = (name.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             let selector = insert_env(&tx, &name, EnvState::Ready)?;
             record(
                 &tx,
@@ -736,7 +790,9 @@ impl Store for SqliteStore {
     async fn delete_env(&self, name: &str, audit: &Audit) -> Result<(), StoreError> {
         let (name, audit) = (name.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             let at = env_selector(&tx, &name)?;
             tx.execute("DELETE FROM environments WHERE name = ?1", [&name])
                 .map_err(db)?;
@@ -783,7 +839,9 @@ impl Store for SqliteStore {
     ) -> Result<(Selector, JobRecord), StoreError> {
         let (source, target, audit) = (source.to_owned(), target.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             env_selector(&tx, &source)?;
             let selector = insert_env(&tx, &target, EnvState::Creating)?;
             let job = JobRecord {
@@ -832,7 +890,7 @@ impl Store for SqliteStore {
     ) -> Result<(Selector, JobRecord), StoreError> {
         let (id, audit) = (job.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
             let job = one_job(&tx, &id)?;
             if job.state != JobState::Failed {
                 return Err(StoreError::JobState {
@@ -881,7 +939,9 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Committed>, StoreError> {
         let id = job.to_owned();
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             let job = one_job(&tx, &id)?;
             if job.state != JobState::Running {
                 return Err(StoreError::JobState {
@@ -919,7 +979,9 @@ impl Store for SqliteStore {
     async fn end_clone(&self, job: &str, error: Option<String>) -> Result<JobRecord, StoreError> {
         let id = job.to_owned();
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             let job = one_job(&tx, &id)?;
             if job.state != JobState::Running {
                 return Err(StoreError::JobState {
@@ -981,7 +1043,9 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let (env, audit) = (env.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             let before: (Option<i64>, Option<i64>) = tx
                 .query_row(
                     "SELECT retain_changes, retain_days FROM environments WHERE name = ?1",
@@ -1043,7 +1107,7 @@ impl Store for SqliteStore {
     async fn create_token(&self, token: &TokenRecord, audit: &Audit) -> Result<(), StoreError> {
         let (token, audit) = (token.clone(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
             let inserted = tx
                 .execute(
                     "INSERT INTO admin_tokens (name, hash, prefix, created_at) VALUES (?1, ?2, ?3, ?4)
@@ -1064,7 +1128,9 @@ impl Store for SqliteStore {
     async fn revoke_token(&self, name: &str, audit: &Audit) -> Result<TokenRecord, StoreError> {
         let (name, audit) = (name.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
             let before = query_tokens(&tx, "WHERE name = ?1", [&name])?
                 .pop()
                 .ok_or_else(|| StoreError::TokenNotFound(name.clone()))?;
@@ -1167,7 +1233,7 @@ impl Store for SqliteStore {
     async fn create_key(&self, key: &KeyRecord, audit: &Audit) -> Result<(), StoreError> {
         let (key, audit) = (key.clone(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
             env_selector(&tx, &key.env)?;
             tx.execute(
                 "INSERT INTO sdk_keys (id, env, kind, hash, prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -1196,7 +1262,7 @@ impl Store for SqliteStore {
     ) -> Result<KeyRecord, StoreError> {
         let (env, id, audit) = (env.to_owned(), id.to_owned(), audit.clone());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
             env_selector(&tx, &env)?;
             let before = query_keys(&tx, "WHERE env = ?1 AND id = ?2", [&env, &id])?
                 .pop()
@@ -1238,150 +1304,6 @@ impl Store for SqliteStore {
                 .map_err(db)
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vane_core::model::Flag;
-
-    fn a() -> Audit {
-        Audit::new("test", "test")
-    }
-
-    fn put(key: &str) -> Write {
-        Write::flag(Flag::boolean(key, true, true)).unwrap()
-    }
-
-    #[tokio::test]
-    async fn versions_and_history_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vane.db");
-        let epoch = {
-            let s = SqliteStore::open(&path).unwrap();
-            let sel = s.create_env("prod", &a()).await.unwrap();
-            s.commit("prod", put("a"), Expect::Nothing, &a())
-                .await
-                .unwrap();
-            s.commit("prod", put("b"), Expect::Nothing, &a())
-                .await
-                .unwrap();
-            let delete = Write::Delete(ItemKind::Flag, "a".into());
-            let last = s
-                .commit("prod", delete, Expect::Nothing, &a())
-                .await
-                .unwrap();
-            assert_eq!(
-                last.selector(),
-                Selector {
-                    epoch: sel.epoch,
-                    version: 3
-                }
-            );
-            let missing = Write::Delete(ItemKind::Flag, "zz".into());
-            assert!(matches!(
-                s.commit("prod", missing, Expect::Nothing, &a()).await,
-                Err(StoreError::FlagNotFound(_))
-            ));
-            assert!(matches!(
-                s.create_env("prod", &a()).await,
-                Err(StoreError::EnvExists(_))
-            ));
-            s.close().await.unwrap();
-            sel.epoch
-        };
-        let s = SqliteStore::open(&path).unwrap();
-        let loaded = s.load(2).await.unwrap();
-        assert_eq!(loaded.envs.len(), 1);
-        let env = &loaded.envs[0];
-        assert_eq!(env.selector, Selector { epoch, version: 3 });
-        assert_eq!(env.items.len(), 1);
-        let Item::Flag(b) = &env.items[0] else {
-            panic!("a flag")
-        };
-        assert_eq!(b.compiled.flag().version, 2);
-        let versions: Vec<u64> = env.changes.iter().map(|c| c.version).collect();
-        assert_eq!(
-            versions,
-            vec![2, 3],
-            "the newest `window` changes, oldest first"
-        );
-        assert!(
-            env.changes[1].wire.is_none(),
-            "a delete is logged without a body"
-        );
-
-        let tail = s.changes_since("prod", 1, 10).await.unwrap();
-        assert_eq!(tail.epoch, epoch);
-        let versions: Vec<u64> = tail.changes.iter().map(|c| c.version).collect();
-        assert_eq!(versions, [2, 3]);
-        assert_eq!(
-            s.changes_since("prod", 2, 1).await.unwrap().changes.len(),
-            1
-        );
-        assert!(
-            s.changes_since("prod", 3, 10)
-                .await
-                .unwrap()
-                .changes
-                .is_empty()
-        );
-    }
-
-    #[tokio::test]
-    async fn preconditions_are_checked_in_the_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("vane.db")).unwrap();
-        s.create_env("e", &a()).await.unwrap();
-        s.commit("e", put("a"), Expect::EnvAt(0), &a())
-            .await
-            .unwrap();
-        // Validated against version 0, but version 1 committed first.
-        let stale = s.commit("e", put("b"), Expect::EnvAt(0), &a()).await;
-        assert!(
-            matches!(stale, Err(StoreError::Conflict { version: 1, .. })),
-            "{stale:?}"
-        );
-        // A read-modify-write of `a` as it was at version 1 goes through once, not twice.
-        s.commit("e", put("a"), Expect::ItemAt(1), &a())
-            .await
-            .unwrap();
-        let again = s.commit("e", put("a"), Expect::ItemAt(1), &a()).await;
-        assert!(
-            matches!(again, Err(StoreError::Conflict { version: 2, .. })),
-            "{again:?}"
-        );
-        let absent = s.commit("e", put("zz"), Expect::ItemAt(1), &a()).await;
-        assert!(
-            matches!(absent, Err(StoreError::FlagNotFound(_))),
-            "{absent:?}"
-        );
-        // Nothing refused was written.
-        let loaded = s.load(10).await.unwrap();
-        assert_eq!(loaded.envs[0].selector.version, 2);
-        assert_eq!(loaded.envs[0].items.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn deleting_an_environment_takes_its_keys_and_a_new_one_gets_a_new_epoch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("vane.db")).unwrap();
-        let first = s.create_env("e", &a()).await.unwrap();
-        let key = crate::keys::mint("e", KeyKind::Server, 0);
-        s.create_key(&key.record, &a()).await.unwrap();
-        assert_eq!(s.keys("e").await.unwrap(), vec![key.record.clone()]);
-        let revoked = s.revoke_key("e", &key.record.id, &a()).await.unwrap();
-        assert!(revoked.revoked_at.is_some());
-        assert!(
-            s.load(1).await.unwrap().keys.is_empty(),
-            "revoked keys are not loaded"
-        );
-        s.delete_env("e", &a()).await.unwrap();
-        assert!(matches!(s.keys("e").await, Err(StoreError::EnvNotFound(_))));
-        let second = s.create_env("e", &a()).await.unwrap();
-        assert_ne!(first.epoch, second.epoch);
-        assert!(s.keys("e").await.unwrap().is_empty());
     }
 }
 
