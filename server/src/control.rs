@@ -34,9 +34,19 @@ use vane_core::protocol::Selector;
 use crate::hub::{Applied, EnvHub, Hub, Lifecycle};
 use crate::keys::{self, KeyKind, KeyRecord, NewKey};
 use crate::store::{
-    Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, JobState, Retention, Store,
-    StoreError, TokenRecord, Wake, unix_now,
+    Audit, AuditEntry, Committed, EnvState, Expect, JobRecord, JobState, NodeAcks, Retention,
+    Store, StoreError, TokenRecord, Wake, unix_now,
 };
+
+/// How often a node with a shared store reports its sessions' acks.
+const ACK_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Reports older than this are dropped from the store (nodes that died without withdrawing).
+const STALE_ACKS_MS: i64 = 60_000;
+
+/// Unix milliseconds now.
+fn unix_now_ms() -> i64 {
+    i64::try_from(crate::store::unix_now_ns() / 1_000_000).unwrap_or(i64::MAX)
+}
 
 /// Attempts at an edit whose precondition a concurrent change broke.
 const MAX_ATTEMPTS: usize = 16;
@@ -228,6 +238,8 @@ pub struct Control {
     jobs: TaskTracker,
     /// Stops them (at shutdown; they resume at the next start).
     stop: CancellationToken,
+    /// This node's id in a store several nodes share, drawn at start.
+    node: String,
 }
 
 /// The actor of what the server does by itself (seeding the demo).
@@ -283,6 +295,7 @@ impl Control {
             config,
             jobs: TaskTracker::new(),
             stop: CancellationToken::new(),
+            node: format!("node-{}", hex::encode(rand::random::<[u8; 4]>())),
         })
     }
 
@@ -734,9 +747,69 @@ impl Control {
             return Ok(None);
         };
         let interval = self.config.follow_interval;
-        Ok(Some(tokio::spawn(
-            self.clone().follow(wakes, interval, stop),
-        )))
+        let (this, report) = (self.clone(), self.clone().report_acks(stop.clone()));
+        Ok(Some(tokio::spawn(async move {
+            tokio::join!(this.follow(wakes, interval, stop), report);
+        })))
+    }
+
+    /// This node's id among the nodes sharing its store.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Every [`ACK_REPORT_INTERVAL`], tells the shared store what this node's sessions have
+    /// acknowledged, so any node can answer for the fleet ([`Control::fleet_acks`]); at `stop`,
+    /// withdraws the report.
+    async fn report_acks(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(ACK_REPORT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = unix_now_ms();
+            let acks = self
+                .hub
+                .envs()
+                .iter()
+                .filter(|env| env.propagation().sessions > 0)
+                .map(|env| {
+                    let p = env.propagation();
+                    NodeAcks {
+                        node: self.node.clone(),
+                        env: env.name().to_owned(),
+                        version: p.version,
+                        sessions: p.sessions as u64,
+                        by_version: p
+                            .by_version
+                            .into_iter()
+                            .map(|(v, n)| (v, n as u64))
+                            .collect(),
+                        at_ms: now,
+                    }
+                })
+                .collect();
+            // A failure is the store's (the follower says so); the next tick tries again.
+            let _ = self
+                .store
+                .report_acks(&self.node, acks, now - STALE_ACKS_MS)
+                .await;
+        }
+        let _ = self
+            .store
+            .report_acks(&self.node, Vec::new(), unix_now_ms() - STALE_ACKS_MS)
+            .await;
+    }
+
+    /// What the other nodes sharing the store last reported of `env`'s sessions (reports older
+    /// than a few intervals are of nodes that stopped, and left out).
+    pub async fn fleet_acks(&self, env: &str) -> Result<Vec<NodeAcks>, ControlError> {
+        let since = unix_now_ms() - 5 * ACK_REPORT_INTERVAL.as_millis() as i64;
+        let mut acks = self.store.fleet_acks(env, since).await?;
+        acks.retain(|a| a.node != self.node);
+        Ok(acks)
     }
 
     /// Keeps this node's hub current with what the other nodes sharing its store commit, until

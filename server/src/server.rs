@@ -329,6 +329,7 @@ impl Server {
             protocol = %config.listen,
             quic = config.quic,
             envs = control.hub().envs().len(),
+            node = control.node(),
             "ready"
         );
         if config.demo {

@@ -12,13 +12,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, Served, admin, env_with_key, serve_loopback};
+use common::{
+    PATIENCE, Served, Writers, admin, client_config, env_with_key, serve_loopback, watch,
+};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
-use vane_core::client::{Client, ClientConfig, TransportPreference};
+use vane_core::client::TransportPreference;
 use vane_core::model::Flag;
 use vane_core::protocol::Selector;
-use vane_core::sync::{Update, UpdateKind};
+use vane_core::sync::UpdateKind;
+use vane_server::api::client::AdminClient;
 
 /// The test cluster's URL, without a database.
 fn test_cluster() -> String {
@@ -70,26 +72,44 @@ impl Drop for OwnCluster {
     }
 }
 
-/// A new, empty database on the test cluster; its URL.
-async fn postgres_database() -> String {
-    database_on(&test_cluster()).await
+/// A database of its own on the test cluster: a new name, which the first node creates.
+fn postgres_database() -> String {
+    database_on(&test_cluster())
 }
 
-/// A new, empty database on the cluster at `server`; its URL.
-async fn database_on(server: &str) -> String {
-    let name = format!("vane_{}", hex::encode(rand::random::<[u8; 8]>()));
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("the test cluster answers");
-    let connection = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    drop(client);
-    let _ = connection.await;
-    format!("{server}/{name}")
+/// The URL of a new database name on the cluster at `server`.
+fn database_on(server: &str) -> String {
+    format!("{server}/vane_{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// Waits until `admin`'s node holds every acknowledged write of `prod` at the version it was
+/// acknowledged with; returns the environment's selector then, and every flag's version.
+async fn holding(
+    admin: &AdminClient,
+    acked: &BTreeMap<String, u64>,
+) -> (Selector, BTreeMap<String, u64>) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let info = admin.env("prod").await.unwrap();
+        let flags = admin.flags("prod").await.unwrap();
+        let present: BTreeMap<String, u64> = flags
+            .flags
+            .iter()
+            .map(|f| (f.key.clone(), f.version))
+            .collect();
+        if acked.iter().all(|(k, v)| present.get(k) == Some(v)) {
+            let at = Selector {
+                epoch: info.at.epoch,
+                version: info.at.version,
+            };
+            return (at, present);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node lacks acknowledged writes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A TCP load balancer on loopback: each new connection goes to the first node that accepts
@@ -124,84 +144,9 @@ fn data_dir_like(peer: &Path) -> tempfile::TempDir {
     dir
 }
 
-fn client_config(data: &Path, endpoint: &str, key: &str) -> ClientConfig {
-    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
-    let mut config = ClientConfig::new(endpoint.to_owned(), key, ca);
-    config.server_name = Some("localhost".into());
-    config.transport = TransportPreference::Tcp;
-    config.sync.backoff_initial = Duration::from_millis(50);
-    config.sync.backoff_max = Duration::from_millis(500);
-    config
-}
-
-/// A client and every update it published, with when.
-struct Watched {
-    client: Client,
-    updates: Arc<Mutex<Vec<(Instant, Update)>>>,
-}
-
-/// Starts a client and waits until it has flags. A key made through another node is unknown
-/// to this one until it has heard of it (milliseconds, at most the follow interval): the
-/// client is started again until then.
-async fn watch(config: ClientConfig) -> Watched {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let watched = start_watching(config.clone());
-        match watched.client.wait_for_initialization(PATIENCE).await {
-            Ok(()) => return watched,
-            Err(vane_core::client::ClientError::Rejected(_)) if Instant::now() < deadline => {
-                watched.client.close().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no client: {e}"),
-        }
-    }
-}
-
-fn start_watching(config: ClientConfig) -> Watched {
-    let (client, mut rx) = Client::start_with_updates(config).unwrap();
-    let updates = Arc::new(Mutex::new(Vec::new()));
-    let into = updates.clone();
-    tokio::spawn(async move {
-        loop {
-            match rx.recv().await {
-                Ok(u) => into.lock().unwrap().push((Instant::now(), u)),
-                Err(broadcast::error::RecvError::Lagged(n)) => panic!("lost {n} updates"),
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    Watched { client, updates }
-}
-
-impl Watched {
-    /// Waits until the client stands at `at` or later (a write whose answer was lost may have
-    /// committed after it).
-    async fn reach(&self, at: Selector) {
-        let reached = |s: &Selector| s.epoch == at.epoch && s.version >= at.version;
-        let mut status = self.client.watch_status();
-        tokio::time::timeout(
-            PATIENCE,
-            status.wait_for(|s| s.selector.as_ref().is_some_and(reached)),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("client never reached {at:?}: {:?}", self.client.status()))
-        .unwrap();
-    }
-
-    fn kinds_after(&self, t: Instant) -> Vec<UpdateKind> {
-        let updates = self.updates.lock().unwrap();
-        updates
-            .iter()
-            .filter(|(at, _)| *at > t)
-            .map(|(_, u)| u.kind)
-            .collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_during_writes_loses_nothing_and_its_clients_resume_on_the_other() {
-    let store = postgres_database().await;
+    let store = postgres_database();
     let dir_a = tempfile::tempdir().unwrap();
     let args = ["--store", store.as_str(), "--follow-interval-ms", "500"];
     let mut a: Served = serve_loopback(dir_a.path(), &args);
@@ -214,45 +159,29 @@ async fn kill_9_of_a_node_during_writes_loses_nothing_and_its_clients_resume_on_
     let (front, _balancer) = balancer(vec![a.protocol.clone(), b.protocol.clone()]).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(watch(client_config(dir_a.path(), &front, &key)).await);
+        clients.push(
+            watch(client_config(
+                dir_a.path(),
+                &front,
+                &key,
+                TransportPreference::Tcp,
+            ))
+            .await,
+        );
     }
     // Node b knows the key before a dies (it follows a within the interval).
-    let probe = watch(client_config(dir_a.path(), &b.protocol, &key)).await;
+    let probe = watch(client_config(
+        dir_a.path(),
+        &b.protocol,
+        &key,
+        TransportPreference::Tcp,
+    ))
+    .await;
     probe.client.close().await;
 
     // Four writers through node a, each putting new flags until a is gone.
-    let acked = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
-    let in_doubt = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (progress, mut acks) = tokio::sync::watch::channel(0usize);
-    let progress = Arc::new(progress);
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (admin, acked, in_doubt) = (admin_a.clone(), acked.clone(), in_doubt.clone());
-        let progress = progress.clone();
-        writers.push(tokio::spawn(async move {
-            for n in 0..100_000 {
-                let key = format!("w{w}-{n}");
-                match admin
-                    .put_flag("prod", &key, &Flag::boolean(&key, n % 2 == 0, true))
-                    .await
-                {
-                    Ok(written) => {
-                        acked.lock().unwrap().insert(key, written.at.version);
-                        progress.send_modify(|n| *n += 1);
-                    }
-                    Err(_) => {
-                        // Sent, but no answer: committed or not, either is correct.
-                        in_doubt.lock().unwrap().push(key);
-                        return;
-                    }
-                }
-            }
-        }));
-    }
-    tokio::time::timeout(PATIENCE, acks.wait_for(|n| *n >= 200))
-        .await
-        .expect("the writers got going")
-        .unwrap();
+    let mut writers = Writers::start(&admin_a);
+    writers.wait_for(200).await;
     // When each client is connected again after losing its node.
     let reconnected: Vec<_> = clients
         .iter()
@@ -268,44 +197,16 @@ async fn kill_9_of_a_node_during_writes_loses_nothing_and_its_clients_resume_on_
         .collect();
     let killed_at = Instant::now();
     a.process.kill9();
-    for w in writers {
-        w.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let in_doubt = in_doubt.lock().unwrap().clone();
+    let (acked, in_doubt) = writers.finish().await;
 
     // Node b has every acknowledged write, at the version it was acknowledged with.
-    let last = {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let info = admin_b.env("prod").await.unwrap();
-            let flags = admin_b.flags("prod").await.unwrap();
-            let present: BTreeMap<String, u64> = flags
-                .flags
-                .iter()
-                .map(|f| (f.key.clone(), f.version))
-                .collect();
-            let all = acked.iter().all(|(k, v)| present.get(k) == Some(v));
-            if all {
-                let committed_in_doubt =
-                    in_doubt.iter().filter(|k| present.contains_key(*k)).count();
-                assert_eq!(
-                    present.len(),
-                    acked.len() + committed_in_doubt,
-                    "nothing else"
-                );
-                break Selector {
-                    epoch: info.at.epoch,
-                    version: info.at.version,
-                };
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node b lacks acknowledged writes"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (last, present) = holding(&admin_b, &acked).await;
+    let committed_in_doubt = in_doubt.iter().filter(|k| present.contains_key(*k)).count();
+    assert_eq!(
+        present.len(),
+        acked.len() + committed_in_doubt,
+        "nothing else"
+    );
 
     // a's clients come back through the balancer, on b, by delta.
     let mut resumed = Vec::new();
@@ -344,7 +245,7 @@ async fn kill_9_of_a_node_during_writes_loses_nothing_and_its_clients_resume_on_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_restarted_under_load_nodes_reconnect_and_miss_nothing() {
     let pg = OwnCluster::start();
-    let store = database_on(&pg.url).await;
+    let store = database_on(&pg.url);
     let dir_a = tempfile::tempdir().unwrap();
     let args = ["--store", store.as_str(), "--follow-interval-ms", "500"];
     let a = serve_loopback(dir_a.path(), &args);
@@ -354,7 +255,15 @@ async fn postgresql_restarted_under_load_nodes_reconnect_and_miss_nothing() {
     let key = env_with_key(&admin_a, "prod").await;
     let mut clients = Vec::new();
     for _ in 0..2 {
-        clients.push(watch(client_config(dir_a.path(), &b.protocol, &key)).await);
+        clients.push(
+            watch(client_config(
+                dir_a.path(),
+                &b.protocol,
+                &key,
+                TransportPreference::Tcp,
+            ))
+            .await,
+        );
     }
 
     // One writer through a, retrying what fails, until told to stop.
@@ -398,6 +307,18 @@ async fn postgresql_restarted_under_load_nodes_reconnect_and_miss_nothing() {
         .await
         .unwrap()
         .unwrap();
+    // Whether a client of b lost its connection while the database was away (it should not:
+    // sessions need only the node).
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for c in &clients {
+        let (mut status, dropped) = (c.client.watch_status(), dropped.clone());
+        tokio::spawn(async move {
+            let connected = vane_core::client::ConnectionState::Connected;
+            if status.wait_for(|s| s.state != connected).await.is_ok() {
+                dropped.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
     let restarting = Instant::now();
     let pg = tokio::task::spawn_blocking(move || {
         pg.restart();
@@ -422,35 +343,17 @@ async fn postgresql_restarted_under_load_nodes_reconnect_and_miss_nothing() {
     );
 
     // Node b, which followed throughout, has every acknowledged write, and so do its clients.
-    let at = {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let info = admin_b.env("prod").await.unwrap();
-            let flags = admin_b.flags("prod").await.unwrap();
-            let present: BTreeMap<String, u64> = flags
-                .flags
-                .iter()
-                .map(|f| (f.key.clone(), f.version))
-                .collect();
-            if acked.iter().all(|(k, v)| present.get(k) == Some(v)) {
-                break Selector {
-                    epoch: info.at.epoch,
-                    version: info.at.version,
-                };
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node b lacks acknowledged writes after the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (at, _) = holding(&admin_b, &acked).await;
     for c in &clients {
         c.reach(at).await;
         for k in acked.keys() {
             assert!(c.client.bool_value(k, false), "{k}");
         }
     }
+    assert!(
+        !dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "b's clients stayed connected while the database restarted"
+    );
     // And b takes writes again too.
     admin_b
         .put_flag("prod", "after", &Flag::boolean("after", true, true))

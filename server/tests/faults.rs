@@ -10,83 +10,20 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, Served, admin, env_with_key, serve, serve_loopback, serve_with, vane};
-use tokio::sync::broadcast;
-use vane_core::client::{Client, ClientConfig, TransportPreference};
+use common::{
+    PATIENCE, Served, Writers, admin, client_config, env_with_key, serve, serve_loopback,
+    serve_with, vane, watch,
+};
+use vane_core::client::TransportPreference;
 use vane_core::model::Flag;
 use vane_core::protocol::Selector;
 use vane_core::protocol::Transport;
-use vane_core::sync::{Update, UpdateKind};
+use vane_core::sync::UpdateKind;
 use vane_server::api::client::AdminClient;
-
-fn client_config(
-    data: &Path,
-    protocol: &str,
-    key: &str,
-    transport: TransportPreference,
-) -> ClientConfig {
-    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
-    let mut config = ClientConfig::new(protocol.to_owned(), key, ca);
-    config.server_name = Some("localhost".into());
-    config.transport = transport;
-    config.sync.backoff_initial = Duration::from_millis(50);
-    config.sync.backoff_max = Duration::from_millis(500);
-    config
-}
-
-/// A started client and every update it published, collected as they come (so none is lost
-/// to a lagging receiver).
-struct Watched {
-    client: Client,
-    updates: Arc<Mutex<Vec<(Instant, Update)>>>,
-}
-
-async fn watch(config: ClientConfig) -> Watched {
-    let (client, rx) = Client::start_with_updates(config).unwrap();
-    let updates = Arc::new(Mutex::new(Vec::new()));
-    tokio::spawn(collect(rx, updates.clone()));
-    client.wait_for_initialization(PATIENCE).await.unwrap();
-    Watched { client, updates }
-}
-
-async fn collect(mut rx: broadcast::Receiver<Update>, into: Arc<Mutex<Vec<(Instant, Update)>>>) {
-    loop {
-        match rx.recv().await {
-            Ok(u) => into.lock().unwrap().push((Instant::now(), u)),
-            Err(broadcast::error::RecvError::Lagged(n)) => panic!("lost {n} updates"),
-            Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
-}
-
-impl Watched {
-    /// Waits until the client stands at `at`; returns when it got there.
-    async fn reach(&self, at: Selector) -> Instant {
-        let mut status = self.client.watch_status();
-        tokio::time::timeout(PATIENCE, status.wait_for(|s| s.selector == Some(at)))
-            .await
-            .unwrap_or_else(|_| panic!("client never reached {at:?}: {:?}", self.client.status()))
-            .unwrap();
-        let updates = self.updates.lock().unwrap();
-        updates
-            .iter()
-            .find(|(_, u)| u.selector == at)
-            .map_or_else(Instant::now, |(t, _)| *t)
-    }
-
-    fn kinds_after(&self, t: Instant) -> Vec<UpdateKind> {
-        let updates = self.updates.lock().unwrap();
-        updates
-            .iter()
-            .filter(|(at, _)| *at > t)
-            .map(|(_, u)| u.kind)
-            .collect()
-    }
-}
 
 async fn selector(admin: &AdminClient, env: &str) -> Selector {
     let info = admin.env(env).await.unwrap();
@@ -121,48 +58,13 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
         }
     }
 
-    // Four writers, each putting new flags until the server is gone.
-    let acked = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
-    let in_doubt = Arc::new(Mutex::new(Vec::<String>::new()));
-    // How many writes are acknowledged so far, for the kill to wait on.
-    let (progress, mut acks) = tokio::sync::watch::channel(0usize);
-    let progress = Arc::new(progress);
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (admin, acked, in_doubt) = (admin.clone(), acked.clone(), in_doubt.clone());
-        let progress = progress.clone();
-        writers.push(tokio::spawn(async move {
-            for n in 0..100_000 {
-                let key = format!("w{w}-{n}");
-                match admin
-                    .put_flag("prod", &key, &Flag::boolean(&key, n % 2 == 0, true))
-                    .await
-                {
-                    Ok(written) => {
-                        acked.lock().unwrap().insert(key, written.at.version);
-                        progress.send_modify(|n| *n += 1);
-                    }
-                    Err(_) => {
-                        // Sent, but no answer: committed or not, either is correct.
-                        in_doubt.lock().unwrap().push(key);
-                        return;
-                    }
-                }
-            }
-        }));
-    }
-    // Killed in the middle of the writes: once hundreds are acknowledged, with more in flight.
-    tokio::time::timeout(PATIENCE, acks.wait_for(|n| *n >= 400))
-        .await
-        .expect("the writers got going")
-        .unwrap();
+    // Four writers, each putting new flags until the server is gone; killed in the middle of
+    // the writes: once hundreds are acknowledged, with more in flight.
+    let mut writers = Writers::start(&admin);
+    writers.wait_for(400).await;
     let killed_at = Instant::now();
     served.process.kill9();
-    for w in writers {
-        w.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let in_doubt = in_doubt.lock().unwrap().clone();
+    let (acked, in_doubt) = writers.finish().await;
     assert!(acked.len() >= 400, "the writers got going: {}", acked.len());
 
     let served = restart(data, &served, &["--heartbeat", "2"]);

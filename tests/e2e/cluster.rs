@@ -47,7 +47,7 @@ async fn client_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_any_node_reach_the_clients_of_every_node_in_order() {
-    let store = postgres_database().await;
+    let store = postgres_database();
     let a = TestServer::node(&store, None).await;
     let b = TestServer::node(&store, Some(&a)).await;
     let c = TestServer::node(&store, Some(&a)).await;
@@ -99,7 +99,7 @@ async fn writes_through_any_node_reach_the_clients_of_every_node_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_and_deletion_end_sessions_on_every_node() {
-    let store = postgres_database().await;
+    let store = postgres_database();
     let a = TestServer::node(&store, None).await;
     let b = TestServer::node(&store, Some(&a)).await;
 
@@ -125,8 +125,48 @@ async fn revocation_and_deletion_end_sessions_on_every_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_counts_the_sessions_of_every_node() {
+    let store = postgres_database();
+    let a = TestServer::node(&store, None).await;
+    let b = TestServer::node(&store, Some(&a)).await;
+    let key = a.env_with_key("prod", KeyKind::Server).await;
+    let (on_a, _ua) = client_when_known(&a, &key).await;
+    let (on_b, _ub) = client_when_known(&b, &key).await;
+    let version = b.put_bool("prod", "f", true).await;
+    // Asked on a: a's session and b's, once b has reported (every second).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let report = loop {
+        let report = a.admin.propagation("prod").await.unwrap();
+        if report.current == 2 {
+            break report;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{report:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (report.version, report.sessions),
+        (version, 2),
+        "{report:?}"
+    );
+    assert_eq!(report.nodes.len(), 2, "{report:?}");
+    assert_eq!(
+        report.nodes[0].reported_ms_ago, 0,
+        "the node asked comes first"
+    );
+    assert!(
+        report
+            .nodes
+            .iter()
+            .all(|n| n.sessions == 1 && n.current == 1),
+        "{report:?}"
+    );
+    on_a.close().await;
+    on_b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_moved_to_another_node_resumes_by_delta() {
-    let store = postgres_database().await;
+    let store = postgres_database();
     let a = TestServer::node(&store, None).await;
     let b = TestServer::node(&store, Some(&a)).await;
     let key = a.env_with_key("prod", KeyKind::Server).await;

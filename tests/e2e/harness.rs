@@ -323,28 +323,16 @@ impl Drop for Proxy {
     }
 }
 
-/// A new, empty database on the test PostgreSQL cluster (`VANE_TEST_POSTGRES`, which
-/// scripts/test-all sets); its URL.
-pub async fn postgres_database() -> String {
+/// The URL of a database of its own on the test PostgreSQL cluster (`VANE_TEST_POSTGRES`, which
+/// scripts/test-all sets): a new name, which the first node to start creates.
+pub fn postgres_database() -> String {
     let server = std::env::var("VANE_TEST_POSTGRES").unwrap_or_else(|_| {
         panic!(
             "needs PostgreSQL: VANE_TEST_POSTGRES=postgres://USER@HOST:PORT (scripts/test-all \
              starts a private cluster; or `scripts/postgres start DIR`)"
         )
     });
-    let name = format!("vane_{}", hex::encode(rand::random::<[u8; 8]>()));
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("the test cluster answers");
-    let connection = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    drop(client);
-    let _ = connection.await;
-    format!("{server}/{name}")
+    format!("{server}/vane_{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
 /// A TLS connection to the protocol port that speaks whatever the test writes.

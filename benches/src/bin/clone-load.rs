@@ -158,6 +158,7 @@ async fn main() {
         .secret;
     let ca = std::fs::read_to_string(server.data().join("tls/ca.pem")).expect("CA");
     let fleet = Fleet::start(FleetSpec {
+        fallbacks: Vec::new(),
         endpoint: server.listen.parse().expect("address"),
         transport: LoadTransport::Tcp,
         ca_pem: ca,

@@ -34,6 +34,10 @@ const MAX_ATTEMPTS: u32 = 60;
 pub struct FleetSpec {
     /// The server's protocol address.
     pub endpoint: SocketAddr,
+    /// Other nodes of the same cluster, tried in order when `endpoint` cannot be reached (as a
+    /// load balancer or a name with several addresses would send a client elsewhere).
+    #[serde(default)]
+    pub fallbacks: Vec<SocketAddr>,
     /// The transport.
     pub transport: LoadTransport,
     /// The CA PEM the sessions trust.
@@ -144,6 +148,16 @@ impl Fleet {
         })
     }
 
+    /// Its sessions.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether it has none.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
     /// Counts sessions at `version` and sessions resumed after `since_ns`.
     pub fn status(&self, version: u64, since_ns: u128) -> Status {
         let (mut reached, mut resumed) = (0, 0);
@@ -199,9 +213,22 @@ struct Dialer {
 }
 
 impl Dialer {
+    /// A connection to the endpoint, or else to the first fallback that takes one.
     async fn connect(&self) -> Result<Box<dyn Duplex>, String> {
         let _permit = self.gate.acquire().await.map_err(|e| e.to_string())?;
-        let endpoint = self.spec.endpoint;
+        let mut errors = Vec::new();
+        for endpoint in
+            std::iter::once(self.spec.endpoint).chain(self.spec.fallbacks.iter().copied())
+        {
+            match self.connect_to(endpoint).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => errors.push(format!("{endpoint}: {e}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn connect_to(&self, endpoint: SocketAddr) -> Result<Box<dyn Duplex>, String> {
         let connecting = async {
             let stream: Box<dyn Duplex> = match &self.quic {
                 Some(ep) => {

@@ -160,7 +160,8 @@ fn load_flag() -> Flag {
     }
 }
 
-pub(crate) fn now_ns() -> u128 {
+/// Unix nanoseconds now, the clock `committed_at_ns` and arrivals are compared on.
+pub fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
@@ -268,6 +269,7 @@ pub async fn run(
 
     // Connect every session, spread over the workers.
     let spec = FleetSpec {
+        fallbacks: Vec::new(),
         endpoint: cfg.endpoint,
         transport: cfg.transport,
         ca_pem: String::from_utf8(cfg.ca_pem.clone()).map_err(|_| "the CA PEM is not text")?,
@@ -280,6 +282,7 @@ pub async fn run(
             for i in 0..*n {
                 let share = cfg.clients / n + usize::from(i < cfg.clients % n);
                 let spec = FleetSpec {
+                    fallbacks: Vec::new(),
                     clients: share,
                     ..spec.clone()
                 };

@@ -319,6 +319,13 @@ fn publish(
             // The broadcast before the status: whoever sees `initialized` (and then subscribes)
             // must not receive this update as if it were a later one.
             *shared.flags.write() = machine.flags().clone();
+            // Whose values these are, at once: whoever is woken by the update below (or waits
+            // in `identify_and_wait`) reads it with the values.
+            if shared.status.borrow().values_for.as_deref() != machine.values_context() {
+                shared
+                    .status
+                    .send_modify(|s| s.values_for = machine.values_context().map(Into::into));
+            }
             if let Some(cache) = published.cache {
                 cache.send_replace(Some((
                     machine.flags().clone(),
@@ -330,9 +337,6 @@ fn publish(
             shared.status.send_modify(|s| {
                 s.initialized = true;
                 s.selector = Some(selector);
-                if s.values_for.as_deref() != machine.values_context() {
-                    s.values_for = machine.values_context().map(Into::into);
-                }
             });
         }
         Event::Disconnected {

@@ -535,6 +535,25 @@ pub struct Propagation {
     pub current: usize,
     /// Acked version → how many sessions hold it.
     pub by_version: BTreeMap<u64, usize>,
+    /// With several nodes on one store: each node's share, the node asked first (the totals
+    /// above are the fleet's). Empty for a single node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodePropagation>,
+}
+
+/// One node's sessions in [`Propagation`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePropagation {
+    /// The node's id (drawn at its start; in its log's first lines).
+    pub node: String,
+    /// The environment's version at that node.
+    pub version: u64,
+    /// Its live sessions that have acked at least once.
+    pub sessions: usize,
+    /// Of those, how many hold the fleet's current version.
+    pub current: usize,
+    /// How long ago it reported, in milliseconds (0 for the node asked).
+    pub reported_ms_ago: u64,
 }
 
 /// `GET /sdk/v1/snapshot`: an environment as an SDK that polls over HTTP sees it. With a server

@@ -19,8 +19,8 @@ use super::{Actor, ApiError, ApiResult, AppState, Body, bad_json, parse};
 use crate::api::{
     At, AuditPage, CloneEnv, CreateEnv, CreateKey, CreateToken, EnvInfo, EnvList, ErrorCode,
     EvaluateRequest, Explanation, FlagList, JobInfo, JobState, KeyInfo, KeyList, NewKeyInfo,
-    NewTokenInfo, Progress, Propagation, Retention, RuleRef, SegmentList, Toggle, TokenInfo,
-    TokenList, Written, routes,
+    NewTokenInfo, NodePropagation, Progress, Propagation, Retention, RuleRef, SegmentList, Toggle,
+    TokenInfo, TokenList, Written, routes,
 };
 use crate::control::Edit;
 use crate::hub::EnvHub;
@@ -425,11 +425,47 @@ async fn propagation(
     Path(env): Path<String>,
 ) -> ApiResult<Json<Propagation>> {
     let p = env_hub(&state, &env)?.propagation();
-    Ok(Json(Propagation {
+    let others = state.control.fleet_acks(&env).await?;
+    if others.is_empty() {
+        return Ok(Json(Propagation {
+            version: p.version,
+            sessions: p.sessions,
+            current: p.current,
+            by_version: p.by_version,
+            nodes: Vec::new(),
+        }));
+    }
+    // The fleet: this node's sessions and what the others last reported, counted against the
+    // newest version any node holds.
+    let version = others.iter().map(|a| a.version).fold(p.version, u64::max);
+    let now_ms = crate::store::unix_now_ns() / 1_000_000;
+    let mut by_version = p.by_version.clone();
+    let mut nodes = vec![NodePropagation {
+        node: state.control.node().to_owned(),
         version: p.version,
         sessions: p.sessions,
-        current: p.current,
-        by_version: p.by_version,
+        current: p.by_version.get(&version).copied().unwrap_or(0),
+        reported_ms_ago: 0,
+    }];
+    for a in &others {
+        for (v, n) in &a.by_version {
+            *by_version.entry(*v).or_insert(0) += *n as usize;
+        }
+        nodes.push(NodePropagation {
+            node: a.node.clone(),
+            version: a.version,
+            sessions: a.sessions as usize,
+            current: a.by_version.get(&version).copied().unwrap_or(0) as usize,
+            reported_ms_ago: u64::try_from(now_ms.saturating_sub(a.at_ms.max(0) as u128))
+                .unwrap_or(0),
+        });
+    }
+    Ok(Json(Propagation {
+        version,
+        sessions: nodes.iter().map(|n| n.sessions).sum(),
+        current: by_version.get(&version).copied().unwrap_or(0),
+        by_version,
+        nodes,
     }))
 }
 

@@ -403,6 +403,24 @@ pub enum Wake {
     Resync,
 }
 
+/// What one node's sessions of an environment have acknowledged, as the node last reported it
+/// to a store the nodes share (every second): how `GET …/propagation` counts the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAcks {
+    /// The reporting node (an id it drew at start).
+    pub node: String,
+    /// The environment.
+    pub env: String,
+    /// The environment's version at that node.
+    pub version: u64,
+    /// Its live sessions that have acked at least once.
+    pub sessions: u64,
+    /// Acked version → how many of its sessions hold it.
+    pub by_version: std::collections::BTreeMap<u64, u64>,
+    /// When it reported, Unix milliseconds.
+    pub at_ms: i64,
+}
+
 /// The store: every method is one transaction, and returns after it committed.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
@@ -535,8 +553,87 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// For a store several nodes share: replaces what `node` reported of its sessions' acks
+    /// (none: withdraws it), and drops reports older than `stale_before_ms`, of nodes that died.
+    /// A store only one node uses keeps nothing.
+    async fn report_acks(
+        &self,
+        _node: &str,
+        _acks: Vec<NodeAcks>,
+        _stale_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The reports for `env` made since `since_ms`, of every node.
+    async fn fleet_acks(&self, _env: &str, _since_ms: i64) -> Result<Vec<NodeAcks>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Flushes what the backend buffers, for a clean shutdown.
     async fn close(&self) -> Result<(), StoreError>;
+}
+
+// What both backends store alike. Epochs and versions are `u64`, stored bit for bit in the
+// databases' signed 64-bit integers.
+
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+fn from_sql(v: i64) -> u64 {
+    v as u64
+}
+
+/// The table of an item kind.
+fn table(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Flag => "flags",
+        ItemKind::Segment => "segments",
+    }
+}
+
+fn not_found(kind: ItemKind, key: &str) -> StoreError {
+    match kind {
+        ItemKind::Flag => StoreError::FlagNotFound(key.to_owned()),
+        ItemKind::Segment => StoreError::SegmentNotFound(key.to_owned()),
+    }
+}
+
+fn parse_item(kind: ItemKind, body: &str) -> Result<Item, StoreError> {
+    Item::parse(kind, body).map_err(StoreError::Corrupt)
+}
+
+/// A stored secret hash (hex) read back; `what` names its owner in the error.
+fn secret_hash(
+    hex_text: &str,
+    what: impl FnOnce() -> String,
+) -> Result<crate::keys::SecretHash, StoreError> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|h| crate::keys::SecretHash::try_from(h).ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("{}: unreadable hash", what())))
+}
+
+/// An environment as the audit log shows it.
+fn env_json(name: &str, at: Selector) -> String {
+    serde_json::json!({"name": name, "version": at.version, "epoch": at.epoch_hex()}).to_string()
+}
+
+/// A key as the audit log shows it: the public fields, never the hash.
+fn key_json(k: &KeyRecord) -> String {
+    serde_json::to_string(&crate::api::KeyInfo::from(k)).unwrap_or_default()
+}
+
+/// A token as the audit log shows it: the public fields, never the hash.
+fn token_json(t: &TokenRecord) -> String {
+    serde_json::json!({"name": t.name, "prefix": t.prefix, "created_at": t.created_at,
+                       "revoked_at": t.revoked_at})
+    .to_string()
+}
+
+fn job_json(j: &JobRecord) -> String {
+    serde_json::to_string(j).unwrap_or_default()
 }
 
 /// Unix seconds now.

@@ -8,7 +8,7 @@
 //! a time, in order; it appends the log entry, NOTIFYs `vane_changes` with the environment's
 //! name (delivered at commit), and returns after the commit.
 //!
-//! The schema is versioned: [`MIGRATIONS`] are embedded in the binary and applied at start
+//! The schema is versioned: the migrations (`MIGRATIONS`) are embedded in the binary and applied at start
 //! under an advisory lock, so nodes starting together migrate once. A database from a newer
 //! server is refused.
 
@@ -17,21 +17,23 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
-use tokio_postgres::{NoTls, Row, Transaction};
+use tokio_postgres::{NoTls, Row};
 use tracing::{info, warn};
 use vane_core::history::{Change, Item, ItemKind, Logged, Write};
 use vane_core::protocol::Selector;
 
 use super::{
     Audit, AuditEntry, Committed, EnvMeta, EnvState, Expect, JobRecord, JobState, Loaded,
-    LoadedEnv, LogTail, Meta, Retention, Store, StoreError, TokenRecord, Wake, unix_now,
-    unix_now_ns,
+    LoadedEnv, LogTail, Meta, NodeAcks, Retention, Store, StoreError, TokenRecord, Wake, env_json,
+    from_sql, job_json, key_json, not_found, parse_item, secret_hash, table, to_sql, token_json,
+    unix_now, unix_now_ns,
 };
-use crate::keys::{KeyKind, KeyRecord, SecretHash};
+use crate::keys::{KeyKind, KeyRecord};
 
 /// The schema, one migration per version, applied in order. Never edit one that shipped: add
 /// the next. Epochs and versions are `u64` stored bit for bit in `BIGINT`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE environments (
     name TEXT PRIMARY KEY,
     epoch BIGINT NOT NULL,
@@ -106,10 +108,28 @@ CREATE TABLE audit (
     after TEXT
 );
 CREATE INDEX audit_by_env ON audit (env, id);
-"];
+",
+    "
+-- What each node's sessions have acknowledged, one row a node (JSON: environment -> version,
+-- sessions, acked version -> sessions), rewritten every second: the fleet's propagation.
+CREATE TABLE node_acks (
+    node TEXT PRIMARY KEY,
+    acks TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+",
+];
 
 /// The channel every committed log entry is announced on; the payload is the environment.
 pub const CHANGES_CHANNEL: &str = "vane_changes";
+
+/// One environment in a node's row of `node_acks`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EnvAcks {
+    version: u64,
+    sessions: u64,
+    by_version: std::collections::BTreeMap<u64, u64>,
+}
 
 /// The channel changes to environments, keys, tokens and jobs are announced on.
 pub const META_CHANNEL: &str = "vane_meta";
@@ -120,6 +140,32 @@ const MIGRATION_LOCK: i64 = 0x7661_6e65;
 /// Connections per node. Writes to one environment wait on its row lock anyway; the rest is for
 /// reads (catch-up, the console) running beside them.
 const POOL_SIZE: usize = 8;
+
+/// A transaction of a pooled connection, whose prepared statements the connection keeps.
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+// Statements are prepared once per connection (the pool's statement cache): a query then costs
+// one round trip, not two.
+async fn rows(tx: &Tx<'_>, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.query(&statement, params).await.map_err(db)
+}
+
+async fn row_opt(tx: &Tx<'_>, sql: &str, params: Params<'_>) -> Result<Option<Row>, StoreError> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.query_opt(&statement, params).await.map_err(db)
+}
+
+async fn row_one(tx: &Tx<'_>, sql: &str, params: Params<'_>) -> Result<Row, StoreError> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.query_one(&statement, params).await.map_err(db)
+}
+
+async fn exec(tx: &Tx<'_>, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+    let statement = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.execute(&statement, params).await.map_err(db)
+}
 
 fn db(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend {
@@ -133,31 +179,6 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
         backend: "postgres",
         message: e.to_string(),
     }
-}
-
-fn to_sql(v: u64) -> i64 {
-    v as i64
-}
-fn from_sql(v: i64) -> u64 {
-    v as u64
-}
-
-fn table(kind: ItemKind) -> &'static str {
-    match kind {
-        ItemKind::Flag => "flags",
-        ItemKind::Segment => "segments",
-    }
-}
-
-fn not_found(kind: ItemKind, key: &str) -> StoreError {
-    match kind {
-        ItemKind::Flag => StoreError::FlagNotFound(key.to_owned()),
-        ItemKind::Segment => StoreError::SegmentNotFound(key.to_owned()),
-    }
-}
-
-fn parse_item(kind: ItemKind, body: &str) -> Result<Item, StoreError> {
-    Item::parse(kind, body).map_err(StoreError::Corrupt)
 }
 
 /// The PostgreSQL store. Clones share the pool.
@@ -177,6 +198,47 @@ impl std::fmt::Debug for PostgresStore {
         f.debug_struct("PostgresStore")
             .field("target", &self.target)
             .finish_non_exhaustive()
+    }
+}
+
+/// Connects once, and creates the database if it does not exist yet (so a first start needs
+/// only a server and a role that may create databases). Two nodes starting together may both
+/// try; the one that finds it made already goes on.
+async fn ensure_database(config: &tokio_postgres::Config) -> Result<(), String> {
+    use tokio_postgres::error::SqlState;
+    let missing = match config.connect(NoTls).await {
+        Ok((client, connection)) => {
+            drop(client);
+            let _ = connection.await;
+            return Ok(());
+        }
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => e,
+        Err(e) => return Err(e.to_string()),
+    };
+    let Some(name) = config.get_dbname().map(str::to_owned) else {
+        return Err(missing.to_string());
+    };
+    let mut maintenance = config.clone();
+    maintenance.dbname("postgres");
+    let (client, connection) = maintenance.connect(NoTls).await.map_err(|e| {
+        format!("{missing}; and connecting to the `postgres` database to create it: {e}")
+    })?;
+    let driver = tokio::spawn(connection);
+    let created = client
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{}\"",
+            name.replace('"', "\"\"")
+        ))
+        .await;
+    drop(client);
+    let _ = driver.await;
+    match created {
+        Ok(()) => {
+            info!(database = %name, "created the database");
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => Err(format!("{missing}; and creating it: {e}")),
     }
 }
 
@@ -219,6 +281,12 @@ impl PostgresStore {
             config.application_name("vane");
         }
         let target = describe(&config);
+        ensure_database(&config)
+            .await
+            .map_err(|message| StoreError::Backend {
+                backend: "postgres",
+                message: format!("{target}: {message}"),
+            })?;
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -266,17 +334,17 @@ impl PostgresStore {
     async fn migrate(&self) -> Result<bool, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(db)?;
+        exec(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS vane_schema (version INTEGER NOT NULL)")
             .await
             .map_err(db)?;
-        let at: i32 = tx
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM vane_schema", &[])
-            .await
-            .map_err(db)?
-            .get(0);
+        let at: i32 = row_one(
+            &tx,
+            "SELECT COALESCE(MAX(version), 0) FROM vane_schema",
+            &[],
+        )
+        .await?
+        .get(0);
         let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
         if at > known {
             return Err(StoreError::Corrupt(format!(
@@ -286,9 +354,12 @@ impl PostgresStore {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(at as usize) {
             tx.batch_execute(sql).await.map_err(db)?;
             let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-            tx.execute("INSERT INTO vane_schema (version) VALUES ($1)", &[&version])
-                .await
-                .map_err(db)?;
+            exec(
+                &tx,
+                "INSERT INTO vane_schema (version) VALUES ($1)",
+                &[&version],
+            )
+            .await?;
         }
         tx.commit().await.map_err(db)?;
         Ok(at == 0)
@@ -299,16 +370,14 @@ impl PostgresStore {
     }
 }
 
-async fn env_selector(tx: &Transaction<'_>, env: &str, lock: bool) -> Result<Selector, StoreError> {
+async fn env_selector(tx: &Tx<'_>, env: &str, lock: bool) -> Result<Selector, StoreError> {
     let sql = if lock {
         "SELECT epoch, version FROM environments WHERE name = $1 FOR UPDATE"
     } else {
         "SELECT epoch, version FROM environments WHERE name = $1"
     };
-    let row = tx
-        .query_opt(sql, &[&env])
-        .await
-        .map_err(db)?
+    let row = row_opt(tx, sql, &[&env])
+        .await?
         .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?;
     Ok(Selector {
         epoch: from_sql(row.get(0)),
@@ -316,12 +385,12 @@ async fn env_selector(tx: &Transaction<'_>, env: &str, lock: bool) -> Result<Sel
     })
 }
 
-async fn items(tx: &Transaction<'_>, env: &str, kind: ItemKind) -> Result<Vec<Item>, StoreError> {
+async fn items(tx: &Tx<'_>, env: &str, kind: ItemKind) -> Result<Vec<Item>, StoreError> {
     let sql = format!(
         "SELECT body FROM {} WHERE env = $1 ORDER BY key",
         table(kind)
     );
-    let rows = tx.query(&sql, &[&env]).await.map_err(db)?;
+    let rows = rows(tx, &sql, &[&env]).await?;
     rows.iter()
         .map(|r| parse_item(kind, r.get::<_, &str>(0)))
         .collect()
@@ -338,15 +407,14 @@ fn log_row(r: &Row) -> Result<LogRow, StoreError> {
 }
 
 /// The newest `window` entries of `env`'s log, oldest first, parsed for the history window.
-async fn recent(tx: &Transaction<'_>, env: &str, window: i64) -> Result<Vec<Logged>, StoreError> {
-    let rows = tx
-        .query(
-            "SELECT version, kind, key, body FROM changes WHERE env = $1
+async fn recent(tx: &Tx<'_>, env: &str, window: i64) -> Result<Vec<Logged>, StoreError> {
+    let rows = rows(
+        tx,
+        "SELECT version, kind, key, body FROM changes WHERE env = $1
              ORDER BY version DESC LIMIT $2",
-            &[&env, &window],
-        )
-        .await
-        .map_err(db)?;
+        &[&env, &window],
+    )
+    .await?;
     let mut out = rows.iter().map(log_row).collect::<Result<Vec<_>, _>>()?;
     out.sort_by_key(|(version, ..)| *version);
     out.into_iter()
@@ -356,16 +424,8 @@ async fn recent(tx: &Transaction<'_>, env: &str, window: i64) -> Result<Vec<Logg
         .collect()
 }
 
-/// A stored secret hash (hex) read back; `what` names its owner in the error.
-fn secret_hash(hex_text: &str, what: impl FnOnce() -> String) -> Result<SecretHash, StoreError> {
-    hex::decode(hex_text)
-        .ok()
-        .and_then(|h| SecretHash::try_from(h).ok())
-        .ok_or_else(|| StoreError::Corrupt(format!("{}: unreadable hash", what())))
-}
-
 async fn query_keys(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     filter: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<KeyRecord>, StoreError> {
@@ -373,7 +433,7 @@ async fn query_keys(
         "SELECT id, env, kind, prefix, hash, created_at, revoked_at FROM sdk_keys {filter}
          ORDER BY created_at, id"
     );
-    let rows = tx.query(&sql, params).await.map_err(db)?;
+    let rows = rows(tx, &sql, params).await?;
     rows.iter()
         .map(|r| {
             let id: String = r.get(0);
@@ -395,7 +455,7 @@ async fn query_keys(
 }
 
 async fn query_tokens(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     filter: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<TokenRecord>, StoreError> {
@@ -403,7 +463,7 @@ async fn query_tokens(
         "SELECT name, prefix, hash, created_at, revoked_at FROM admin_tokens {filter}
          ORDER BY created_at, name"
     );
-    let rows = tx.query(&sql, params).await.map_err(db)?;
+    let rows = rows(tx, &sql, params).await?;
     rows.iter()
         .map(|r| {
             let name: String = r.get(0);
@@ -420,7 +480,7 @@ async fn query_tokens(
 }
 
 async fn query_jobs(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     filter: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<JobRecord>, StoreError> {
@@ -429,7 +489,7 @@ async fn query_jobs(
                 source_version, created_at, finished_at
          FROM jobs {filter} ORDER BY created_at, id"
     );
-    let rows = tx.query(&sql, params).await.map_err(db)?;
+    let rows = rows(tx, &sql, params).await?;
     rows.iter()
         .map(|r| {
             let id: String = r.get(0);
@@ -454,19 +514,21 @@ async fn query_jobs(
         .collect()
 }
 
-async fn one_job(tx: &Transaction<'_>, id: &str) -> Result<JobRecord, StoreError> {
+async fn one_job(tx: &Tx<'_>, id: &str) -> Result<JobRecord, StoreError> {
     query_jobs(tx, "WHERE id = $1", &[&id])
         .await?
         .pop()
         .ok_or_else(|| StoreError::JobNotFound(id.to_owned()))
 }
 
-async fn env_state(tx: &Transaction<'_>, env: &str) -> Result<EnvState, StoreError> {
-    let row = tx
-        .query_opt("SELECT state FROM environments WHERE name = $1", &[&env])
-        .await
-        .map_err(db)?
-        .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?;
+async fn env_state(tx: &Tx<'_>, env: &str) -> Result<EnvState, StoreError> {
+    let row = row_opt(
+        tx,
+        "SELECT state FROM environments WHERE name = $1",
+        &[&env],
+    )
+    .await?
+    .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?;
     let state: &str = row.get(0);
     EnvState::parse(state)
         .ok_or_else(|| StoreError::Corrupt(format!("environment state {state:?}")))
@@ -474,7 +536,7 @@ async fn env_state(tx: &Transaction<'_>, env: &str) -> Result<EnvState, StoreErr
 
 /// Appends an audit entry, inside the caller's transaction.
 async fn record(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     audit: &Audit,
     env: Option<&str>,
     target: Option<&str>,
@@ -482,7 +544,8 @@ async fn record(
     after: Option<String>,
 ) -> Result<(), StoreError> {
     let at_ms = i64::try_from(unix_now_ns() / 1_000_000).unwrap_or(i64::MAX);
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO audit (at_ms, actor, action, env, target, before, after)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[
@@ -495,14 +558,13 @@ async fn record(
             &after,
         ],
     )
-    .await
-    .map_err(db)?;
+    .await?;
     Ok(())
 }
 
 /// The version and body of the item `key` as stored, if it exists.
 async fn stored_item(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     env: &str,
     kind: ItemKind,
     key: &str,
@@ -511,113 +573,79 @@ async fn stored_item(
         "SELECT version, body FROM {} WHERE env = $1 AND key = $2",
         table(kind)
     );
-    Ok(tx
-        .query_opt(&sql, &[&env, &key])
-        .await
-        .map_err(db)?
+    Ok(row_opt(tx, &sql, &[&env, &key])
+        .await?
         .map(|r| (from_sql(r.get(0)), r.get(1))))
 }
 
-/// Writes `write` as `version` of `env` (the item and its log entry; the caller sets the
-/// environment's version and notifies).
-async fn write_item(
-    tx: &Transaction<'_>,
-    env: &str,
-    write: Write,
-    version: u64,
-) -> Result<Change, StoreError> {
-    let (kind, key) = (write.kind(), write.key().to_owned());
-    let change = write.into_change(version);
+/// Writes `change` to `env` (the item and its log entry; the caller sets the environment's
+/// version and notifies). The two statements go out together (pipelined on the connection) and
+/// run in order.
+async fn write_change(tx: &Tx<'_>, env: &str, change: &Change) -> Result<(), StoreError> {
+    let (kind, key) = (change.kind, change.key.as_str());
     let body = change.item.as_ref().map(Item::body);
-    match &body {
-        Some(text) => {
-            let sql = format!(
-                "INSERT INTO {} (env, key, body, version) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (env, key) DO UPDATE SET body = excluded.body, version = excluded.version",
-                table(kind)
-            );
-            tx.execute(&sql, &[&env, &key, text, &to_sql(version)])
-                .await
-                .map_err(db)?;
-        }
-        None => {
-            let sql = format!("DELETE FROM {} WHERE env = $1 AND key = $2", table(kind));
-            if tx.execute(&sql, &[&env, &key]).await.map_err(db)? == 0 {
-                return Err(not_found(kind, &key));
+    let version = to_sql(change.version);
+    let item = async {
+        match &body {
+            Some(text) => {
+                let sql = format!(
+                    "INSERT INTO {} (env, key, body, version) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (env, key) DO UPDATE SET body = excluded.body, version = excluded.version",
+                    table(kind)
+                );
+                exec(tx, &sql, &[&env, &key, text, &version]).await?;
+            }
+            None => {
+                let sql = format!("DELETE FROM {} WHERE env = $1 AND key = $2", table(kind));
+                if exec(tx, &sql, &[&env, &key]).await? == 0 {
+                    return Err(not_found(kind, key));
+                }
             }
         }
-    }
-    tx.execute(
+        Ok(())
+    };
+    let (kind_name, now) = (kind.as_str(), unix_now());
+    let log_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&env, &version, &kind_name, &key, &body, &now];
+    let logged = exec(
+        tx,
         "INSERT INTO changes (env, version, kind, key, body, committed_at)
          VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            &env,
-            &to_sql(version),
-            &kind.as_str(),
-            &key,
-            &body,
-            &unix_now(),
-        ],
-    )
-    .await
-    .map_err(db)?;
-    Ok(change)
+        &log_params,
+    );
+    futures_util::try_join!(item, logged)?;
+    Ok(())
 }
 
 /// Sets the environment's version and announces the new entries, both delivered at commit.
-async fn advance(tx: &Transaction<'_>, env: &str, version: u64) -> Result<(), StoreError> {
-    tx.execute(
+async fn advance(tx: &Tx<'_>, env: &str, version: u64) -> Result<(), StoreError> {
+    exec(
+        tx,
         "UPDATE environments SET version = $2 WHERE name = $1",
         &[&env, &to_sql(version)],
     )
-    .await
-    .map_err(db)?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &env])
-        .await
-        .map_err(db)?;
+    .await?;
+    exec(tx, "SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &env]).await?;
     Ok(())
 }
 
 /// Inserts a new environment in `state` with a fresh epoch.
-async fn insert_env(
-    tx: &Transaction<'_>,
-    name: &str,
-    state: EnvState,
-) -> Result<Selector, StoreError> {
+async fn insert_env(tx: &Tx<'_>, name: &str, state: EnvState) -> Result<Selector, StoreError> {
     let selector = Selector {
         epoch: rand::random(),
         version: 0,
     };
-    let inserted = tx
-        .execute(
-            "INSERT INTO environments (name, epoch, version, created_at, state)
+    let inserted = exec(
+        tx,
+        "INSERT INTO environments (name, epoch, version, created_at, state)
              VALUES ($1, $2, 0, $3, $4) ON CONFLICT (name) DO NOTHING",
-            &[&name, &to_sql(selector.epoch), &unix_now(), &state.as_str()],
-        )
-        .await
-        .map_err(db)?;
+        &[&name, &to_sql(selector.epoch), &unix_now(), &state.as_str()],
+    )
+    .await?;
     if inserted == 0 {
         return Err(StoreError::EnvExists(name.to_owned()));
     }
     Ok(selector)
-}
-
-fn env_json(name: &str, at: Selector) -> String {
-    serde_json::json!({"name": name, "version": at.version, "epoch": at.epoch_hex()}).to_string()
-}
-
-fn key_json(k: &KeyRecord) -> String {
-    serde_json::to_string(&crate::api::KeyInfo::from(k)).unwrap_or_default()
-}
-
-fn token_json(t: &TokenRecord) -> String {
-    serde_json::json!({"name": t.name, "prefix": t.prefix, "created_at": t.created_at,
-                       "revoked_at": t.revoked_at})
-    .to_string()
-}
-
-fn job_json(j: &JobRecord) -> String {
-    serde_json::to_string(j).unwrap_or_default()
 }
 
 /// A read-only transaction that sees one moment of the whole database.
@@ -635,7 +663,7 @@ async fn snapshot(
 
 /// The environments `filter` selects, by name.
 async fn env_metas(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     filter: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<EnvMeta>, StoreError> {
@@ -643,7 +671,7 @@ async fn env_metas(
         "SELECT name, epoch, version, state, retain_changes, retain_days FROM environments
          {filter} ORDER BY name"
     );
-    let rows = tx.query(&sql, params).await.map_err(db)?;
+    let rows = rows(tx, &sql, params).await?;
     rows.iter()
         .map(|r| {
             let name: String = r.get(0);
@@ -668,11 +696,7 @@ async fn env_metas(
 }
 
 /// An environment's items and newest `window` log entries.
-async fn load_one(
-    tx: &Transaction<'_>,
-    meta: EnvMeta,
-    window: usize,
-) -> Result<LoadedEnv, StoreError> {
+async fn load_one(tx: &Tx<'_>, meta: EnvMeta, window: usize) -> Result<LoadedEnv, StoreError> {
     let mut items_ = items(tx, &meta.name, ItemKind::Segment).await?;
     items_.extend(items(tx, &meta.name, ItemKind::Flag).await?);
     let window = i64::try_from(window).unwrap_or(i64::MAX);
@@ -688,7 +712,7 @@ async fn load_one(
 }
 
 /// The keys and tokens in force, and the jobs a start resumes or reports.
-async fn active(tx: &Transaction<'_>) -> Result<super::Active, StoreError> {
+async fn active(tx: &Tx<'_>) -> Result<super::Active, StoreError> {
     let keys = query_keys(tx, "WHERE revoked_at IS NULL", &[]).await?;
     let tokens = query_tokens(tx, "WHERE revoked_at IS NULL", &[]).await?;
     let jobs = query_jobs(
@@ -702,10 +726,8 @@ async fn active(tx: &Transaction<'_>) -> Result<super::Active, StoreError> {
 }
 
 /// Announces a change to environments, keys, tokens or jobs (delivered at commit).
-async fn announce_meta(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_notify($1, '')", &[&META_CHANNEL])
-        .await
-        .map_err(db)?;
+async fn announce_meta(tx: &Tx<'_>) -> Result<(), StoreError> {
+    exec(tx, "SELECT pg_notify($1, '')", &[&META_CHANNEL]).await?;
     Ok(())
 }
 
@@ -868,17 +890,15 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         let at = env_selector(&tx, name, true).await?;
-        tx.execute("DELETE FROM environments WHERE name = $1", &[&name])
-            .await
-            .map_err(db)?;
-        tx.execute(
+        exec(&tx, "DELETE FROM environments WHERE name = $1", &[&name]).await?;
+        exec(
+            &tx,
             "UPDATE jobs SET state = 'failed', finished_at = $2,
                  error = 'the environment was deleted during the clone'
              WHERE target = $1 AND state = 'running'",
             &[&name, &unix_now()],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         record(&tx, audit, Some(name), None, Some(env_json(name, at)), None).await?;
         announce_meta(&tx).await?;
         tx.commit().await.map_err(db)?;
@@ -895,9 +915,12 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         // The row lock: writes to this environment, from any node, take versions one at a time.
-        let current = env_selector(&tx, env, true).await?;
+        // The item is read in the same round trip, after the lock is held.
         let (kind, key) = (write.kind(), write.key().to_owned());
-        let stored = stored_item(&tx, env, kind, &key).await?;
+        let (current, stored) = futures_util::try_join!(
+            env_selector(&tx, env, true),
+            stored_item(&tx, env, kind, &key)
+        )?;
         let conflict = || StoreError::Conflict {
             env: env.to_owned(),
             version: current.version,
@@ -913,18 +936,21 @@ impl Store for PostgresStore {
             },
         }
         let version = current.version + 1;
-        let change = write_item(&tx, env, write, version).await?;
+        let change = write.into_change(version);
         let after = change.item.as_ref().map(Item::body);
-        advance(&tx, env, version).await?;
-        record(
-            &tx,
-            audit,
-            Some(env),
-            Some(&key),
-            stored.map(|(_, b)| b),
-            after,
-        )
-        .await?;
+        // Item, log entry, version, announcement and audit entry in one round trip.
+        futures_util::try_join!(
+            write_change(&tx, env, &change),
+            advance(&tx, env, version),
+            record(
+                &tx,
+                audit,
+                Some(env),
+                Some(&key),
+                stored.map(|(_, b)| b),
+                after
+            ),
+        )?;
         tx.commit().await.map_err(db)?;
         Ok(Committed {
             epoch: current.epoch,
@@ -959,7 +985,8 @@ impl Store for PostgresStore {
             created_at: unix_now(),
             finished_at: None,
         };
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO jobs (id, kind, source, target, state, copied, total, source_epoch,
                                source_version, created_at)
              VALUES ($1, $2, $3, $4, 'running', 0, $5, $6, $7, $8)",
@@ -974,8 +1001,7 @@ impl Store for PostgresStore {
                 &job.created_at,
             ],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         record(&tx, audit, Some(target), None, None, Some(job_json(&job))).await?;
         announce_meta(&tx).await?;
         tx.commit().await.map_err(db)?;
@@ -1007,19 +1033,20 @@ impl Store for PostgresStore {
             "DELETE FROM segments WHERE env = $1",
             "DELETE FROM changes WHERE env = $1",
         ] {
-            tx.execute(sql, &[&record_.target]).await.map_err(db)?;
+            exec(&tx, sql, &[&record_.target]).await?;
         }
         let selector = Selector {
             epoch: rand::random(),
             version: 0,
         };
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE environments SET epoch = $2, version = 0, state = 'creating' WHERE name = $1",
             &[&record_.target, &to_sql(selector.epoch)],
         )
-        .await
-        .map_err(db)?;
-        tx.execute(
+        .await?;
+        exec(
+            &tx,
             "UPDATE jobs SET state = 'running', copied = 0, total = $2, error = NULL,
                  source_epoch = $3, source_version = $4, finished_at = NULL
              WHERE id = $1",
@@ -1030,8 +1057,7 @@ impl Store for PostgresStore {
                 &to_sql(source_at.version),
             ],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let restarted = one_job(&tx, job).await?;
         record(
             &tx,
@@ -1065,15 +1091,17 @@ impl Store for PostgresStore {
         let n = writes.len() as u64;
         let mut changes = Vec::with_capacity(writes.len());
         for (i, write) in writes.into_iter().enumerate() {
-            changes.push(write_item(&tx, &record_.target, write, at.version + 1 + i as u64).await?);
+            let change = write.into_change(at.version + 1 + i as u64);
+            write_change(&tx, &record_.target, &change).await?;
+            changes.push(change);
         }
         advance(&tx, &record_.target, at.version + n).await?;
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE jobs SET copied = copied + $2 WHERE id = $1",
             &[&job, &to_sql(n)],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         tx.commit().await.map_err(db)?;
         let at_unix_ns = unix_now_ns();
         Ok(changes
@@ -1100,18 +1128,18 @@ impl Store for PostgresStore {
             None => (EnvState::Ready, JobState::Done),
             Some(_) => (EnvState::Failed, JobState::Failed),
         };
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE environments SET state = $2 WHERE name = $1",
             &[&record_.target, &env_state.as_str()],
         )
-        .await
-        .map_err(db)?;
-        tx.execute(
+        .await?;
+        exec(
+            &tx,
             "UPDATE jobs SET state = $2, error = $3, finished_at = $4 WHERE id = $1",
             &[&job, &job_state.as_str(), &error, &unix_now()],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let ended = one_job(&tx, job).await?;
         announce_meta(&tx).await?;
         tx.commit().await.map_err(db)?;
@@ -1133,7 +1161,7 @@ impl Store for PostgresStore {
         let mut out = Vec::new();
         for kind in [ItemKind::Segment, ItemKind::Flag] {
             let sql = format!("SELECT key FROM {} WHERE env = $1", table(kind));
-            for r in tx.query(&sql, &[&env]).await.map_err(db)? {
+            for r in rows(&tx, &sql, &[&env]).await? {
                 out.push((kind, r.get(0)));
             }
         }
@@ -1149,19 +1177,19 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        let row = tx
-            .query_opt(
-                "SELECT retain_changes, retain_days FROM environments WHERE name = $1 FOR UPDATE",
-                &[&env],
-            )
-            .await
-            .map_err(db)?
-            .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?;
+        let row = row_opt(
+            &tx,
+            "SELECT retain_changes, retain_days FROM environments WHERE name = $1 FOR UPDATE",
+            &[&env],
+        )
+        .await?
+        .ok_or_else(|| StoreError::EnvNotFound(env.to_owned()))?;
         let before = Retention {
             max_changes: row.get::<_, Option<i64>>(0).map(from_sql),
             max_age_days: row.get::<_, Option<i64>>(1).map(from_sql),
         };
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE environments SET retain_changes = $2, retain_days = $3 WHERE name = $1",
             &[
                 &env,
@@ -1169,8 +1197,7 @@ impl Store for PostgresStore {
                 &retention.max_age_days.map(to_sql),
             ],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let json = |r: Retention| serde_json::to_string(&r).unwrap_or_default();
         record(
             &tx,
@@ -1208,19 +1235,18 @@ impl Store for PostgresStore {
     async fn create_token(&self, token: &TokenRecord, audit: &Audit) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        let inserted = tx
-            .execute(
-                "INSERT INTO admin_tokens (name, hash, prefix, created_at) VALUES ($1, $2, $3, $4)
+        let inserted = exec(
+            &tx,
+            "INSERT INTO admin_tokens (name, hash, prefix, created_at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (name) DO NOTHING",
-                &[
-                    &token.name,
-                    &hex::encode(token.hash),
-                    &token.prefix,
-                    &token.created_at,
-                ],
-            )
-            .await
-            .map_err(db)?;
+            &[
+                &token.name,
+                &hex::encode(token.hash),
+                &token.prefix,
+                &token.created_at,
+            ],
+        )
+        .await?;
         if inserted == 0 {
             return Err(StoreError::TokenExists(token.name.clone()));
         }
@@ -1241,22 +1267,22 @@ impl Store for PostgresStore {
     async fn revoke_token(&self, name: &str, audit: &Audit) -> Result<TokenRecord, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        tx.execute(
+        exec(
+            &tx,
             "SELECT 1 FROM admin_tokens WHERE name = $1 FOR UPDATE",
             &[&name],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let before = query_tokens(&tx, "WHERE name = $1", &[&name])
             .await?
             .pop()
             .ok_or_else(|| StoreError::TokenNotFound(name.to_owned()))?;
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE admin_tokens SET revoked_at = COALESCE(revoked_at, $2) WHERE name = $1",
             &[&name, &unix_now()],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let after = query_tokens(&tx, "WHERE name = $1", &[&name])
             .await?
             .pop()
@@ -1338,14 +1364,13 @@ impl Store for PostgresStore {
             .map_err(db)?;
         let epoch = env_selector(&tx, env, false).await?.epoch;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = tx
-            .query(
-                "SELECT version, kind, key, body FROM changes WHERE env = $1 AND version > $2
+        let rows = rows(
+            &tx,
+            "SELECT version, kind, key, body FROM changes WHERE env = $1 AND version > $2
                  ORDER BY version LIMIT $3",
-                &[&env, &to_sql(after), &limit],
-            )
-            .await
-            .map_err(db)?;
+            &[&env, &to_sql(after), &limit],
+        )
+        .await?;
         tx.commit().await.map_err(db)?;
         let changes = rows
             .iter()
@@ -1367,7 +1392,8 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         env_selector(&tx, &key.env, false).await?;
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO sdk_keys (id, env, kind, hash, prefix, created_at)
              VALUES ($1, $2, $3, $4, $5, $6)",
             &[
@@ -1379,8 +1405,7 @@ impl Store for PostgresStore {
                 &key.created_at,
             ],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         record(
             &tx,
             audit,
@@ -1404,22 +1429,22 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         env_selector(&tx, env, false).await?;
-        tx.execute(
+        exec(
+            &tx,
             "SELECT 1 FROM sdk_keys WHERE env = $1 AND id = $2 FOR UPDATE",
             &[&env, &id],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let before = query_keys(&tx, "WHERE env = $1 AND id = $2", &[&env, &id])
             .await?
             .pop()
             .ok_or_else(|| StoreError::KeyNotFound(id.to_owned()))?;
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE sdk_keys SET revoked_at = COALESCE(revoked_at, $3) WHERE env = $1 AND id = $2",
             &[&env, &id, &unix_now()],
         )
-        .await
-        .map_err(db)?;
+        .await?;
         let after = query_keys(&tx, "WHERE env = $1 AND id = $2", &[&env, &id])
             .await?
             .pop()
@@ -1445,6 +1470,75 @@ impl Store for PostgresStore {
         let keys = query_keys(&tx, "WHERE env = $1", &[&env]).await?;
         tx.commit().await.map_err(db)?;
         Ok(keys)
+    }
+
+    async fn report_acks(
+        &self,
+        node: &str,
+        acks: Vec<NodeAcks>,
+        stale_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        // No sessions: no row (what it reported before is withdrawn).
+        let at_ms = acks.first().map(|a| a.at_ms);
+        let report: std::collections::BTreeMap<String, EnvAcks> = acks
+            .into_iter()
+            .map(|a| {
+                let entry = EnvAcks {
+                    version: a.version,
+                    sessions: a.sessions,
+                    by_version: a.by_version,
+                };
+                (a.env, entry)
+            })
+            .collect();
+        let report = serde_json::to_string(&report).unwrap_or_default();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        exec(
+            &tx,
+            "DELETE FROM node_acks WHERE node = $1 OR at_ms < $2",
+            &[&node, &stale_before_ms],
+        )
+        .await?;
+        if let Some(at_ms) = at_ms {
+            exec(
+                &tx,
+                "INSERT INTO node_acks (node, acks, at_ms) VALUES ($1, $2, $3)",
+                &[&node, &report, &at_ms],
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn fleet_acks(&self, env: &str, since_ms: i64) -> Result<Vec<NodeAcks>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let found = rows(
+            &tx,
+            "SELECT node, acks, at_ms FROM node_acks WHERE at_ms >= $1 ORDER BY node",
+            &[&since_ms],
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        let mut out = Vec::new();
+        for r in &found {
+            let report: std::collections::BTreeMap<String, EnvAcks> =
+                serde_json::from_str(r.get(1))
+                    .map_err(|e| StoreError::Corrupt(format!("node_acks: {e}")))?;
+            if let Some(a) = report.get(env) {
+                out.push(NodeAcks {
+                    node: r.get(0),
+                    env: env.to_owned(),
+                    version: a.version,
+                    sessions: a.sessions,
+                    by_version: a.by_version.clone(),
+                    at_ms: r.get(2),
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn close(&self) -> Result<(), StoreError> {

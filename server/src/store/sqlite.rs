@@ -16,9 +16,11 @@ use vane_core::protocol::Selector;
 
 use super::{
     Audit, AuditEntry, Committed, EnvMeta, EnvState, Expect, JobRecord, JobState, Loaded,
-    LoadedEnv, LogTail, Meta, Retention, Store, StoreError, TokenRecord, unix_now, unix_now_ns,
+    LoadedEnv, LogTail, Meta, Retention, Store, StoreError, TokenRecord, env_json, from_sql,
+    job_json, key_json, not_found, parse_item, secret_hash, table, to_sql, token_json, unix_now,
+    unix_now_ns,
 };
-use crate::keys::{KeyKind, KeyRecord, SecretHash};
+use crate::keys::{KeyKind, KeyRecord};
 
 /// The SQLite store. Clones share the connection.
 #[derive(Debug, Clone)]
@@ -122,32 +124,6 @@ fn db(e: rusqlite::Error) -> StoreError {
         backend: "sqlite",
         message: e.to_string(),
     }
-}
-
-// SQLite integers are signed; epochs and versions are u64 stored bit for bit.
-fn to_sql(v: u64) -> i64 {
-    v as i64
-}
-fn from_sql(v: i64) -> u64 {
-    v as u64
-}
-
-fn table(kind: ItemKind) -> &'static str {
-    match kind {
-        ItemKind::Flag => "flags",
-        ItemKind::Segment => "segments",
-    }
-}
-
-fn not_found(kind: ItemKind, key: &str) -> StoreError {
-    match kind {
-        ItemKind::Flag => StoreError::FlagNotFound(key.to_owned()),
-        ItemKind::Segment => StoreError::SegmentNotFound(key.to_owned()),
-    }
-}
-
-fn parse_item(kind: ItemKind, body: &str) -> Result<Item, StoreError> {
-    Item::parse(kind, body).map_err(StoreError::Corrupt)
 }
 
 impl SqliteStore {
@@ -312,14 +288,6 @@ fn logged<P: rusqlite::Params>(
             Logged::parse(version, kind, key, body.as_deref()).map_err(StoreError::Corrupt)
         })
         .collect()
-}
-
-/// A stored secret hash (hex) read back; `what` names its owner in the error.
-fn secret_hash(hex_text: &str, what: impl FnOnce() -> String) -> Result<SecretHash, StoreError> {
-    hex::decode(hex_text)
-        .ok()
-        .and_then(|h| SecretHash::try_from(h).ok())
-        .ok_or_else(|| StoreError::Corrupt(format!("{}: unreadable hash", what())))
 }
 
 fn query_keys<P: rusqlite::Params>(
@@ -529,27 +497,6 @@ fn insert_env(tx: &Transaction<'_>, name: &str, state: EnvState) -> Result<Selec
         return Err(StoreError::EnvExists(name.to_owned()));
     }
     Ok(selector)
-}
-
-/// An environment as the audit log shows it.
-fn env_json(name: &str, at: Selector) -> String {
-    serde_json::json!({"name": name, "version": at.version, "epoch": at.epoch_hex()}).to_string()
-}
-
-/// A key as the audit log shows it: the public fields, never the hash.
-fn key_json(k: &KeyRecord) -> String {
-    serde_json::to_string(&crate::api::KeyInfo::from(k)).unwrap_or_default()
-}
-
-/// A token as the audit log shows it: the public fields, never the hash.
-fn token_json(t: &TokenRecord) -> String {
-    serde_json::json!({"name": t.name, "prefix": t.prefix, "created_at": t.created_at,
-                       "revoked_at": t.revoked_at})
-    .to_string()
-}
-
-fn job_json(j: &JobRecord) -> String {
-    serde_json::to_string(j).unwrap_or_default()
 }
 
 fn query_tokens<P: rusqlite::Params>(

@@ -1,6 +1,7 @@
 //! What every store must do, run against each backend: the embedded SQLite file and a real
 //! PostgreSQL (the private cluster `scripts/test-all` starts; its URL, without a database, in
-//! `VANE_TEST_POSTGRES`). Each PostgreSQL test gets a database of its own.
+//! `VANE_TEST_POSTGRES`). Each PostgreSQL test gets a database of its own, which the store
+//! creates at its first connection as it would for an operator.
 
 use std::sync::Arc;
 
@@ -34,22 +35,10 @@ impl Fixture {
         Fixture::Sqlite(tempfile::tempdir().unwrap())
     }
 
-    /// A new, empty database on the test cluster.
-    async fn postgres() -> Fixture {
-        let server = postgres_server();
-        let name = format!("vane_{}", hex::encode(rand::random::<[u8; 8]>()));
-        let (client, connection) =
-            tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("the test cluster answers");
-        let connection = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        drop(client);
-        let _ = connection.await;
-        Fixture::Postgres(format!("{server}/{name}"))
+    /// A database of its own on the test cluster: a new name, which the store creates.
+    fn postgres() -> Fixture {
+        let name = hex::encode(rand::random::<[u8; 8]>());
+        Fixture::Postgres(format!("{}/vane_{name}", postgres_server()))
     }
 
     async fn open(&self) -> Arc<dyn Store> {
@@ -85,7 +74,7 @@ macro_rules! on_every_store {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Fixture::postgres().await).await;
+                    super::$name(super::Fixture::postgres()).await;
                 }
             )*
         }

@@ -204,3 +204,170 @@ pub fn wait_ready(http: &str) {
     }
     panic!("server at {http} never became ready");
 }
+
+/// A client of the server whose data directory is `data`, through `endpoint`, retrying fast.
+pub fn client_config(
+    data: &Path,
+    endpoint: &str,
+    key: &str,
+    transport: vane_core::client::TransportPreference,
+) -> vane_core::client::ClientConfig {
+    let ca = std::fs::read(data.join("tls/ca.pem")).expect("the CA");
+    let mut config = vane_core::client::ClientConfig::new(endpoint.to_owned(), key, ca);
+    config.server_name = Some("localhost".into());
+    config.transport = transport;
+    config.sync.backoff_initial = Duration::from_millis(50);
+    config.sync.backoff_max = Duration::from_millis(500);
+    config
+}
+
+/// A started client and every update it published, collected as they come (so none is lost
+/// to a lagging receiver), with when.
+pub struct Watched {
+    pub client: vane_core::client::Client,
+    updates: std::sync::Arc<std::sync::Mutex<Vec<(Instant, vane_core::sync::Update)>>>,
+}
+
+/// Starts a client and waits until it has flags. A key made through another node of a cluster
+/// is unknown to this one until it has heard of it (milliseconds): the client is started again
+/// until then.
+pub async fn watch(config: vane_core::client::ClientConfig) -> Watched {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let watched = start_watching(config.clone());
+        match watched.client.wait_for_initialization(PATIENCE).await {
+            Ok(()) => return watched,
+            Err(vane_core::client::ClientError::Rejected(_)) if Instant::now() < deadline => {
+                watched.client.close().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no client: {e}"),
+        }
+    }
+}
+
+fn start_watching(config: vane_core::client::ClientConfig) -> Watched {
+    use tokio::sync::broadcast::error::RecvError;
+    let (client, mut rx) = vane_core::client::Client::start_with_updates(config).unwrap();
+    let updates = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = updates.clone();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(u) => into.lock().unwrap().push((Instant::now(), u)),
+                Err(RecvError::Lagged(n)) => panic!("lost {n} updates"),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Watched { client, updates }
+}
+
+impl Watched {
+    /// Waits until the client stands at `at` or later (a write whose answer was lost may have
+    /// committed after it); returns when it got there.
+    pub async fn reach(&self, at: vane_core::protocol::Selector) -> Instant {
+        let reached =
+            |s: &vane_core::protocol::Selector| s.epoch == at.epoch && s.version >= at.version;
+        let mut status = self.client.watch_status();
+        tokio::time::timeout(
+            PATIENCE,
+            status.wait_for(|s| s.selector.as_ref().is_some_and(reached)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("client never reached {at:?}: {:?}", self.client.status()))
+        .unwrap();
+        let updates = self.updates.lock().unwrap();
+        updates
+            .iter()
+            .find(|(_, u)| reached(&u.selector))
+            .map_or_else(Instant::now, |(t, _)| *t)
+    }
+
+    /// The kinds of the updates after `t`.
+    pub fn kinds_after(&self, t: Instant) -> Vec<vane_core::sync::UpdateKind> {
+        let updates = self.updates.lock().unwrap();
+        updates
+            .iter()
+            .filter(|(at, _)| *at > t)
+            .map(|(_, u)| u.kind)
+            .collect()
+    }
+}
+
+type Acked = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>;
+type InDoubt = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Four writers putting new flags (`w{w}-{n}`) into `prod` through `admin`, each until the server
+/// stops answering: what a `kill -9` in the middle of writes is tested with.
+pub struct Writers {
+    acked: Acked,
+    in_doubt: InDoubt,
+    /// How many writes are acknowledged so far.
+    pub progress: tokio::sync::watch::Receiver<usize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    pub fn start(admin: &vane_server::api::client::AdminClient) -> Writers {
+        let acked: Acked = std::sync::Arc::default();
+        let in_doubt: InDoubt = std::sync::Arc::default();
+        let (progress, acks) = tokio::sync::watch::channel(0usize);
+        let progress = std::sync::Arc::new(progress);
+        let tasks = (0..4)
+            .map(|w| {
+                let (admin, progress) = (admin.clone(), progress.clone());
+                let (acked, in_doubt) = (
+                    std::sync::Arc::clone(&acked),
+                    std::sync::Arc::clone(&in_doubt),
+                );
+                tokio::spawn(async move {
+                    for n in 0..100_000 {
+                        let key = format!("w{w}-{n}");
+                        let flag = vane_core::model::Flag::boolean(&key, n % 2 == 0, true);
+                        match admin.put_flag("prod", &key, &flag).await {
+                            Ok(written) => {
+                                let mut acked: std::sync::MutexGuard<
+                                    '_,
+                                    std::collections::BTreeMap<String, u64>,
+                                > = acked.lock().unwrap();
+                                acked.insert(key, written.at.version);
+                                progress.send_modify(|n| *n += 1);
+                            }
+                            Err(_) => {
+                                // Sent, but no answer: committed or not, either is correct.
+                                in_doubt.lock().unwrap().push(key);
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            acked,
+            in_doubt,
+            progress: acks,
+            tasks,
+        }
+    }
+
+    /// Waits until `n` writes are acknowledged.
+    pub async fn wait_for(&mut self, n: usize) {
+        tokio::time::timeout(PATIENCE, self.progress.wait_for(|acked| *acked >= n))
+            .await
+            .expect("the writers got going")
+            .unwrap();
+    }
+
+    /// Waits for every writer to stop (the server is gone); the acknowledged writes (key →
+    /// version) and the ones sent without an answer.
+    pub async fn finish(self) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let in_doubt = self.in_doubt.lock().unwrap().clone();
+        (acked, in_doubt)
+    }
+}
