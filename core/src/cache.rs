@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+#[cfg(feature = "rules")]
 use crate::model::{Flag, Segment};
 use crate::protocol::Selector;
 use crate::state::{EvaluatedValue, FlagSet};
@@ -28,8 +29,10 @@ struct CacheDoc {
     /// Evaluated mode: the context (JSON text) the values were computed for.
     #[serde(default)]
     context: Option<String>,
+    #[cfg(feature = "rules")]
     #[serde(default)]
     flags: Vec<Flag>,
+    #[cfg(feature = "rules")]
     #[serde(default)]
     segments: Vec<Segment>,
     #[serde(default)]
@@ -100,15 +103,18 @@ impl Cache {
         let Some(selector) = flags.selector() else {
             return Ok(()); // nothing applied yet
         };
-        let (flag_list, segments, values) = flags.to_cached();
+        #[cfg(feature = "rules")]
+        let (flag_list, segments) = flags.cached_definitions();
         let doc = CacheDoc {
             format: FORMAT,
             epoch: selector.epoch_hex(),
             version: selector.version,
             context: context.map(str::to_owned),
+            #[cfg(feature = "rules")]
             flags: flag_list,
+            #[cfg(feature = "rules")]
             segments,
-            values,
+            values: flags.cached_values(),
         };
         let key = context
             .and_then(|c| crate::eval::Context::parse(c).ok())
@@ -132,7 +138,10 @@ fn parse(text: &str) -> Result<(FlagSet, Option<String>), String> {
         epoch,
         version: doc.version,
     };
+    #[cfg(feature = "rules")]
     let set = FlagSet::from_cached(Some(selector), doc.flags, doc.segments, doc.values)?;
+    #[cfg(not(feature = "rules"))]
+    let set = FlagSet::from_cached(Some(selector), Vec::new(), Vec::new(), doc.values)?;
     Ok((set, doc.context))
 }
 

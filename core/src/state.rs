@@ -84,19 +84,24 @@ impl FlagSet {
         }
     }
 
-    /// The set as stored in the offline cache: definitions (rules mode) or values (evaluated).
-    pub(crate) fn to_cached(&self) -> (Vec<Flag>, Vec<Segment>, BTreeMap<String, EvaluatedValue>) {
+    /// The definitions as stored in the offline cache (rules mode).
+    #[cfg(feature = "rules")]
+    pub(crate) fn cached_definitions(&self) -> (Vec<Flag>, Vec<Segment>) {
         (
             self.flags.values().map(|f| f.flag().clone()).collect(),
             self.segments
                 .values()
                 .map(|s| s.segment().clone())
                 .collect(),
-            self.values
-                .iter()
-                .map(|(k, v)| (k.clone(), (**v).clone()))
-                .collect(),
         )
+    }
+
+    /// The values as stored in the offline cache (evaluated mode).
+    pub(crate) fn cached_values(&self) -> BTreeMap<String, EvaluatedValue> {
+        self.values
+            .iter()
+            .map(|(k, v)| (k.clone(), (**v).clone()))
+            .collect()
     }
 
     /// A set loaded from the offline cache: served with reason `CACHED` until confirmed live.
@@ -111,15 +116,24 @@ impl FlagSet {
             cached: true,
             ..FlagSet::default()
         };
-        for seg in segments {
-            let key = seg.key.clone();
-            let seg = CompiledSegment::new(seg).map_err(|e| format!("segment {key:?}: {e}"))?;
-            set.segments.insert(key, Arc::new(seg));
+        #[cfg(feature = "rules")]
+        {
+            for seg in segments {
+                let key = seg.key.clone();
+                let seg = CompiledSegment::new(seg).map_err(|e| format!("segment {key:?}: {e}"))?;
+                set.segments.insert(key, Arc::new(seg));
+            }
+            for flag in flags {
+                let key = flag.key.clone();
+                let flag = CompiledFlag::new(flag).map_err(|e| format!("flag {key:?}: {e}"))?;
+                set.flags.insert(key, Arc::new(flag));
+            }
         }
-        for flag in flags {
-            let key = flag.key.clone();
-            let flag = CompiledFlag::new(flag).map_err(|e| format!("flag {key:?}: {e}"))?;
-            set.flags.insert(key, Arc::new(flag));
+        #[cfg(not(feature = "rules"))]
+        if !flags.is_empty() || !segments.is_empty() {
+            return Err(
+                "the cache holds flag definitions, and this build evaluates no rules".into(),
+            );
         }
         set.values = values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         Ok(set)
@@ -133,8 +147,8 @@ impl FlagSet {
     /// Evaluates `key` for `ctx`: locally in rules mode; in evaluated mode the server's answer
     /// for the session's context is returned and `ctx` is not used.
     pub fn evaluate(&self, key: &str, ctx: &Context) -> Evaluation<'_> {
-        let mut e = if let Some(flag) = self.flags.get(key) {
-            flag.evaluate(ctx, &self.segments)
+        let mut e = if let Some(e) = self.evaluate_rules(key, ctx) {
+            e
         } else if let Some(value) = self.values.get(key) {
             value.as_evaluation()
         } else if self.refused.contains_key(key) {
@@ -146,6 +160,18 @@ impl FlagSet {
             e.reason = Reason::Cached;
         }
         e
+    }
+
+    /// Rules mode: `key`'s definition evaluated for `ctx`, if this set holds it.
+    #[cfg(feature = "rules")]
+    fn evaluate_rules(&self, key: &str, ctx: &Context) -> Option<Evaluation<'_>> {
+        self.flags.get(key).map(|f| f.evaluate(ctx, &self.segments))
+    }
+
+    /// A build without rules mode holds no definitions.
+    #[cfg(not(feature = "rules"))]
+    fn evaluate_rules(&self, _key: &str, _ctx: &Context) -> Option<Evaluation<'_>> {
+        None
     }
 
     /// Whether these flags came from the offline cache and no live connection confirmed them yet.
@@ -367,6 +393,7 @@ impl FlagSet {
 /// Compiles a flag from the wire, sharing unchanged rules with the version it replaces. One
 /// that is not valid, or over the limits the server enforces too, is refused here, with a
 /// warning, instead of costing this process what it would take to compile.
+#[cfg(feature = "rules")]
 fn compile_flag(wire: pb::Flag, previous: Option<&CompiledFlag>) -> Result<CompiledFlag, String> {
     let key = wire.key.clone();
     let compiled = Flag::try_from(wire)
@@ -377,8 +404,25 @@ fn compile_flag(wire: pb::Flag, previous: Option<&CompiledFlag>) -> Result<Compi
     })
 }
 
+/// A build without rules mode refuses every definition (a server sends them only to a server
+/// key, which such a build is not given).
+#[cfg(not(feature = "rules"))]
+fn compile_flag(wire: pb::Flag, _previous: Option<&CompiledFlag>) -> Result<CompiledFlag, String> {
+    tracing::warn!(flag = %wire.key, "refused a flag definition: this build evaluates no rules");
+    Err("this build evaluates no rules".into())
+}
+
+#[cfg(not(feature = "rules"))]
+fn compile_segment(
+    _wire: pb::Segment,
+    _previous: Option<&CompiledSegment>,
+) -> Option<CompiledSegment> {
+    None
+}
+
 /// The same for a segment; a refused one is left out (the flags that use it then fail to
 /// evaluate, as with any missing segment).
+#[cfg(feature = "rules")]
 fn compile_segment(
     wire: pb::Segment,
     previous: Option<&CompiledSegment>,

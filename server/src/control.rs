@@ -774,10 +774,9 @@ impl Control {
                 .hub
                 .envs()
                 .iter()
-                .filter(|env| env.propagation().sessions > 0)
-                .map(|env| {
+                .filter_map(|env| {
                     let p = env.propagation();
-                    NodeAcks {
+                    (p.sessions > 0).then(|| NodeAcks {
                         node: self.node.clone(),
                         env: env.name().to_owned(),
                         version: p.version,
@@ -788,7 +787,7 @@ impl Control {
                             .map(|(v, n)| (v, n as u64))
                             .collect(),
                         at_ms: now,
-                    }
+                    })
                 })
                 .collect();
             // A failure is the store's (the follower says so); the next tick tries again.

@@ -122,7 +122,8 @@ pub enum ClientError {
 pub struct ClientConfig {
     /// `HOST:PORT` of the server's protocol listener (QUIC and TCP share the port).
     pub endpoint: String,
-    /// PEM of the certificate(s) to trust (the server's `tls/ca.pem`).
+    /// PEM of the certificate(s) to trust (the server's `tls/ca.pem`), and nothing else; empty:
+    /// the platform's trust store (see [`tls_config`]).
     pub ca_pem: Vec<u8>,
     /// The name to verify the server's certificate against; defaults to the endpoint's host.
     pub server_name: Option<String>,
@@ -343,19 +344,30 @@ impl Client {
 
     /// Waits until flags have arrived, the server rejected the client, or `timeout` passed.
     pub async fn wait_for_initialization(&self, timeout: Duration) -> Result<(), ClientError> {
-        let mut rx = self.shared.status.subscribe();
-        let done = |s: &Status| s.initialized || s.state == ConnectionState::Stopped;
-        match tokio::time::timeout(timeout, rx.wait_for(done)).await {
-            Ok(Ok(s)) if s.initialized => Ok(()),
-            Ok(Ok(s)) => Err(s
-                .fatal
-                .clone()
-                .map_or(ClientError::Closed, ClientError::Rejected)),
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => Err(ClientError::Timeout {
+        match self.wait_status(timeout, &|s| s.initialized).await? {
+            Some(s) if s.initialized => Ok(()),
+            Some(s) => Err(s.fatal.map_or(ClientError::Closed, ClientError::Rejected)),
+            None => Err(ClientError::Timeout {
                 waited: timeout,
                 last_error: self.status().last_error,
             }),
+        }
+    }
+
+    /// Waits up to `timeout` for a status that `done` accepts, or the client stopping (the
+    /// server rejected it); that status, or `None` if the time ran out. One function for every
+    /// wait (a `dyn` predicate, so one copy of the waiting code in the mobile library).
+    async fn wait_status(
+        &self,
+        timeout: Duration,
+        done: &(dyn Fn(&Status) -> bool + Send + Sync),
+    ) -> Result<Option<Status>, ClientError> {
+        let mut rx = self.shared.status.subscribe();
+        let done = |s: &Status| done(s) || s.state == ConnectionState::Stopped;
+        match tokio::time::timeout(timeout, rx.wait_for(done)).await {
+            Ok(Ok(s)) => Ok(Some(s.clone())),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Ok(None),
         }
     }
 
@@ -412,22 +424,17 @@ impl Client {
         timeout: Duration,
     ) -> Result<bool, ClientError> {
         let want: Arc<str> = context.to_json().to_string().into();
-        let mut rx = self.shared.status.subscribe();
         self.identify(context);
         if !self.evaluated {
             return Ok(true);
         }
-        let done = |s: &Status| {
-            s.values_for.as_deref() == Some(&*want) || s.state == ConnectionState::Stopped
-        };
-        match tokio::time::timeout(timeout, rx.wait_for(done)).await {
-            Ok(Ok(s)) if s.state != ConnectionState::Stopped => Ok(true),
-            Ok(Ok(s)) => Err(s
-                .fatal
-                .clone()
-                .map_or(ClientError::Closed, ClientError::Rejected)),
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => Ok(false),
+        let answered = |s: &Status| s.values_for.as_deref() == Some(&*want);
+        match self.wait_status(timeout, &answered).await? {
+            Some(s) if s.state == ConnectionState::Stopped && !answered(&s) => {
+                Err(s.fatal.map_or(ClientError::Closed, ClientError::Rejected))
+            }
+            Some(_) => Ok(true),
+            None => Ok(false),
         }
     }
 

@@ -16,6 +16,7 @@ use vane_proto::v1 as pb;
 
 use super::Details;
 use crate::eval::Context;
+#[cfg(feature = "rules")]
 use crate::model::{Flag, Segment};
 use crate::protocol::{self, Selector};
 
@@ -167,8 +168,10 @@ fn percent_encode(text: &str, out: &mut String) {
 struct Body {
     version: u64,
     epoch: String,
+    #[cfg(feature = "rules")]
     #[serde(default)]
     flags: Option<Vec<Flag>>,
+    #[cfg(feature = "rules")]
     #[serde(default)]
     segments: Option<Vec<Segment>>,
     #[serde(default)]
@@ -238,20 +241,26 @@ fn parse(answer: &[u8]) -> Result<Polled, String> {
             version: 0,
         })
         .collect();
+    #[cfg(feature = "rules")]
+    let (flags, segments) = (
+        body.flags
+            .unwrap_or_default()
+            .iter()
+            .map(Into::into)
+            .collect(),
+        body.segments
+            .unwrap_or_default()
+            .iter()
+            .map(Into::into)
+            .collect(),
+    );
+    // A build without rules mode reads values only (what a mobile key is sent).
+    #[cfg(not(feature = "rules"))]
+    let (flags, segments) = (Vec::new(), Vec::new());
     let snapshot = pb::Snapshot {
         selector: Some(selector.into()),
-        flags: body
-            .flags
-            .unwrap_or_default()
-            .iter()
-            .map(Into::into)
-            .collect(),
-        segments: body
-            .segments
-            .unwrap_or_default()
-            .iter()
-            .map(Into::into)
-            .collect(),
+        flags,
+        segments,
         values,
         reason: pb::SnapshotReason::NoSelector.into(),
     };
