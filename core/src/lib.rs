@@ -2,8 +2,10 @@
 //! catch-up rules (shared with the server), the [`protocol`] terms both ends use, the sans-IO
 //! client [`sync`] state machine, the evaluation counts it reports ([`summary`]), and the tokio [`client`] that drives it over QUIC or TCP+TLS.
 //!
-//! The server, the Rust client and the mobile SDKs (through `vane-ffi`) all evaluate with this
-//! crate, so a flag gives the same answer everywhere.
+//! The server and the Rust client evaluate with this crate, so a flag gives the same answer
+//! everywhere. Evaluating definitions on the client (rules mode) is the `rules` feature, on by
+//! default; the mobile SDKs (through `vane-ffi`) leave it out, since a mobile key is sent values
+//! the server evaluated, and a client without it refuses definitions.
 
 pub mod eval;
 pub mod history;
