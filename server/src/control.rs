@@ -240,6 +240,8 @@ pub struct Control {
     stop: CancellationToken,
     /// This node's id in a store several nodes share, drawn at start.
     node: String,
+    /// Tells the follower to compare with the store now (a client showed an unknown key).
+    poke: Arc<tokio::sync::Notify>,
 }
 
 /// The actor of what the server does by itself (seeding the demo).
@@ -296,6 +298,7 @@ impl Control {
             jobs: TaskTracker::new(),
             stop: CancellationToken::new(),
             node: format!("node-{}", hex::encode(rand::random::<[u8; 4]>())),
+            poke: Arc::default(),
         })
     }
 
@@ -747,6 +750,9 @@ impl Control {
             return Ok(None);
         };
         let interval = self.config.follow_interval;
+        // A key a client shows that this node does not know may be one another node made a
+        // moment ago: for two intervals it is "not yet" (retry), and the follower looks now.
+        self.hub.follow_with(2 * interval, self.poke.clone());
         let (this, report) = (self.clone(), self.clone().report_acks(stop.clone()));
         Ok(Some(tokio::spawn(async move {
             tokio::join!(this.follow(wakes, interval, stop), report);
@@ -826,6 +832,7 @@ impl Control {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         let mut listening = true;
+        let mut last_poke = tokio::time::Instant::now();
         loop {
             let result = tokio::select! {
                 () = stop.cancelled() => return,
@@ -841,6 +848,13 @@ impl Control {
                     }
                 },
                 _ = tick.tick() => self.reconcile().await,
+                () = self.poke.notified() => {
+                    // Clients showing unknown keys (made up, or just made elsewhere) make this
+                    // node look at the store at most ten times a second.
+                    tokio::time::sleep_until(last_poke + Duration::from_millis(100)).await;
+                    last_poke = tokio::time::Instant::now();
+                    self.reconcile().await
+                }
             };
             match result {
                 Err(e) if !failing => {

@@ -591,6 +591,33 @@ pub struct Hub {
     /// Live sessions: QUIC, TCP.
     sessions: [AtomicUsize; 2],
     window: usize,
+    /// With a store other nodes share: keys this node did not know when a client presented
+    /// them, and when it first did (see [`Hub::authenticate_at`]).
+    following: OnceLock<Following>,
+}
+
+/// What a node that follows others keeps about SDK keys it was shown but does not know.
+#[derive(Debug)]
+struct Following {
+    /// How long a key unknown here may still be one just made on another node.
+    grace: std::time::Duration,
+    misses: Mutex<HashMap<SecretHash, Instant>>,
+    /// Asks the follower to compare with the store now.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// At most this many unknown keys are remembered (more: the oldest memory is dropped, so a
+/// flood of made-up keys costs bounded memory and at most one more grace each).
+const MAX_KEY_MISSES: usize = 10_000;
+
+/// Why [`Hub::authenticate_at`] did not grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMiss {
+    /// Unknown or revoked.
+    Unknown,
+    /// Unknown here, but other nodes share the store and it may have been made on one of them
+    /// a moment ago: retry shortly.
+    NotYet,
 }
 
 /// Counts a live session until dropped.
@@ -614,6 +641,44 @@ impl Hub {
             next_session: AtomicU64::new(1),
             sessions: Default::default(),
             window,
+            following: OnceLock::new(),
+        }
+    }
+
+    /// Marks the hub as one node of several on a shared store: a key it does not know is, for
+    /// `grace` after a client first shows it, answered "not yet" rather than "unknown", and
+    /// `wake` is notified so the follower looks at the store at once.
+    pub fn follow_with(&self, grace: std::time::Duration, wake: Arc<tokio::sync::Notify>) {
+        let _ = self.following.set(Following {
+            grace,
+            misses: Mutex::new(HashMap::new()),
+            wake,
+        });
+    }
+
+    /// The grant of an SDK key secret at `now`; for a key this node does not know, whether it
+    /// is unknown for good or may be one another node made a moment ago.
+    pub fn authenticate_at(&self, secret: &str, now: Instant) -> Result<Arc<Grant>, KeyMiss> {
+        let hash = keys::hash_secret(secret);
+        if let Some(grant) = self.keys.read().get(&hash).cloned() {
+            return Ok(grant);
+        }
+        let Some(following) = self.following.get() else {
+            return Err(KeyMiss::Unknown);
+        };
+        let mut misses = following.misses.lock();
+        if misses.len() >= MAX_KEY_MISSES {
+            misses.retain(|_, first| now.saturating_duration_since(*first) < following.grace);
+            if misses.len() >= MAX_KEY_MISSES {
+                misses.clear();
+            }
+        }
+        let first = *misses.entry(hash).or_insert(now);
+        if now.saturating_duration_since(first) < following.grace {
+            following.wake.notify_one();
+            Err(KeyMiss::NotYet)
+        } else {
+            Err(KeyMiss::Unknown)
         }
     }
 

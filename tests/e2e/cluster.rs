@@ -97,6 +97,22 @@ async fn writes_through_any_node_reach_the_clients_of_every_node_in_order() {
     assert!(infos.iter().all(|i| i == &infos[0]), "{infos:?}");
 }
 
+/// A key made through one node, used at once on another: that node may not have heard of it
+/// yet, and tells the client to retry (INITIALIZING) rather than refusing the key for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_on_one_node_works_at_once_on_another() {
+    let store = postgres_database();
+    let a = TestServer::node(&store, None).await;
+    let b = TestServer::node(&store, Some(&a)).await;
+    for env in ["one", "two", "three"] {
+        let key = a.env_with_key(env, KeyKind::Server).await;
+        let (client, _) =
+            crate::harness::start_client(b.client_config(&key, TransportPreference::Tcp)).await;
+        assert!(client.status().fatal.is_none());
+        client.close().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_and_deletion_end_sessions_on_every_node() {
     let store = postgres_database();

@@ -31,7 +31,7 @@ use vane_proto::codec::{self, DecodeError};
 use vane_proto::v1::{self as pb, ErrorCode, frame::Kind};
 
 use crate::events::{Events, SummaryCount, event_reason};
-use crate::hub::{EnvHub, Grant, Hub, Published, SessionMeta};
+use crate::hub::{EnvHub, Grant, Hub, KeyMiss, Published, SessionMeta};
 
 /// Characters of a client's platform and SDK name the server keeps for the live view.
 const MAX_META_CHARS: usize = 64;
@@ -238,6 +238,9 @@ impl Outbox {
 
 /// Seconds a refused client is told to wait when the server, or its environment, is not ready.
 const RETRY_WHEN_NOT_READY: Duration = Duration::from_secs(1);
+/// What a client whose key this node has not heard of yet is told to wait (with other nodes on
+/// the store, the key may have been made on one of them a moment ago).
+const RETRY_UNKNOWN_KEY: Duration = Duration::from_millis(500);
 /// What a client of an environment whose clone failed is told to wait: until someone retries or
 /// deletes it, which takes a person.
 const RETRY_WHEN_FAILED: Duration = Duration::from_secs(30);
@@ -523,9 +526,24 @@ impl Session {
                 ),
             ));
         }
-        let grant = hub
-            .authenticate(&hello.sdk_key)
-            .ok_or_else(|| refuse(ErrorCode::Unauthenticated, "unknown or revoked SDK key"))?;
+        let grant = match hub.authenticate_at(&hello.sdk_key, now) {
+            Ok(grant) => grant,
+            Err(KeyMiss::Unknown) => {
+                return Err(refuse(
+                    ErrorCode::Unauthenticated,
+                    "unknown or revoked SDK key",
+                ));
+            }
+            Err(KeyMiss::NotYet) => {
+                // Perhaps made on another node a moment ago: this one is about to hear of it.
+                let why = "this node does not know the SDK key yet; retry shortly";
+                self.finish_with(
+                    refuse(ErrorCode::Initializing, why),
+                    Some(RETRY_UNKNOWN_KEY),
+                );
+                return Ok(());
+            }
+        };
         grant
             .kind
             .allows(hello.mode())

@@ -920,6 +920,58 @@ fn a_wrong_key_stops_the_client_for_good() {
     assert!(!p.client.wants_connect(p.now));
 }
 
+/// With other nodes on the store, a key this node does not know may be one another node made a
+/// moment ago: the client is told to retry shortly, and once it is known it gets in; a key
+/// still unknown after the grace is refused for good.
+#[test]
+fn a_key_unknown_to_a_following_node_is_retried_within_the_grace() {
+    let mut p = Pair::new(&[flag("a", true)]);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    p.hub.follow_with(Duration::from_secs(4), wake);
+    let key = keys::mint(ENV, KeyKind::Server, 0);
+    p.client = SyncMachine::new(
+        SyncConfig::new(key.secret.clone()),
+        FlagSet::default(),
+        None,
+        1,
+    );
+    p.connect();
+    let (reason, delay) = p.last_disconnect();
+    assert!(
+        matches!(
+            reason,
+            DisconnectReason::Server {
+                code: ErrorCode::Initializing,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    assert!(delay >= Duration::from_millis(500), "{delay:?}");
+    // The follower hears of the key; the next attempt gets in.
+    p.hub.add_key(&key.record);
+    p.until_client_deadline();
+    p.connect();
+    assert_eq!(p.last_update().kind, UpdateKind::Snapshot);
+
+    // A key nobody made: retried within the grace, then refused for good.
+    let made_up = keys::mint(ENV, KeyKind::Server, 0);
+    p.client = SyncMachine::new(
+        SyncConfig::new(made_up.secret.clone()),
+        FlagSet::default(),
+        None,
+        2,
+    );
+    p.connect();
+    assert!(!p.client.is_stopped(), "within the grace: retry");
+    p.advance(Duration::from_secs(5));
+    p.connect();
+    assert!(matches!(
+        p.events.last(),
+        Some(Event::Stopped(Fatal::Unauthenticated(_)))
+    ));
+}
+
 #[test]
 fn a_mobile_key_may_not_have_rules() {
     let mut p = Pair::new(&[]);
