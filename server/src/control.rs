@@ -918,26 +918,8 @@ impl Control {
                 self.hub.remove_env(hub.name());
             }
         }
-        let keys: HashSet<&str> = meta.keys.iter().map(|k| k.id.as_str()).collect();
-        for id in self.hub.key_ids() {
-            if !keys.contains(id.as_str()) {
-                self.hub.revoke_key(&id);
-            }
-        }
-        let known: HashSet<String> = self.hub.key_ids().into_iter().collect();
-        for key in meta.keys.iter().filter(|k| !known.contains(&k.id)) {
-            self.hub.add_key(key);
-        }
-        let tokens: HashSet<&str> = meta.tokens.iter().map(|t| t.name.as_str()).collect();
-        for name in self.hub.token_names() {
-            if !tokens.contains(name.as_str()) {
-                self.hub.revoke_token(&name);
-            }
-        }
-        let known: HashSet<String> = self.hub.token_names().into_iter().collect();
-        for token in meta.tokens.iter().filter(|t| !known.contains(&t.name)) {
-            self.hub.add_token(token);
-        }
+        self.hub.sync_keys(&meta.keys);
+        self.hub.sync_tokens(&meta.tokens);
         drop(_order);
         for hub in behind {
             self.catch_up(&hub).await?;

@@ -720,14 +720,35 @@ impl Hub {
         self.envs.write().insert(hub.name.clone(), hub);
     }
 
-    /// The ids of the keys in force.
-    pub fn key_ids(&self) -> Vec<String> {
-        self.keys.read().values().map(|g| g.id.clone()).collect()
+    /// Makes the keys in force exactly `keys` (what the store holds, with what other nodes
+    /// created and revoked): the grants of keys no longer among them end, new ones start.
+    pub fn sync_keys(&self, keys: &[KeyRecord]) {
+        let wanted: std::collections::HashSet<&SecretHash> = keys
+            .iter()
+            .filter(|k| k.revoked_at.is_none())
+            .map(|k| &k.hash)
+            .collect();
+        let mut map = self.keys.write();
+        map.retain(|hash, grant| {
+            let keep = wanted.contains(hash);
+            if !keep {
+                grant.end(Revoked::Key);
+            }
+            keep
+        });
+        for key in keys.iter().filter(|k| k.revoked_at.is_none()) {
+            map.entry(key.hash)
+                .or_insert_with(|| Arc::new(Grant::new(key)));
+        }
     }
 
-    /// The names of the named admin tokens in force.
-    pub fn token_names(&self) -> Vec<String> {
-        self.tokens.read().values().cloned().collect()
+    /// Makes the named admin tokens in force exactly `tokens`.
+    pub fn sync_tokens(&self, tokens: &[TokenRecord]) {
+        *self.tokens.write() = tokens
+            .iter()
+            .filter(|t| t.revoked_at.is_none())
+            .map(|t| (t.hash, t.name.clone()))
+            .collect();
     }
 
     /// How many changes each environment keeps for resumption.

@@ -19,6 +19,7 @@ use clap::Parser;
 use serde_json::json;
 use vane_benches::load::LoadTransport;
 use vane_benches::load::fleet::{Fleet, FleetSpec};
+use vane_benches::load::percentile;
 use vane_benches::spawned::SpawnedVane;
 use vane_server::api::JobState;
 use vane_server::api::client::AdminClient;
@@ -47,14 +48,6 @@ struct Args {
     /// Extra arguments for `vane serve` (repeat), e.g. `--server-arg=--clone-batch=200`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
-}
-
-/// Percentiles of a sample, in milliseconds.
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Admin requests against the `other` environment, one after another, until `stop`: a write
@@ -261,12 +254,12 @@ async fn main() {
             "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} |",
             phase.name,
             phase.toggles.len(),
-            pct(&latencies, 0.5),
-            pct(&latencies, 0.99),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
             latencies.last().copied().unwrap_or(f64::NAN),
             admin.len(),
-            pct(&admin, 0.5),
-            pct(&admin, 0.99),
+            percentile(&admin, 0.5),
+            percentile(&admin, 0.99),
             admin.last().copied().unwrap_or(f64::NAN),
         );
     }

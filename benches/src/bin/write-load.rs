@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use vane_benches::load::percentile;
 use vane_benches::spawned::SpawnedVane;
 use vane_core::model::Flag;
 
@@ -41,13 +42,6 @@ struct Args {
     /// HTTP port of the server (loopback); the protocol port is the next one.
     #[arg(long, default_value_t = 30480)]
     port: u16,
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]
@@ -121,8 +115,8 @@ async fn main() {
         args.writers,
         latencies.len(),
         latencies.len() as f64 / elapsed,
-        pct(&latencies, 0.5),
-        pct(&latencies, 0.99),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(f64::NAN),
     );
 }

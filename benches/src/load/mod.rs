@@ -160,6 +160,14 @@ fn load_flag() -> Flag {
     }
 }
 
+/// The `p` quantile (0 to 1) of a sorted sample, by nearest rank; NaN for an empty one.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// Unix nanoseconds now, the clock `committed_at_ns` and arrivals are compared on.
 pub fn now_ns() -> u128 {
     SystemTime::now()
@@ -385,13 +393,7 @@ pub async fn run(
         }
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        if latencies.is_empty() {
-            f64::NAN
-        } else {
-            latencies[((latencies.len() as f64 - 1.0) * p).round() as usize]
-        }
-    };
+    let pct = |p: f64| percentile(&latencies, p);
     let per_conn = match (rss_before, rss_connected) {
         (Some(a), Some(b)) if clients > 0 => Some(b.saturating_sub(a) / clients as u64),
         _ => None,

@@ -228,22 +228,16 @@ pub struct Watched {
     updates: std::sync::Arc<std::sync::Mutex<Vec<(Instant, vane_core::sync::Update)>>>,
 }
 
-/// Starts a client and waits until it has flags. A key made through another node of a cluster
-/// is unknown to this one until it has heard of it (milliseconds): the client is started again
-/// until then.
+/// Starts a client and waits until it has flags. (A key made through another node of a cluster
+/// that this one has not heard of yet is answered INITIALIZING, and the client retries.)
 pub async fn watch(config: vane_core::client::ClientConfig) -> Watched {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let watched = start_watching(config.clone());
-        match watched.client.wait_for_initialization(PATIENCE).await {
-            Ok(()) => return watched,
-            Err(vane_core::client::ClientError::Rejected(_)) if Instant::now() < deadline => {
-                watched.client.close().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no client: {e}"),
-        }
-    }
+    let watched = start_watching(config);
+    watched
+        .client
+        .wait_for_initialization(PATIENCE)
+        .await
+        .expect("the client initialized");
+    watched
 }
 
 fn start_watching(config: vane_core::client::ClientConfig) -> Watched {
