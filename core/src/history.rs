@@ -329,6 +329,8 @@ pub struct EnvHistory {
     flags: BTreeMap<String, Arc<FlagEntry>>,
     segments: BTreeMap<String, Arc<SegmentEntry>>,
     /// Changes in version order, the last one at `selector.version`; at most `window` of them.
+    /// Usually one per version; a merged span of versions (see [`EnvHistory::apply_merged`])
+    /// is several entries that all carry the span's last version.
     changes: VecDeque<Logged>,
     window: usize,
 }
@@ -415,7 +417,8 @@ impl EnvHistory {
         self.segments.values()
     }
 
-    /// The oldest version from which a delta can still be built.
+    /// The oldest version from which a delta can still be built. (A merged span at the front
+    /// of the window counts from its last version, less one: its start is not kept.)
     pub fn oldest_resumable(&self) -> u64 {
         self.changes
             .front()
@@ -452,14 +455,60 @@ impl EnvHistory {
             .expect("the change just recorded is in the window")
     }
 
+    /// Records the versions after the current one up to `to` at once, from what a merged
+    /// delta says of them: each item's latest state (`None`: deleted), not which version did
+    /// what. A relay, mirroring its upstream, learns of a span of versions this way when it
+    /// was brought current after a gap. The span is kept as entries that all carry `to`, so a
+    /// client at any version inside it is sent the whole span again, which is correct (each
+    /// item's latest state, applied over an older or newer one of the same span) if more than
+    /// it needs; and it leaves the window whole or not at all.
+    pub fn apply_merged(
+        &mut self,
+        to: u64,
+        items: impl IntoIterator<Item = (ItemKind, String, Option<Item>)>,
+    ) {
+        assert!(
+            to > self.selector.version,
+            "a span ends after the current version"
+        );
+        for (kind, key, item) in items {
+            let change = Change {
+                version: to,
+                kind,
+                key,
+                item,
+            };
+            let logged = Logged::from(&change);
+            match (change.item, kind) {
+                (Some(Item::Flag(e)), _) => drop(self.flags.insert(change.key, e)),
+                (Some(Item::Segment(e)), _) => drop(self.segments.insert(change.key, e)),
+                (None, ItemKind::Flag) => drop(self.flags.remove(&change.key)),
+                (None, ItemKind::Segment) => drop(self.segments.remove(&change.key)),
+            }
+            self.changes.push_back(logged);
+        }
+        self.selector.version = to;
+        self.trim();
+    }
+
     /// The version the next change will have.
     pub fn next_version(&self) -> u64 {
         self.selector.version + 1
     }
 
+    /// Drops the oldest entries beyond the window, a merged span as a whole.
     fn trim(&mut self) {
         while self.changes.len() > self.window {
-            self.changes.pop_front();
+            let Some(dropped) = self.changes.pop_front() else {
+                break;
+            };
+            while self
+                .changes
+                .front()
+                .is_some_and(|c| c.version == dropped.version)
+            {
+                self.changes.pop_front();
+            }
         }
     }
 
@@ -468,7 +517,7 @@ impl EnvHistory {
         if from < self.oldest_resumable() || from > self.selector.version {
             return None;
         }
-        let skip = self.changes.len() - (self.selector.version - from) as usize;
+        let skip = self.changes.partition_point(|c| c.version <= from);
         Some(self.changes.iter().skip(skip))
     }
 
@@ -691,6 +740,54 @@ mod tests {
         let d = h.delta_since(3).unwrap();
         assert!(d.upserts.is_empty());
         assert_eq!(d.deletes, vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn a_merged_span_serves_every_version_inside_it_and_leaves_the_window_whole() {
+        let mut h = env(4);
+        put(&mut h, Flag::boolean("a", true, true)); // 1
+        put(&mut h, Flag::boolean("b", true, true)); // 2
+        // Versions 3..=6 learned at once: "a" changed (last at 5), "b" deleted, "c" made at 6.
+        let item = |key: &str, version: u64| {
+            let mut flag = Flag::boolean(key, false, true);
+            flag.version = version;
+            Some(Item::flag(flag).unwrap())
+        };
+        h.apply_merged(
+            6,
+            [
+                (ItemKind::Flag, "a".to_owned(), item("a", 5)),
+                (ItemKind::Flag, "b".to_owned(), None),
+                (ItemKind::Flag, "c".to_owned(), item("c", 6)),
+            ],
+        );
+        assert_eq!(h.selector().version, 6);
+        let keys: Vec<&str> = h.flags().map(|f| f.wire.key.as_str()).collect();
+        assert_eq!(keys, ["a", "c"]);
+        // From before the span, and from inside it: the whole span, each item once.
+        for from in [2, 4] {
+            let d = h.delta_since(from).unwrap();
+            assert_eq!((d.from_version, d.to_version), (from, 6));
+            let upserts: Vec<(&str, u64)> = d
+                .upserts
+                .iter()
+                .map(|f| (f.key.as_str(), f.version))
+                .collect();
+            assert_eq!(upserts, [("a", 5), ("c", 6)]);
+            assert_eq!(d.deletes, ["b"]);
+        }
+        assert!(h.delta_since(6).unwrap().upserts.is_empty());
+        // One more change: the window (4) overflows, and the oldest entries go first; with the
+        // span at the front, only a client at its end less one can still resume.
+        put(&mut h, Flag::boolean("d", true, true)); // 7
+        assert_eq!(h.oldest_resumable(), 5);
+        assert!(h.delta_since(4).is_none());
+        assert_eq!(h.delta_since(5).unwrap().upserts.len(), 3);
+        // Then the span goes whole: no part of it is left to pass for all of it.
+        put(&mut h, Flag::boolean("d", false, true)); // 8
+        assert_eq!(h.oldest_resumable(), 6);
+        let d = h.delta_since(6).unwrap();
+        assert_eq!(d.upserts.len(), 1);
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct SyncConfig {
     /// often; docs/PROTOCOL.md 4.8). Only counts per flag, variant and reason are sent, never a
     /// context.
     pub evaluation_summaries: bool,
+    /// Ask, as a relay, for the environment's SDK keys too (Hello's `relay`; server keys in
+    /// rules mode), and hand on everything applied as [`Output::Mirror`].
+    pub relay: bool,
 }
 
 impl SyncConfig {
@@ -81,6 +84,7 @@ impl SyncConfig {
             probe_grace: Duration::from_secs(2),
             probe_timeout: Duration::from_secs(3),
             evaluation_summaries: true,
+            relay: false,
         }
     }
 }
@@ -211,6 +215,26 @@ pub enum Output {
     /// An evaluation summary is due: take the counts and hand them to
     /// [`SyncMachine::send_summary`].
     Summarize,
+    /// A relay's machine ([`SyncConfig::relay`]): what it just applied or was told, in order,
+    /// for the relay to apply to its own state.
+    Mirror(Mirrored),
+}
+
+/// What a relay's machine hands on ([`Output::Mirror`]), as the upstream sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mirrored {
+    /// The session was accepted, for this environment.
+    Welcome {
+        /// The environment the key belongs to.
+        environment: String,
+    },
+    /// A snapshot, applied: it replaces everything.
+    Snapshot(pb::Snapshot),
+    /// A delta, applied: it follows the previous state (its `from_version` is the version
+    /// the machine held; one version, or a merged span of them).
+    Delta(pb::Delta),
+    /// The environment's SDK keys in force, replacing those handed on before.
+    Keys(pb::Keys),
 }
 
 /// The shortest summary interval a client keeps to, whatever a server asks.
@@ -438,6 +462,7 @@ impl SyncMachine {
             selector: selector.map(Into::into),
             max_frame_len: u32::try_from(self.config.max_frame_len).unwrap_or(u32::MAX),
             context,
+            relay: self.config.relay,
         };
         self.transmit(hello);
     }
@@ -562,6 +587,11 @@ impl SyncMachine {
                             },
                         }
                     });
+                if self.config.relay {
+                    self.out.push_back(Output::Mirror(Mirrored::Welcome {
+                        environment: w.environment.clone(),
+                    }));
+                }
                 self.emit(Event::Welcomed {
                     session_id: w.session_id,
                     environment: w.environment,
@@ -572,8 +602,12 @@ impl SyncMachine {
             (Kind::Snapshot(s), Some(_)) => {
                 self.fetching = None;
                 let selector = s.selector.map(Selector::from);
+                let mirror = self.config.relay.then(|| s.clone());
                 match Arc::make_mut(&mut self.flags).replace(s) {
                     Ok(changed) => {
+                        if let Some(s) = mirror {
+                            self.out.push_back(Output::Mirror(Mirrored::Snapshot(s)));
+                        }
                         self.values_for = self.server_context.clone();
                         self.applied(now, UpdateKind::Snapshot, selector, changed);
                     }
@@ -598,6 +632,9 @@ impl SyncMachine {
                 self.fetch_unless_at(now, p.selector);
                 self.ack(now);
             }
+            (Kind::Keys(k), Some(_)) if self.config.relay => {
+                self.out.push_back(Output::Mirror(Mirrored::Keys(k)));
+            }
             (other, _) => {
                 let name = pb::Frame { kind: Some(other) }.kind_name();
                 self.protocol_error(now, format!("unexpected {name} frame"));
@@ -621,8 +658,12 @@ impl SyncMachine {
                     version: delta.to_version,
                 };
                 let answers = delta.identify_seq;
+                let mirror = self.config.relay.then(|| delta.clone());
                 match Arc::make_mut(&mut self.flags).apply(delta) {
                     Ok(changed) => {
+                        if let Some(d) = mirror {
+                            self.out.push_back(Output::Mirror(Mirrored::Delta(d)));
+                        }
                         if answers != 0 {
                             // Identifies are answered in order; drop any the server skipped.
                             while let Some((seq, json)) = self.identifies.pop_front() {

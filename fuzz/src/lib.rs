@@ -232,6 +232,7 @@ fn client_frame(pick: u8, arg: u8) -> pb::Frame {
             selector,
             max_frame_len: if arg & 0x40 != 0 { 64 } else { 0 },
             context,
+            relay: arg & 0x80 != 0,
         }),
         2 => Kind::Ack(pb::Ack { selector }),
         3 => Kind::Ping(pb::Ping { selector }),

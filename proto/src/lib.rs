@@ -40,7 +40,7 @@ macro_rules! frame_from {
 frame_from! {
     Hello => Hello, Welcome => Welcome, Snapshot => Snapshot, Delta => Delta, Notice => Notice,
     Fetch => Fetch, UpToDate => UpToDate, Ping => Ping, Ack => Ack, GoAway => GoAway, Error => Error,
-    Identify => Identify, EvaluationSummary => EvaluationSummary,
+    Identify => Identify, EvaluationSummary => EvaluationSummary, Keys => Keys,
 }
 
 impl v1::Frame {
@@ -61,6 +61,7 @@ impl v1::Frame {
             Some(Kind::Error(_)) => "Error",
             Some(Kind::Identify(_)) => "Identify",
             Some(Kind::EvaluationSummary(_)) => "EvaluationSummary",
+            Some(Kind::Keys(_)) => "Keys",
             None => "unknown",
         }
     }

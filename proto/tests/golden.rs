@@ -56,6 +56,7 @@ fn samples() -> Vec<(&'static str, Frame)> {
                 selector: sel(EPOCH, 41),
                 max_frame_len: 0,
                 context: String::new(),
+                relay: false,
             }
             .into(),
         ),
@@ -291,6 +292,41 @@ fn samples() -> Vec<(&'static str, Frame)> {
                         reason: Reason::Error.into(),
                         error_code: "TYPE_MISMATCH".into(),
                         count: 3,
+                    },
+                ],
+            }
+            .into(),
+        ),
+        (
+            "hello_relay",
+            Hello {
+                protocol_version: 1,
+                sdk_key: "srv_0123456789abcdef".into(),
+                sdk_name: "vane-relay".into(),
+                sdk_version: "0.1.0".into(),
+                platform: "linux-x86_64".into(),
+                mode: DeliveryMode::Rules.into(),
+                push: PushMode::Delta.into(),
+                selector: sel(EPOCH, 41),
+                max_frame_len: 0,
+                context: String::new(),
+                relay: true,
+            }
+            .into(),
+        ),
+        (
+            "keys",
+            Keys {
+                keys: vec![
+                    SdkKey {
+                        id: "key_5f0c1d2e3a4b".into(),
+                        kind: KeyKind::Server.into(),
+                        sha256: (0u8..32).collect(),
+                    },
+                    SdkKey {
+                        id: "key_00aa11bb22cc".into(),
+                        kind: KeyKind::Mobile.into(),
+                        sha256: (0u8..32).map(|b| b.wrapping_mul(7)).collect(),
                     },
                 ],
             }

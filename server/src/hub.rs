@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-use vane_core::history::{Change, EnvHistory};
+use vane_core::history::{Change, EnvHistory, Item, ItemKind};
 use vane_core::protocol::{Selector, Transport};
 use vane_proto::codec;
 use vane_proto::v1 as pb;
@@ -39,6 +39,11 @@ pub struct Published {
     pub delta: Bytes,
     /// `Notice` at `selector`, length-prefixed.
     pub notice: Bytes,
+    /// The environment's SDK keys in force, as the `Keys` frame relays are sent,
+    /// length-prefixed.
+    pub keys: Bytes,
+    /// Rises by one whenever `keys` changes.
+    pub keys_generation: u64,
 }
 
 /// What [`EnvHub::apply`] did with an entry.
@@ -133,6 +138,28 @@ struct EnvData {
     history: EnvHistory,
     /// Entries that arrived ahead of a gap, by version.
     parked: BTreeMap<u64, Change>,
+    /// The `Keys` frame of the environment's keys in force, and how often it changed.
+    keys: (Bytes, u64),
+}
+
+impl EnvData {
+    /// What sessions are handed now, with `delta` the one from the version before (`None`:
+    /// sessions bring themselves current from the history).
+    fn publish(&self, delta: Option<pb::Delta>) -> Published {
+        let selector = self.history.selector();
+        Published {
+            selector,
+            delta: delta.map(|d| codec::encode(&d.into())).unwrap_or_default(),
+            notice: codec::encode(
+                &pb::Notice {
+                    selector: Some(selector.into()),
+                }
+                .into(),
+            ),
+            keys: self.keys.0.clone(),
+            keys_generation: self.keys.1,
+        }
+    }
 }
 
 /// How far an environment's versions have reached, from the sessions' acks; and who the
@@ -244,15 +271,17 @@ impl EnvHub {
         lifecycle: Lifecycle,
         retention: Retention,
     ) -> Arc<EnvHub> {
-        let published = publish(&history, None);
+        let data = EnvData {
+            history,
+            parked: BTreeMap::new(),
+            keys: (codec::encode(&pb::Keys::default().into()), 0),
+        };
+        let published = data.publish(None);
         Arc::new(EnvHub {
             lifecycle: RwLock::new(lifecycle),
             retention: Mutex::new(retention),
             name,
-            data: RwLock::new(EnvData {
-                history,
-                parked: BTreeMap::new(),
-            }),
+            data: RwLock::new(data),
             published: watch::channel(published).0,
             propagation: Mutex::new(Propagation::default()),
             activity: AtomicU64::new(0),
@@ -335,8 +364,7 @@ impl EnvHub {
             let delta = state.history.apply(change);
             self.track(version);
             // Published under the lock, so sessions never see versions out of order.
-            self.published
-                .send_replace(publish(&state.history, Some(delta)));
+            self.published.send_replace(state.publish(Some(delta)));
             let want = state.history.next_version();
             next = state.parked.remove(&want);
         }
@@ -354,7 +382,73 @@ impl EnvHub {
         let mut state = self.data.write();
         state.history = EnvHistory::new(loaded.selector, loaded.items, loaded.changes, window);
         state.parked.clear();
-        self.published.send_replace(publish(&state.history, None));
+        self.published.send_replace(state.publish(None));
+    }
+
+    /// A relay's copy of an upstream environment: applies a delta its client applied, which
+    /// follows the version held here. One change goes through [`EnvHub::apply`] (sessions right
+    /// behind get the shared bytes); a merged span of versions is recorded as one
+    /// ([`EnvHistory::apply_merged`]), and sessions bring themselves current from it.
+    pub fn mirror(&self, delta: pb::Delta) -> Result<(), String> {
+        let at = self.selector();
+        if delta.epoch != at.epoch || delta.from_version != at.version {
+            return Err(format!(
+                "a delta from {:016x}/{} does not follow {:016x}/{}",
+                delta.epoch, delta.from_version, at.epoch, at.version
+            ));
+        }
+        if delta.to_version <= at.version {
+            return Ok(());
+        }
+        let mut items = Vec::new();
+        for flag in delta.upserts {
+            let key = flag.key.clone();
+            let flag = vane_core::model::Flag::try_from(flag).map_err(|e| e.to_string())?;
+            items.push((
+                ItemKind::Flag,
+                key,
+                Some(Item::flag(flag).map_err(|e| e.to_string())?),
+            ));
+        }
+        for segment in delta.segment_upserts {
+            let key = segment.key.clone();
+            let segment = vane_core::model::Segment::from(segment);
+            let item = Item::segment(segment).map_err(|e| e.to_string())?;
+            items.push((ItemKind::Segment, key, Some(item)));
+        }
+        items.extend(delta.deletes.into_iter().map(|k| (ItemKind::Flag, k, None)));
+        items.extend(
+            delta
+                .segment_deletes
+                .into_iter()
+                .map(|k| (ItemKind::Segment, k, None)),
+        );
+        if delta.to_version == at.version + 1 && items.len() == 1 {
+            let (kind, key, item) = items.pop().expect("one item");
+            let change = Change {
+                version: delta.to_version,
+                kind,
+                key,
+                item,
+            };
+            self.apply(at.epoch, change);
+            return Ok(());
+        }
+        let mut state = self.data.write();
+        state.history.apply_merged(delta.to_version, items);
+        self.track(delta.to_version);
+        self.published.send_replace(state.publish(None));
+        Ok(())
+    }
+
+    /// Replaces the `Keys` frame relays are sent (nothing happens if it is the same).
+    fn set_keys(&self, frame: Bytes) {
+        let mut state = self.data.write();
+        if state.keys.0 == frame {
+            return;
+        }
+        state.keys = (frame, state.keys.1 + 1);
+        self.published.send_replace(state.publish(None));
     }
 
     /// Records that `session` acked `version` (and, for the live view, which of the recent
@@ -396,6 +490,11 @@ impl EnvHub {
         p.sessions.remove(&session);
         drop(p);
         self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Live sessions of this environment.
+    pub fn session_count(&self) -> usize {
+        self.propagation.lock().sessions.len()
     }
 
     /// Rises whenever something the live view shows changes (a session, an ack, a change).
@@ -506,20 +605,6 @@ impl EnvHub {
     }
 }
 
-fn publish(history: &EnvHistory, delta: Option<pb::Delta>) -> Published {
-    let selector = history.selector();
-    Published {
-        selector,
-        delta: delta.map(|d| codec::encode(&d.into())).unwrap_or_default(),
-        notice: codec::encode(
-            &pb::Notice {
-                selector: Some(selector.into()),
-            }
-            .into(),
-        ),
-    }
-}
-
 /// Why a grant ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Revoked {
@@ -527,6 +612,9 @@ pub enum Revoked {
     Key,
     /// Its environment was deleted.
     Environment,
+    /// A relay's upstream stopped serving the environment to the relay (its key there was
+    /// revoked, or the environment deleted).
+    Upstream,
 }
 
 impl std::fmt::Display for Revoked {
@@ -534,6 +622,7 @@ impl std::fmt::Display for Revoked {
         f.write_str(match self {
             Revoked::Key => "SDK key revoked",
             Revoked::Environment => "environment deleted",
+            Revoked::Upstream => "the relay's upstream no longer serves this environment",
         })
     }
 }
@@ -691,13 +780,49 @@ impl Hub {
                 map.insert(hub.name.clone(), hub);
             }
         }
-        for key in &loaded.keys {
-            self.add_key(key);
+        {
+            let mut map = self.keys.write();
+            for key in loaded.keys.iter().filter(|k| k.revoked_at.is_none()) {
+                map.insert(key.hash, Arc::new(Grant::new(key)));
+            }
+        }
+        for env in self.envs() {
+            self.refresh_keys(env.name());
         }
         for token in &loaded.tokens {
             self.add_token(token);
         }
+        self.set_ready();
+    }
+
+    /// Marks the hub ready: sessions are served (a relay, once every environment it mirrors
+    /// has arrived).
+    pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Rebuilds the `Keys` frame of `env` from the keys in force.
+    fn refresh_keys(&self, env: &str) {
+        let Some(hub) = self.env(env) else {
+            return;
+        };
+        let mut keys: Vec<pb::SdkKey> = self
+            .keys
+            .read()
+            .iter()
+            .filter(|(_, g)| g.env == env)
+            .map(|(hash, g)| pb::SdkKey {
+                id: g.id.clone(),
+                kind: match g.kind {
+                    KeyKind::Server => pb::KeyKind::Server,
+                    KeyKind::Mobile => pb::KeyKind::Mobile,
+                }
+                .into(),
+                sha256: hash.to_vec(),
+            })
+            .collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        hub.set_keys(codec::encode(&pb::Keys { keys }.into()));
     }
 
     fn env_hub(&self, env: LoadedEnv, jobs: &[JobRecord]) -> Arc<EnvHub> {
@@ -717,28 +842,50 @@ impl Hub {
     /// Installs an environment another node created (or emptied under a new epoch), as loaded.
     pub fn install(&self, env: LoadedEnv, jobs: &[JobRecord]) {
         let hub = self.env_hub(env, jobs);
-        self.envs.write().insert(hub.name.clone(), hub);
+        let name = hub.name.clone();
+        self.envs.write().insert(name.clone(), hub);
+        self.refresh_keys(&name);
     }
 
     /// Makes the keys in force exactly `keys` (what the store holds, with what other nodes
     /// created and revoked): the grants of keys no longer among them end, new ones start.
     pub fn sync_keys(&self, keys: &[KeyRecord]) {
+        self.sync_keys_where(keys, |_| true);
+    }
+
+    /// Makes the keys of `env` in force exactly `keys` (a relay, from its upstream's `Keys`).
+    pub fn sync_env_keys(&self, env: &str, keys: &[KeyRecord]) {
+        self.sync_keys_where(keys, |grant| grant.env == env);
+    }
+
+    /// Makes the keys in force among those `mine` covers exactly `keys`, and rebuilds the
+    /// `Keys` frames of the environments whose keys changed.
+    fn sync_keys_where(&self, keys: &[KeyRecord], mine: impl Fn(&Grant) -> bool) {
         let wanted: std::collections::HashSet<&SecretHash> = keys
             .iter()
             .filter(|k| k.revoked_at.is_none())
             .map(|k| &k.hash)
             .collect();
-        let mut map = self.keys.write();
-        map.retain(|hash, grant| {
-            let keep = wanted.contains(hash);
-            if !keep {
-                grant.end(Revoked::Key);
+        let mut changed = std::collections::BTreeSet::new();
+        {
+            let mut map = self.keys.write();
+            map.retain(|hash, grant| {
+                let keep = !mine(grant) || wanted.contains(hash);
+                if !keep {
+                    grant.end(Revoked::Key);
+                    changed.insert(grant.env.clone());
+                }
+                keep
+            });
+            for key in keys.iter().filter(|k| k.revoked_at.is_none()) {
+                map.entry(key.hash).or_insert_with(|| {
+                    changed.insert(key.env.clone());
+                    Arc::new(Grant::new(key))
+                });
             }
-            keep
-        });
-        for key in keys.iter().filter(|k| k.revoked_at.is_none()) {
-            map.entry(key.hash)
-                .or_insert_with(|| Arc::new(Grant::new(key)));
+        }
+        for env in changed {
+            self.refresh_keys(&env);
         }
     }
 
@@ -797,6 +944,7 @@ impl Hub {
         let history = EnvHistory::new(selector, [], [], self.window);
         let env = EnvHub::new(name.to_owned(), history, lifecycle, Retention::default());
         self.envs.write().insert(name.to_owned(), env);
+        self.refresh_keys(name);
     }
 
     /// Makes a named admin token usable (a revoked record is ignored).
@@ -818,11 +966,16 @@ impl Hub {
 
     /// Removes an environment and ends its keys' sessions.
     pub fn remove_env(&self, name: &str) {
+        self.remove_env_because(name, Revoked::Environment);
+    }
+
+    /// Removes an environment and ends its keys' sessions, saying `why`.
+    pub fn remove_env_because(&self, name: &str, why: Revoked) {
         self.envs.write().remove(name);
         self.keys.write().retain(|_, grant| {
             let keep = grant.env != name;
             if !keep {
-                grant.end(Revoked::Environment);
+                grant.end(why);
             }
             keep
         });
@@ -834,18 +987,24 @@ impl Hub {
             self.keys
                 .write()
                 .insert(key.hash, Arc::new(Grant::new(key)));
+            self.refresh_keys(&key.env);
         }
     }
 
     /// Revokes a key and ends its sessions.
     pub fn revoke_key(&self, id: &str) {
+        let mut envs = Vec::new();
         self.keys.write().retain(|_, grant| {
             let keep = grant.id != id;
             if !keep {
                 grant.end(Revoked::Key);
+                envs.push(grant.env.clone());
             }
             keep
         });
+        for env in envs {
+            self.refresh_keys(&env);
+        }
     }
 
     /// The grant of the key with public id `id`, if it is valid (for credentials that name a

@@ -38,6 +38,7 @@ pub mod hub;
 pub mod keys;
 pub mod limits;
 mod quic;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod store;

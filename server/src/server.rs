@@ -103,8 +103,7 @@ pub struct Server {
     config: ServerConfig,
     control: Arc<Control>,
     tls: Arc<rustls::ServerConfig>,
-    tcp: TcpListener,
-    quic: Option<quic::Endpoint>,
+    protocol: Protocol,
     http: TcpListener,
     admin_token: String,
     created_token: bool,
@@ -131,7 +130,7 @@ fn rate_limited(wait: Duration) -> Refusal {
 
 /// What sessions share.
 #[derive(Debug)]
-struct Ctx {
+pub(crate) struct Ctx {
     hub: Arc<Hub>,
     session: Arc<SessionConfig>,
     shutdown: CancellationToken,
@@ -141,6 +140,29 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// What the sessions of `hub` share, cancelled by `shutdown`.
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        session: SessionConfig,
+        shutdown: CancellationToken,
+        max_connections: usize,
+        limits: LimitsConfig,
+    ) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            hub,
+            session: Arc::new(session),
+            shutdown,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            limits: Limits::new(limits),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// The per-source limits.
+    pub(crate) fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
     /// The refusal for a connection that came over its source's rate, counted and logged.
     fn over_rate(&self, rate: Result<(), Duration>, peer: SocketAddr) -> Option<Refusal> {
         let wait = rate.err()?;
@@ -154,6 +176,82 @@ impl Ctx {
     {
         let (hub, config, stop) = (&self.hub, &self.session, &self.shutdown);
         driver::run(stream, transport, hub, config, stop, refusal).await
+    }
+}
+
+/// The protocol listeners, TLS over TCP and QUIC on one port, bound: what `vane serve` and
+/// `vane relay` serve sessions on.
+#[derive(Debug)]
+pub(crate) struct Protocol {
+    tcp: TcpListener,
+    quic: Option<quic::Endpoint>,
+}
+
+/// The protocol listeners accepting sessions, until [`Serving::drain`].
+#[derive(Debug)]
+pub(crate) struct Serving {
+    acceptors: TaskTracker,
+    quic: Option<(quic::Endpoint, tokio::task::JoinHandle<()>)>,
+    ctx: Arc<Ctx>,
+}
+
+impl Protocol {
+    /// Binds `addr` (TCP, and UDP unless `quic` is `None`).
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        backlog: u32,
+        quic: Option<(Arc<rustls::ServerConfig>, [u8; 32])>,
+        session: &SessionConfig,
+    ) -> anyhow::Result<Protocol> {
+        let (tcp, quic) = bind_protocol(addr, backlog, quic, session)?;
+        Ok(Protocol { tcp, quic })
+    }
+
+    /// The bound address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.tcp
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Starts accepting sessions, served from `ctx`'s hub, until its shutdown token fires.
+    pub(crate) fn serve(self, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) -> Serving {
+        let acceptors = TaskTracker::new();
+        acceptors.spawn(accept_tcp(self.tcp, tls, ctx.clone()));
+        let quic = self.quic.map(|endpoint| {
+            acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
+            (endpoint.clone(), tokio::spawn(endpoint.drive()))
+        });
+        Serving {
+            acceptors,
+            quic,
+            ctx,
+        }
+    }
+}
+
+impl Serving {
+    /// After the shutdown token fired (every session is sent GoAway): waits for the acceptors,
+    /// then up to `drain` for the sessions to leave, then for QUIC's connections to close.
+    pub(crate) async fn drain(self, drain: Duration) {
+        let Serving {
+            acceptors,
+            quic,
+            ctx,
+        } = self;
+        acceptors.close();
+        acceptors.wait().await;
+        ctx.tracker.close();
+        if timeout(drain, ctx.tracker.wait()).await.is_err() {
+            warn!(after = ?drain, "sessions still open after the drain timeout; closing them");
+        }
+        if let Some((endpoint, driver)) = quic {
+            // The driver returns once every connection has closed, bounded by its own wait.
+            endpoint.close();
+            if let Err(e) = driver.await {
+                warn!(error = %e, "QUIC driver task failed");
+            }
+        }
     }
 }
 
@@ -207,8 +305,7 @@ impl Server {
 
         let secret = lasting_secret(dir)?;
         let quic = config.quic.then(|| (tls.clone(), secret));
-        let (tcp, quic) =
-            bind_protocol(config.listen, config.listen_backlog, quic, &config.session)?;
+        let protocol = Protocol::bind(config.listen, config.listen_backlog, quic, &config.session)?;
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("binding HTTP on {}", config.http))?;
@@ -216,8 +313,7 @@ impl Server {
             config,
             control,
             tls,
-            tcp,
-            quic,
+            protocol,
             http,
             admin_token,
             created_token,
@@ -227,9 +323,7 @@ impl Server {
 
     /// The protocol address (TCP, and UDP when QUIC is on).
     pub fn protocol_addr(&self) -> SocketAddr {
-        self.tcp
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.protocol.addr()
     }
 
     /// The HTTP address.
@@ -261,8 +355,7 @@ impl Server {
             config,
             control,
             tls,
-            tcp,
-            quic,
+            protocol,
             http,
             admin_token,
             secret,
@@ -276,26 +369,21 @@ impl Server {
             summary_interval: config.events.summary_interval,
             ..config.session.clone()
         };
-        let ctx = Arc::new(Ctx {
-            hub: control.hub().clone(),
-            session: Arc::new(session),
-            shutdown: cancel.clone(),
-            slots: Arc::new(Semaphore::new(config.max_connections)),
-            limits: Limits::new(config.limits),
-            tracker: TaskTracker::new(),
-        });
-        let acceptors = TaskTracker::new();
-        acceptors.spawn(accept_tcp(tcp, tls.clone(), ctx.clone()));
-        let quic = quic.map(|endpoint| {
-            acceptors.spawn(accept_quic(endpoint.clone(), ctx.clone()));
-            (endpoint.clone(), tokio::spawn(endpoint.drive()))
-        });
+        let ctx = Ctx::new(
+            control.hub().clone(),
+            session,
+            cancel.clone(),
+            config.max_connections,
+            config.limits,
+        );
+        let per_source = ctx.limits.clone();
+        let serving = protocol.serve(tls.clone(), ctx);
         let limits = config.http_limits;
         let app = http::router(
             control.clone(),
             &admin_token,
             limits,
-            ctx.limits.clone(),
+            per_source,
             &secret,
             events,
         );
@@ -344,22 +432,7 @@ impl Server {
         shutdown.await;
         info!("shutting down: sending GoAway to every session");
         cancel.cancel();
-        acceptors.close();
-        acceptors.wait().await;
-        ctx.tracker.close();
-        if timeout(config.drain_timeout, ctx.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(after = ?config.drain_timeout, "sessions still open after the drain timeout; closing them");
-        }
-        if let Some((endpoint, driver)) = quic {
-            // The driver returns once every connection has closed, bounded by its own wait.
-            endpoint.close();
-            if let Err(e) = driver.await {
-                warn!(error = %e, "QUIC driver task failed");
-            }
-        }
+        serving.drain(config.drain_timeout).await;
         if let Err(e) = http_task.await {
             warn!(error = %e, "HTTP server task failed");
         }
@@ -421,7 +494,7 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
 /// the process before (killed, or crashed) gets a reset at the first packet it sends, and
 /// reconnects at once, rather than waiting for its connection to time out; keys for other
 /// purposes (OFREP event-stream tokens) are derived from it.
-fn lasting_secret(dir: &Path) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn lasting_secret(dir: &Path) -> anyhow::Result<[u8; 32]> {
     let path = dir.join("quic-reset-key");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -477,7 +550,7 @@ fn bind_protocol(
 
 /// The largest backlog the kernel grants (`net.core.somaxconn`, 4096 on current Linux), so a
 /// storm of reconnects queues instead of overflowing (the standard library's listener asks 128).
-fn default_backlog() -> u32 {
+pub(crate) fn default_backlog() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|s| s.trim().parse().ok())

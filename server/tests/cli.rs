@@ -357,3 +357,80 @@ fn clone_with_progress_named_tokens_and_the_audit_log() {
         "{out:?}"
     );
 }
+
+#[test]
+fn relay_from_the_command_line() {
+    let (origin_dir, relay_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (origin, relay_data) = (origin_dir.path(), relay_dir.path());
+    let (mut server, protocol, http) = serve(origin);
+    let admin = |args: &[&str]| admin(origin, &http, args);
+    assert!(admin(&["env", "create", "prod"]).status.success());
+    let key = stdout(&admin(&["key", "create", "prod", "--kind", "server"]));
+    let out = admin(&["flag", "set", "prod", "new-checkout", "--bool", "true"]);
+    assert_eq!(stdout(&out), "version 1");
+
+    // A mobile key cannot relay: said before anything starts.
+    let mobile = stdout(&admin(&["key", "create", "prod", "--kind", "mobile"]));
+    let out = run(vane(relay_data).args(["relay", "--upstream", &protocol, "--sdk-key", &mobile]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only server keys"), "{err}");
+
+    // The key from the environment, as an operator would give it.
+    let ca = origin.join("tls").join("ca.pem");
+    let mut cmd = vane(relay_data);
+    cmd.env("VANE_SDK_KEYS", &key).args([
+        "relay",
+        "--upstream",
+        &protocol,
+        "--upstream-ca",
+        ca.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let mut relay = Running::spawn(cmd);
+    // "vane X relay: protocol 127.0.0.1:P (QUIC and TCP+TLS), HTTP http://127.0.0.1:Q"
+    let banner = relay.line();
+    let field = |after: &str| {
+        banner
+            .split(after)
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap_or_else(|| panic!("{after} in {banner:?}"))
+            .to_owned()
+    };
+    let (relay_protocol, relay_http) = (field("protocol "), field("HTTP "));
+    assert!(relay.line().starts_with("clients trust "));
+    common::wait_ready(&relay_http);
+
+    // `vane watch` on the relay (trusting the relay's own CA, in its data directory).
+    let mut cmd = vane(relay_data);
+    cmd.args([
+        "watch",
+        "--endpoint",
+        &relay_protocol,
+        "--sdk-key",
+        &key,
+        "--json",
+    ]);
+    let watch = Running::spawn(cmd);
+    let first: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(
+        (first["kind"].as_str(), first["version"].as_u64()),
+        (Some("snapshot"), Some(1))
+    );
+    let out = admin(&["flag", "toggle", "prod", "new-checkout", "--off"]);
+    assert_eq!(stdout(&out), "version 2");
+    let update: Value = serde_json::from_str(&watch.line()).unwrap();
+    assert_eq!(
+        (update["kind"].as_str(), update["version"].as_u64()),
+        (Some("delta"), Some(2))
+    );
+    assert_eq!(update["values"]["new-checkout"], false);
+    assert_eq!(update["epoch"], first["epoch"]);
+
+    assert!(relay.terminate().success(), "SIGTERM is a clean exit");
+    assert!(server.terminate().success());
+}

@@ -17,6 +17,7 @@ mod load;
 mod mobile;
 mod ofrep;
 mod openfeature;
+mod relay;
 mod resume;
 mod summaries;
 mod targeting;

@@ -201,6 +201,11 @@ async fn session(
                     }
                 }
                 Output::Event(event) => publish(shared, event, Some(transport), machine),
+                Output::Mirror(what) => {
+                    if let Some(mirror) = &shared.shared.mirror {
+                        mirror.mirrored(what);
+                    }
+                }
                 Output::Close => {}
                 Output::Summarize => {
                     let counts = &shared.shared.counts;

@@ -38,6 +38,7 @@ use crate::model::{FlagValue, ValueType};
 use crate::protocol::{Selector, Transport};
 use crate::state::FlagSet;
 use crate::summary::EvaluationCounts;
+pub use crate::sync::Mirrored;
 use crate::sync::{Fatal, SyncConfig, SyncMachine, Update};
 
 pub use connect::{Duplex, tls_config};
@@ -147,6 +148,16 @@ pub struct ClientConfig {
     pub http_endpoint: Option<String>,
     /// Failed streaming attempts in a row before polling starts.
     pub poll_after_failures: u32,
+    /// A relay's sink (see [`ClientConfig::relay`]); `None` for an ordinary client.
+    pub mirror: Option<Arc<dyn Mirror>>,
+}
+
+/// Where a relay's client hands what it applies (see [`ClientConfig::relay`]).
+pub trait Mirror: Send + Sync + std::fmt::Debug {
+    /// Called on the client's task, in the order the upstream sent them, right after the
+    /// client applied each (snapshots and deltas from streaming sessions; polled snapshots are
+    /// not handed on). It should return quickly: the next frame waits for it.
+    fn mirrored(&self, what: Mirrored);
 }
 
 impl ClientConfig {
@@ -168,7 +179,18 @@ impl ClientConfig {
             cache_dir: None,
             http_endpoint: None,
             poll_after_failures: 3,
+            mirror: None,
         }
+    }
+
+    /// A relay's client: rules mode, asking for the environment's SDK keys as well
+    /// (`Hello.relay`), and handing every snapshot, delta and key set it applies to `sink`, so
+    /// the relay keeps its own copy of the environment's history.
+    pub fn relay(mut self, sink: Arc<dyn Mirror>) -> Self {
+        self.sync.mode = DeliveryMode::Rules;
+        self.sync.relay = true;
+        self.mirror = Some(sink);
+        self
     }
 
     /// Ask for Notice frames instead of pushed deltas; the client fetches after each.
@@ -234,6 +256,8 @@ struct Shared {
     updates: broadcast::Sender<Update>,
     /// What the getters evaluated, for the summaries the server asks for.
     counts: EvaluationCounts,
+    /// A relay's sink.
+    mirror: Option<Arc<dyn Mirror>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -316,6 +340,7 @@ impl Client {
             status,
             updates,
             counts: EvaluationCounts::default(),
+            mirror: config.mirror.clone(),
         });
         let cancel = CancellationToken::new();
         let (commands, command_rx) = mpsc::unbounded_channel();

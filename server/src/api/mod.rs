@@ -577,6 +577,46 @@ pub struct SdkSnapshot {
     pub values: Option<BTreeMap<String, Details>>,
 }
 
+/// A relay's `GET /status`: where each environment it mirrors stands with its upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// Whether it serves sessions (every environment has had its first snapshot).
+    pub ready: bool,
+    /// The upstream it mirrors, `HOST:PORT`.
+    pub upstream: String,
+    /// One per `--sdk-key`, in the order given.
+    pub environments: Vec<RelayEnvStatus>,
+}
+
+/// One mirrored environment in [`RelayStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayEnvStatus {
+    /// The environment, once the upstream named it.
+    pub env: Option<String>,
+    /// The first characters of the key it is mirrored with.
+    pub key_prefix: String,
+    /// `connecting`, `connected`, `disconnected` or `stopped` (refused: see `refused`).
+    pub upstream: String,
+    /// `quic` or `tcp`, while connected.
+    pub transport: Option<String>,
+    /// The version held (and served), once the first snapshot arrived.
+    pub version: Option<u64>,
+    /// Its epoch, 16 hex digits.
+    pub epoch: Option<String>,
+    /// Whether it is served: the first snapshot and the keys have arrived, and the upstream
+    /// has not refused it.
+    pub serving: bool,
+    /// Since when (Unix milliseconds) the upstream has been out of reach, while it is and
+    /// after the first snapshot: the state served is the last one received.
+    pub stale_since_ms: Option<u64>,
+    /// Why the last connection to the upstream ended or failed.
+    pub last_error: Option<String>,
+    /// Why the upstream refused the relay, for good (the environment is then not served).
+    pub refused: Option<String>,
+    /// Live downstream sessions.
+    pub sessions: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

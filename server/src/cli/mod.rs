@@ -1,4 +1,4 @@
-//! The `vane` command line: [`serve`] runs the server, the [`admin`] commands talk to its HTTP
+//! The `vane` command line: [`serve`] runs the server, [`relay`] a relay, the [`admin`] commands talk to its HTTP
 //! API through [`crate::api::client::AdminClient`], and [`watch`] is a live view through the Rust
 //! client.
 //!
@@ -7,6 +7,7 @@
 //! Commands print results on stdout and nothing else there; `key create` prints the secret alone.
 
 pub mod admin;
+pub mod relay;
 pub mod serve;
 pub mod watch;
 
@@ -16,6 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use admin::{AdminArgs, EnvCmd, FlagCmd, JobCmd, KeyCmd, SegmentCmd, TokenCmd};
+use relay::RelayArgs;
 use serve::ServeArgs;
 use watch::WatchArgs;
 
@@ -38,6 +40,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server on the embedded store.
     Serve(ServeArgs),
+    /// Mirror environments from an upstream node (or relay) and serve them to clients nearby.
+    Relay(RelayArgs),
     /// Manage environments.
     Env {
         #[command(flatten)]
@@ -150,6 +154,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let data = &cli.data;
     let result = match cli.command {
         Command::Serve(args) => serve::serve(data, args).await,
+        Command::Relay(args) => relay::relay(data, args).await,
         Command::Env { admin, cmd } => admin::env(data, &admin, cmd).await,
         Command::Key { admin, cmd } => admin::key(data, &admin, cmd).await,
         Command::Flag { admin, cmd } => admin::flag(data, &admin, cmd).await,

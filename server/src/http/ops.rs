@@ -48,7 +48,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(registry: Arc<Registry>) -> Response {
+/// `/metrics`: the registry in the OpenMetrics text format.
+pub(crate) async fn metrics(registry: Arc<Registry>) -> Response {
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &registry) {
         Ok(()) => (
@@ -68,7 +69,7 @@ async fn metrics(registry: Arc<Registry>) -> Response {
 
 /// Reads the gauges from the hub at each scrape, so nothing is kept in step by hand.
 #[derive(Debug)]
-struct HubMetrics(Arc<Hub>);
+pub(crate) struct HubMetrics(pub(crate) Arc<Hub>);
 
 impl Collector for HubMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -113,7 +114,7 @@ impl Collector for HubMetrics {
 
 /// What the per-source limits refused, read at each scrape.
 #[derive(Debug)]
-struct LimitMetrics(Arc<Limits>);
+pub(crate) struct LimitMetrics(pub(crate) Arc<Limits>);
 
 impl Collector for LimitMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {

@@ -164,6 +164,8 @@ struct Live {
     max_send: usize,
     /// What the client may still report in evaluation counts, when it was asked to.
     summaries: Option<SummaryBudget>,
+    /// A relay's session: the generation of the `Keys` frame it was last sent.
+    relay: Option<u64>,
 }
 
 /// A session's allowance of reported evaluation counts: [`MAX_SUMMARY_COUNTS`] per summary
@@ -445,7 +447,11 @@ impl Session {
         let State::Live(live) = &mut self.state else {
             return;
         };
+        let keys = live.keys_bytes(published);
         if let Some(bytes) = live.push_bytes(published) {
+            self.send(bytes);
+        }
+        if let Some(bytes) = keys {
             self.send(bytes);
         }
     }
@@ -469,7 +475,9 @@ impl Session {
                 live.next_ping = now + heartbeat;
                 // A session that fell behind is brought current first, so the Ping never
                 // announces a version whose frame is still to come on this stream.
-                let behind = live.push_bytes(&live.env.published());
+                let published = live.env.published();
+                let behind = live.push_bytes(&published);
+                let keys = live.keys_bytes(&published);
                 let at = match live.push {
                     pb::PushMode::Notify => live.announced,
                     pb::PushMode::Delta => live.sent,
@@ -481,6 +489,9 @@ impl Session {
                     .into(),
                 );
                 if let Some(bytes) = behind {
+                    self.send(bytes);
+                }
+                if let Some(bytes) = keys {
                     self.send(bytes);
                 }
                 self.send(ping);
@@ -562,6 +573,12 @@ impl Session {
             self.finish_with(refuse(ErrorCode::EnvironmentNotReady, why), retry);
             return Ok(());
         }
+        if hello.relay && hello.mode() == pb::DeliveryMode::Evaluated {
+            return Err(refuse(
+                ErrorCode::ProtocolViolation,
+                "a relay mirrors rules: relay in evaluated mode",
+            ));
+        }
         let delivery = match hello.mode() {
             pb::DeliveryMode::Evaluated => match Context::parse(&hello.context) {
                 Ok(ctx) => Delivery::Evaluated(Evaluated::new(ctx)),
@@ -604,7 +621,8 @@ impl Session {
             }
             .into(),
         );
-        let at = env.selector();
+        let published = env.published();
+        let at = published.selector;
         let mut live = Live {
             env,
             grant,
@@ -615,12 +633,16 @@ impl Session {
             next_ping: now + self.config.heartbeat,
             max_send,
             summaries,
+            relay: hello.relay.then_some(published.keys_generation),
         };
         let catch_up = live.catch_up(hello.selector.map(Selector::from));
         self.state = State::Live(live);
         self.changes = Some(changes);
         self.send(welcome);
         self.send(catch_up);
+        if hello.relay {
+            self.send(published.keys);
+        }
         Ok(())
     }
 
@@ -792,6 +814,16 @@ impl Live {
         self.sent = to;
         self.announced = to;
         codec::encode(&frame)
+    }
+
+    /// A relay's session: the environment's `Keys` frame, if it changed since it was last sent.
+    fn keys_bytes(&mut self, published: &Published) -> Option<Bytes> {
+        let sent = self.relay.as_mut()?;
+        if *sent == published.keys_generation {
+            return None;
+        }
+        *sent = published.keys_generation;
+        Some(published.keys.clone())
     }
 
     /// The one push decision: whatever brings the client current with what the environment

@@ -79,6 +79,8 @@ struct Pair {
     counts: EvaluationCounts,
     /// When the pair was made (the client's wall clock starts at 1_700_000_000_000 ms then).
     started: Instant,
+    /// A relay's client: where what it applies goes.
+    mirror: Option<Arc<dyn vane_core::client::Mirror>>,
 }
 
 fn flag(key: &str, on: bool) -> Flag {
@@ -145,6 +147,7 @@ impl Pair {
             client_saw: Vec::new(),
             ends: Vec::new(),
             connects: 0,
+            mirror: None,
         };
         for f in flags {
             pair.commit(Write::flag(f.clone()).unwrap());
@@ -236,6 +239,11 @@ impl Pair {
                         self.counts.set_on(summaries.is_some(), self.wall_ms());
                     }
                     self.events.push(e);
+                }
+                Output::Mirror(what) => {
+                    if let Some(mirror) = &self.mirror {
+                        mirror.mirrored(what);
+                    }
                 }
                 // The client closed: the server reads the end of the stream.
                 Output::Close => self.close_link(|s| s.handle_eof(now)),
@@ -1518,4 +1526,131 @@ fn sessions_of_an_environment_being_created_are_refused_and_a_failed_one_waits_l
     p.until_client_deadline();
     p.connect();
     assert_eq!(p.client_bool("f"), Some(true));
+}
+
+mod relay {
+    use super::*;
+    use crate::hub::Revoked;
+    use crate::relay::EnvMirror;
+
+    /// A relay's client against the origin's session, what it applies mirrored into a second
+    /// hub, as `vane relay` does.
+    fn relay_pair(flags: &[Flag]) -> (Pair, Arc<Hub>) {
+        let mut p = Pair::with(flags, 1000, |s| s.relay = true);
+        let relay = Arc::new(Hub::new(1000));
+        let mirror = EnvMirror::new(relay.clone(), &p.server_key.secret, Arc::default());
+        p.mirror = Some(Arc::new(mirror));
+        (p, relay)
+    }
+
+    /// What a delta says, as comparable text (upserts with their versions, deletes).
+    fn said(d: &pb::Delta) -> (Vec<(String, u64, bool)>, Vec<String>) {
+        let mut upserts: Vec<_> = d
+            .upserts
+            .iter()
+            .map(|f| (f.key.clone(), f.version, f.on))
+            .collect();
+        upserts.sort();
+        let mut deletes = d.deletes.clone();
+        deletes.sort();
+        (upserts, deletes)
+    }
+
+    #[test]
+    fn a_relay_holds_the_upstreams_history_at_its_versions_and_its_keys() {
+        let (mut p, relay) = relay_pair(&[flag("a", true)]);
+        p.connect();
+        assert_eq!(p.client_saw, ["Welcome", "Snapshot", "Keys"]);
+        let mirrored = relay.env(ENV).expect("installed from the snapshot");
+        assert_eq!(mirrored.selector(), p.env().selector());
+        for key in [&p.server_key, &p.mobile_key] {
+            let grant = relay.authenticate(&key.secret).expect("the origin's keys");
+            assert_eq!(grant.kind, key.record.kind);
+        }
+
+        // Changes one at a time: the relay's history is the origin's.
+        p.change(flag("b", true));
+        p.change(flag("a", false));
+        p.commit(Write::Delete(ItemKind::Flag, "b".into()));
+        assert_eq!(mirrored.selector(), p.env().selector());
+        for from in 1..4 {
+            let origin = p.env().with_history(|h| h.delta_since(from)).unwrap();
+            let copy = mirrored.with_history(|h| h.delta_since(from)).unwrap();
+            assert_eq!(said(&copy), said(&origin), "from version {from}");
+        }
+
+        // Cut off while three changes are made: brought back with one merged delta, which the
+        // relay keeps as a span: from before it, the same delta as the origin's; from inside
+        // it, each item's latest state (a little more than needed, never wrong).
+        p.cut();
+        p.change(flag("c", true)); // 5
+        p.change(flag("a", true)); // 6
+        p.change(flag("d", true)); // 7
+        p.until_client_deadline();
+        p.connect();
+        assert_eq!(p.last_update().kind, UpdateKind::Delta);
+        assert_eq!(mirrored.selector(), p.env().selector());
+        let whole = p.env().with_history(|h| h.delta_since(4)).unwrap();
+        let copy = mirrored.with_history(|h| h.delta_since(4)).unwrap();
+        assert_eq!(said(&copy), said(&whole));
+        let inside = mirrored.with_history(|h| h.delta_since(5)).unwrap();
+        assert_eq!((inside.from_version, inside.to_version), (5, 7));
+        assert_eq!(said(&inside), said(&whole));
+        let flags = |h: &vane_core::history::EnvHistory| {
+            h.flags()
+                .map(|f| (f.wire.key.clone(), f.wire.version, f.wire.on))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(mirrored.with_history(flags), p.env().with_history(flags));
+
+        // Keys: one revoked at the origin ends its grant at the relay; a new one is known.
+        let grant = relay.authenticate(&p.mobile_key.secret).unwrap();
+        p.hub.revoke_key(&p.mobile_key.record.id);
+        p.run();
+        assert_eq!(grant.revoked(), Some(Revoked::Key));
+        assert!(relay.authenticate(&p.mobile_key.secret).is_none());
+        let fresh = keys::mint(ENV, KeyKind::Mobile, 0);
+        p.hub.add_key(&fresh.record);
+        p.run();
+        assert!(relay.authenticate(&fresh.secret).is_some());
+        assert!(relay.authenticate(&p.server_key.secret).is_some());
+        let keys_sent = p.client_saw.iter().filter(|k| **k == "Keys").count();
+        assert_eq!(
+            keys_sent, 4,
+            "at each greeting, and at each change of the keys"
+        );
+    }
+
+    #[test]
+    fn only_a_server_key_in_rules_mode_may_relay_and_others_never_see_keys() {
+        // A mobile key (rules are asked for): PERMISSION_DENIED, as for any rules request.
+        let (mut p, _) = relay_pair(&[]);
+        let mut sync = SyncConfig::new(p.mobile_key.secret.clone());
+        sync.relay = true;
+        p.client = SyncMachine::new(sync, FlagSet::default(), None, 7);
+        p.connect();
+        assert!(matches!(
+            p.ends.last(),
+            Some(End::Error(ErrorCode::PermissionDenied, _))
+        ));
+        // Evaluated mode cannot relay.
+        let (mut p, _) = relay_pair(&[]);
+        let mut sync = SyncConfig::new(p.server_key.secret.clone());
+        sync.relay = true;
+        sync.mode = pb::DeliveryMode::Evaluated;
+        p.client = SyncMachine::new(sync, FlagSet::default(), None, 7);
+        p.connect();
+        assert!(matches!(
+            p.ends.last(),
+            Some(End::Error(ErrorCode::ProtocolViolation, _))
+        ));
+        // An ordinary session is never sent the keys, even when they change.
+        let mut p = Pair::new(&[flag("a", true)]);
+        p.connect();
+        p.hub.add_key(&keys::mint(ENV, KeyKind::Server, 0).record);
+        p.change(flag("a", false));
+        p.advance(HEARTBEAT * 2);
+        assert!(!p.client_saw.contains(&"Keys"));
+        assert_eq!(p.last_update().selector.version, 2);
+    }
 }
