@@ -405,6 +405,13 @@ async fn watch_upstream(state: Arc<RelayState>, index: usize, stop: Cancellation
             _ = mirror.applied.notified() => {}
             _ = stop.cancelled() => return,
         }
+        if mirror.refused.load(Ordering::Acquire) {
+            // Refused here (its environment is mirrored with another key): the connection has
+            // nothing more to bring.
+            upstream.client.close().await;
+            state.check_ready();
+            return;
+        }
     }
 }
 
@@ -474,7 +481,8 @@ impl EnvMirror {
         true
     }
 
-    /// The upstream refused the relay for good: the environment is no longer served.
+    /// The environment is not served by this mirror for good: the upstream refused the relay,
+    /// or (`why` says) the relay cannot mirror it with this key.
     fn refuse(&self, why: &str) {
         self.refused.store(true, Ordering::Release);
         let mut state = self.state.lock();
@@ -485,12 +493,12 @@ impl EnvMirror {
         match state.env.clone() {
             Some(env) => {
                 // Only this mirror installed it (an environment is mirrored once).
-                error!(env, key = %self.key_prefix, error = why, "the upstream refused the relay; no longer serving the environment");
+                error!(env, key = %self.key_prefix, error = why, "no longer serving the environment");
                 drop(state);
                 self.hub.remove_env_because(&env, Revoked::Upstream);
             }
             None => {
-                error!(key = %self.key_prefix, error = why, "the upstream refused the relay's key")
+                error!(key = %self.key_prefix, error = why, "not mirroring with this key")
             }
         }
     }
@@ -587,7 +595,8 @@ impl Mirror for EnvMirror {
             return;
         }
         if let Mirrored::Welcome { environment } = what {
-            return self.welcome(environment);
+            self.welcome(environment);
+            return self.applied.notify_one();
         }
         let Some(env) = self.env() else {
             return warn!(key = %self.key_prefix, "the upstream sent state before Welcome; ignored");

@@ -327,10 +327,11 @@ async fn a_relay_is_not_ready_until_its_first_snapshot_and_a_refused_key_is_said
     let link = Proxy::start(origin.protocol).await;
     link.cut();
     let unknown = "vane_srv_00000000000000000000000000000000";
+    let second = origin.key("prod", KeyKind::Server).await; // the same environment again
     let mut relay = TestRelay::start(
         link.addr,
         &origin,
-        &[&key, unknown],
+        &[&key, unknown, &second],
         TransportPreference::Tcp,
     )
     .await;
@@ -353,7 +354,8 @@ async fn a_relay_is_not_ready_until_its_first_snapshot_and_a_refused_key_is_said
     assert!(!told.initialized);
 
     // The upstream reachable: the environment arrives; the unknown key is refused for good,
-    // which the relay says without holding the rest back.
+    // and so is whichever of the two keys of one environment came second, which the relay
+    // says without holding the rest back.
     link.restore();
     relay.until_ready().await;
     status_until(&mut waiting_status, |s| {
@@ -362,10 +364,34 @@ async fn a_relay_is_not_ready_until_its_first_snapshot_and_a_refused_key_is_said
     .await;
     assert!(waiting.bool_value("a", false));
     let status = relay
-        .status_until(|s| s.environments[1].refused.is_some())
+        .status_until(|s| {
+            s.environments
+                .iter()
+                .filter(|e| e.refused.is_some())
+                .count()
+                == 2
+        })
         .await;
-    assert!(status.environments[0].serving);
-    assert!(!status.environments[1].serving);
+    let envs = &status.environments;
+    assert!(!envs[1].serving);
+    assert!(
+        envs[1].refused.as_deref().unwrap().contains("unknown"),
+        "{envs:?}"
+    );
+    let (first, again) = if envs[0].serving {
+        (&envs[0], &envs[2])
+    } else {
+        (&envs[2], &envs[0])
+    };
+    assert!(first.serving && !again.serving);
+    assert!(
+        again
+            .refused
+            .as_deref()
+            .unwrap()
+            .contains("already mirrored"),
+        "{envs:?}"
+    );
     let (code, body) = relay.readyz().await;
     assert_eq!(code, 200);
     assert!(body.contains("refused"), "{body}");
