@@ -1,6 +1,6 @@
-//! A `vane serve` a bench tool starts for itself: a fresh data directory, loopback ports, logs at
-//! `warn`, killed when dropped. `ofrep-load`, `clone-load`, `write-load` and `cluster-load`
-//! measure against one (or several).
+//! A `vane serve` (or `vane relay`) a bench tool starts for itself: a fresh data directory,
+//! loopback ports, logs at `warn`, killed when dropped. `ofrep-load`, `clone-load`, `write-load`,
+//! `cluster-load` and `relay-load` measure against one (or several).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -17,7 +17,8 @@ pub struct SpawnedVane {
     pub http: String,
     /// `127.0.0.1:PORT` of the protocol listener (TCP+TLS; QUIC is off).
     pub listen: String,
-    /// The admin API, with the token the server made.
+    /// The admin API, with the token the server made (a relay has none: only `/readyz` and
+    /// `/metrics` answer).
     pub admin: AdminClient,
 }
 
@@ -37,13 +38,41 @@ impl SpawnedVane {
         extra: &[String],
     ) -> SpawnedVane {
         let dir = tempfile::tempdir().expect("temp dir");
-        let tls = dir.path().join("tls");
-        std::fs::create_dir_all(&tls).expect("tls dir");
-        for file in std::fs::read_dir(peer.data().join("tls")).expect("peer's tls dir") {
-            let file = file.expect("a file");
-            std::fs::copy(file.path(), tls.join(file.file_name())).expect("copied");
-        }
+        copy_tls(peer, dir.path());
         SpawnedVane::start_in(dir, vane, port, extra).await
+    }
+
+    /// `vane relay --no-quic` of `upstream` (trusting `origin`'s CA, and serving `origin`'s
+    /// certificate, so a client trusts either), mirroring the environment of `sdk_key`, with
+    /// HTTP on `port` and the protocol on `port + 1`; waits until it is ready.
+    pub async fn start_relay(
+        origin: &SpawnedVane,
+        upstream: &str,
+        sdk_key: &str,
+        vane: &Path,
+        port: u16,
+    ) -> SpawnedVane {
+        let dir = tempfile::tempdir().expect("temp dir");
+        copy_tls(origin, dir.path());
+        let ca = origin.data().join("tls/ca.pem");
+        let args: Vec<String> = [
+            "relay",
+            "--no-quic",
+            "--connect-rate",
+            "0",
+            "--upstream",
+            upstream,
+            "--upstream-transport",
+            "tcp",
+            "--upstream-ca",
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([ca.display().to_string()])
+        .collect();
+        let mut cmd = Command::new(vane);
+        cmd.env("VANE_SDK_KEYS", sdk_key);
+        SpawnedVane::launch(cmd, dir, port, &args, &[]).await
     }
 
     async fn start_in(
@@ -52,12 +81,25 @@ impl SpawnedVane {
         port: u16,
         extra: &[String],
     ) -> SpawnedVane {
+        let serve = ["serve".to_owned(), "--no-quic".to_owned()];
+        SpawnedVane::launch(Command::new(vane), dir, port, &serve, extra).await
+    }
+
+    /// Runs `cmd --data DIR ARGS --listen … --http … EXTRA` and waits until it is ready.
+    async fn launch(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        port: u16,
+        args: &[String],
+        extra: &[String],
+    ) -> SpawnedVane {
         let http = format!("127.0.0.1:{port}");
         let listen = format!("127.0.0.1:{}", port + 1);
-        let child = Command::new(vane)
+        let child = cmd
             .arg("--data")
             .arg(dir.path())
-            .args(["serve", "--no-quic", "--listen", &listen, "--http", &http])
+            .args(args)
+            .args(["--listen", &listen, "--http", &http])
             .args(extra)
             .env("VANE_LOG", "warn")
             .stdout(Stdio::null())
@@ -70,7 +112,7 @@ impl SpawnedVane {
             assert!(Instant::now() < deadline, "vane became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let token = std::fs::read_to_string(dir.path().join("admin-token")).expect("admin token");
+        let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap_or_default();
         SpawnedVane {
             admin: AdminClient::new(&base, token.trim()),
             child,
@@ -89,6 +131,16 @@ impl SpawnedVane {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `peer`'s certificates into `dir/tls`.
+fn copy_tls(peer: &SpawnedVane, dir: &Path) {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).expect("tls dir");
+    for file in std::fs::read_dir(peer.data().join("tls")).expect("peer's tls dir") {
+        let file = file.expect("a file");
+        std::fs::copy(file.path(), tls.join(file.file_name())).expect("copied");
     }
 }
 

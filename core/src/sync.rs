@@ -62,7 +62,8 @@ pub struct SyncConfig {
     /// context.
     pub evaluation_summaries: bool,
     /// Ask, as a relay, for the environment's SDK keys too (Hello's `relay`; server keys in
-    /// rules mode), and hand on everything applied as [`Output::Mirror`].
+    /// rules mode), and hand on everything applied as [`Output::Mirror`]. Ignored without the
+    /// `rules` feature.
     pub relay: bool,
 }
 
@@ -424,6 +425,13 @@ impl SyncMachine {
         self.phase == Phase::Suspended
     }
 
+    /// Whether this machine is a relay's, handing on what it applies ([`SyncConfig::relay`]).
+    /// Only with the `rules` feature: a relay mirrors rules, and a build without them (the
+    /// mobile library) leaves the mirroring out.
+    fn mirrors(&self) -> bool {
+        cfg!(feature = "rules") && self.config.relay
+    }
+
     /// The next thing for the driver to do.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
@@ -462,7 +470,7 @@ impl SyncMachine {
             selector: selector.map(Into::into),
             max_frame_len: u32::try_from(self.config.max_frame_len).unwrap_or(u32::MAX),
             context,
-            relay: self.config.relay,
+            relay: self.mirrors(),
         };
         self.transmit(hello);
     }
@@ -587,7 +595,7 @@ impl SyncMachine {
                             },
                         }
                     });
-                if self.config.relay {
+                if self.mirrors() {
                     self.out.push_back(Output::Mirror(Mirrored::Welcome {
                         environment: w.environment.clone(),
                     }));
@@ -602,7 +610,7 @@ impl SyncMachine {
             (Kind::Snapshot(s), Some(_)) => {
                 self.fetching = None;
                 let selector = s.selector.map(Selector::from);
-                let mirror = self.config.relay.then(|| s.clone());
+                let mirror = self.mirrors().then(|| s.clone());
                 match Arc::make_mut(&mut self.flags).replace(s) {
                     Ok(changed) => {
                         if let Some(s) = mirror {
@@ -632,7 +640,7 @@ impl SyncMachine {
                 self.fetch_unless_at(now, p.selector);
                 self.ack(now);
             }
-            (Kind::Keys(k), Some(_)) if self.config.relay => {
+            (Kind::Keys(k), Some(_)) if self.mirrors() => {
                 self.out.push_back(Output::Mirror(Mirrored::Keys(k)));
             }
             (other, _) => {
@@ -658,7 +666,7 @@ impl SyncMachine {
                     version: delta.to_version,
                 };
                 let answers = delta.identify_seq;
-                let mirror = self.config.relay.then(|| delta.clone());
+                let mirror = self.mirrors().then(|| delta.clone());
                 match Arc::make_mut(&mut self.flags).apply(delta) {
                     Ok(changed) => {
                         if let Some(d) = mirror {

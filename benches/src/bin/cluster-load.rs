@@ -20,9 +20,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vane_benches::load::fleet::{CatchUp, Fleet, FleetSpec, Observations};
-use vane_benches::load::percentile;
+use vane_benches::load::fleet::{CatchUp, Fleet, FleetSpec};
 use vane_benches::load::{LoadTransport, now_ns};
+use vane_benches::load::{delivery_latencies as latencies, latency_summary as summary, percentile};
 use vane_benches::spawned::SpawnedVane;
 use vane_core::model::Flag;
 use vane_server::keys::KeyKind;
@@ -54,34 +54,6 @@ struct Args {
     /// Bound on each wait, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
-}
-
-/// Commit-to-arrival of every (session, change), in ms, sorted; and how many never arrived.
-fn latencies(observations: &[Observations], committed: &[(u64, u128)]) -> (Vec<f64>, usize) {
-    let (mut out, mut missing) = (Vec::new(), 0);
-    for o in observations {
-        for s in &o.sessions {
-            for (version, at) in committed {
-                match s.deltas.iter().find(|(v, _)| v >= version) {
-                    Some((_, arrived)) => out.push((*arrived as f64 - *at as f64) / 1e6),
-                    None => missing += 1,
-                }
-            }
-        }
-    }
-    out.sort_by(f64::total_cmp);
-    (out, missing)
-}
-
-fn summary(name: &str, lat: &[f64], missing: usize) -> String {
-    format!(
-        "{name}: {} deliveries, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {missing} missing",
-        lat.len(),
-        percentile(lat, 0.5),
-        percentile(lat, 0.9),
-        percentile(lat, 0.99),
-        lat.last().copied().unwrap_or(f64::NAN)
-    )
 }
 
 struct Run {

@@ -168,6 +168,39 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Commit-to-arrival of every (session, change) of `observations`, in ms, sorted, for changes
+/// committed as `(version, committed_at_ns)`; and how many never arrived.
+pub fn delivery_latencies(
+    observations: &[Observations],
+    committed: &[(u64, u128)],
+) -> (Vec<f64>, usize) {
+    let (mut out, mut missing) = (Vec::new(), 0);
+    for o in observations {
+        for s in &o.sessions {
+            for (version, at) in committed {
+                match s.deltas.iter().find(|(v, _)| v >= version) {
+                    Some((_, arrived)) => out.push((*arrived as f64 - *at as f64) / 1e6),
+                    None => missing += 1,
+                }
+            }
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    (out, missing)
+}
+
+/// One line: deliveries, p50/p90/p99/max of sorted `lat` (ms), and `missing`.
+pub fn latency_summary(name: &str, lat: &[f64], missing: usize) -> String {
+    format!(
+        "{name}: {} deliveries, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {missing} missing",
+        lat.len(),
+        percentile(lat, 0.5),
+        percentile(lat, 0.9),
+        percentile(lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
 /// Unix nanoseconds now, the clock `committed_at_ns` and arrivals are compared on.
 pub fn now_ns() -> u128 {
     SystemTime::now()
