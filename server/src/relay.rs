@@ -709,51 +709,51 @@ struct RelayMetrics(Arc<RelayState>);
 
 impl Collector for RelayMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let status = self.0.status();
-        let mut connected = encoder.encode_descriptor(
+        let envs = self.0.status().environments;
+        let now = unix_ms(SystemTime::now());
+        gauge(
+            &mut encoder,
             "vane_relay_upstream_connected",
             "1 while the upstream connection of an environment is up.",
-            None,
-            MetricType::Gauge,
+            &envs,
+            |e| i64::from(e.upstream == "connected"),
         )?;
-        for e in &status.environments {
-            let labels = [
-                ("env", e.env.clone().unwrap_or_default()),
-                ("key", e.key_prefix.clone()),
-            ];
-            ConstGauge::new(i64::from(e.upstream == "connected"))
-                .encode(connected.encode_family(&labels)?)?;
-        }
-        let mut stale = encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "vane_relay_stale_seconds",
             "How long an environment has been served from its last state, its upstream out of \
              reach (0 while it is current).",
-            None,
-            MetricType::Gauge,
+            &envs,
+            |e| {
+                let secs = e.stale_since_ms.map_or(0, |s| now.saturating_sub(s) / 1000);
+                i64::try_from(secs).unwrap_or(i64::MAX)
+            },
         )?;
-        let now = unix_ms(SystemTime::now());
-        for e in &status.environments {
-            let labels = [
-                ("env", e.env.clone().unwrap_or_default()),
-                ("key", e.key_prefix.clone()),
-            ];
-            let secs = e.stale_since_ms.map_or(0, |s| now.saturating_sub(s) / 1000);
-            ConstGauge::new(i64::try_from(secs).unwrap_or(i64::MAX))
-                .encode(stale.encode_family(&labels)?)?;
-        }
-        let mut serving = encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "vane_relay_serving",
             "1 while an environment is served (arrived, and not refused by the upstream).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for e in &status.environments {
-            let labels = [
-                ("env", e.env.clone().unwrap_or_default()),
-                ("key", e.key_prefix.clone()),
-            ];
-            ConstGauge::new(i64::from(e.serving)).encode(serving.encode_family(&labels)?)?;
-        }
-        Ok(())
+            &envs,
+            |e| i64::from(e.serving),
+        )
     }
+}
+
+/// One gauge with a series per mirrored environment (labelled by environment and key).
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    envs: &[RelayEnvStatus],
+    value: impl Fn(&RelayEnvStatus) -> i64,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for e in envs {
+        let labels = [
+            ("env", e.env.clone().unwrap_or_default()),
+            ("key", e.key_prefix.clone()),
+        ];
+        ConstGauge::new(value(e)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }

@@ -184,6 +184,31 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// The first lines `serve` and `relay` print (tests and scripts read the addresses from them):
+/// `vane X WHAT: protocol ADDR (TRANSPORTS), HTTP http://ADDR`, then the CA clients trust.
+fn print_listening(
+    what: &str,
+    protocol: std::net::SocketAddr,
+    quic: bool,
+    http: std::net::SocketAddr,
+    ca: &std::path::Path,
+) {
+    let transports = if quic { "QUIC and TCP+TLS" } else { "TCP+TLS" };
+    println!(
+        "vane {} {what}: protocol {protocol} ({transports}), HTTP http://{http}",
+        env!("CARGO_PKG_VERSION")
+    );
+    println!("clients trust {}", ca.display());
+}
+
+/// What one source address may open: `per_second` after a burst of `burst` (0: no limit).
+fn connect_rate(per_second: f64, burst: u32) -> crate::limits::Rate {
+    crate::limits::Rate {
+        per_second: per_second.max(0.0),
+        burst: f64::from(burst),
+    }
+}
+
 /// Registers for SIGINT and SIGTERM now, and returns a future that resolves on either.
 /// Registering eagerly matters: a signal that arrives before the future is first polled is
 /// still caught, instead of killing the process with the default action.

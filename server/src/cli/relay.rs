@@ -7,8 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use vane_core::client::TransportPreference;
 
-use super::{Failure, shutdown_signal};
-use crate::limits::Rate;
+use super::{Failure, connect_rate, print_listening, shutdown_signal};
 use crate::relay::{Relay, RelayConfig};
 
 /// How the relay reaches its upstream.
@@ -100,24 +99,16 @@ pub(super) async fn relay(data: &Path, args: RelayArgs) -> Result<(), Failure> {
     config.max_connections = args.max_connections.max(1);
     config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
     config.session.goaway_window = Duration::from_secs(args.goaway_window);
-    config.limits.connects = Rate {
-        per_second: args.connect_rate.max(0.0),
-        burst: f64::from(args.connect_burst),
-    };
+    config.limits.connects = connect_rate(args.connect_rate, args.connect_burst);
     let stop = shutdown_signal()?;
     let relay = Relay::bind(config).await?;
-    println!(
-        "vane {} relay: protocol {} ({}), HTTP http://{}",
-        env!("CARGO_PKG_VERSION"),
+    print_listening(
+        "relay",
         relay.protocol_addr(),
-        if args.no_quic {
-            "TCP+TLS"
-        } else {
-            "QUIC and TCP+TLS"
-        },
-        relay.http_addr()
+        !args.no_quic,
+        relay.http_addr(),
+        &relay.ca_path(),
     );
-    println!("clients trust {}", relay.ca_path().display());
     relay.run(stop).await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Failure, shutdown_signal};
+use super::{Failure, connect_rate, print_listening, shutdown_signal};
 use crate::limits::Rate;
 use crate::server::{Server, ServerConfig};
 use crate::store::Retention;
@@ -130,24 +130,16 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
         per_second: args.sdk_request_rate.max(0.0),
         burst: args.sdk_request_rate.max(0.0) * 10.0,
     };
-    config.limits.connects = Rate {
-        per_second: args.connect_rate.max(0.0),
-        burst: f64::from(args.connect_burst),
-    };
+    config.limits.connects = connect_rate(args.connect_rate, args.connect_burst);
     let stop = shutdown_signal()?;
     let server = Server::bind(config).await?;
-    println!(
-        "vane {} serving: protocol {} ({}), HTTP http://{}",
-        env!("CARGO_PKG_VERSION"),
+    print_listening(
+        "serving",
         server.protocol_addr(),
-        if args.no_quic {
-            "TCP+TLS"
-        } else {
-            "QUIC and TCP+TLS"
-        },
-        server.http_addr()
+        !args.no_quic,
+        server.http_addr(),
+        &server.ca_path(),
     );
-    println!("clients trust {}", server.ca_path().display());
     if server.created_token() {
         println!(
             "admin token (shown once; also in {}):\n  {}",
