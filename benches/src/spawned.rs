@@ -127,6 +127,27 @@ impl SpawnedVane {
         self.dir.path()
     }
 
+    /// The PEM its clients trust (`DATA/tls/ca.pem`).
+    pub fn ca(&self) -> String {
+        std::fs::read_to_string(self.data().join("tls/ca.pem")).expect("CA")
+    }
+
+    /// Creates the environment `load` with the boolean flag `load` (on, serving true) and a
+    /// server key, through its admin API; returns the key's secret.
+    pub async fn load_env(&self) -> String {
+        self.admin.create_env("load").await.expect("environment");
+        let flag = vane_core::model::Flag::boolean("load", true, true);
+        self.admin
+            .put_flag("load", "load", &flag)
+            .await
+            .expect("flag");
+        self.admin
+            .create_key("load", vane_server::keys::KeyKind::Server)
+            .await
+            .expect("key")
+            .secret
+    }
+
     /// SIGKILL: gone at once, nothing flushed, no GoAway.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

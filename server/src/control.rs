@@ -752,7 +752,7 @@ impl Control {
         let interval = self.config.follow_interval;
         // A key a client shows that this node does not know may be one another node made a
         // moment ago: for two intervals it is "not yet" (retry), and the follower looks now.
-        self.hub.follow_with(2 * interval, self.poke.clone());
+        self.hub.follow_with(2 * interval, Some(self.poke.clone()));
         let (this, report) = (self.clone(), self.clone().report_acks(stop.clone()));
         Ok(Some(tokio::spawn(async move {
             tokio::join!(this.follow(wakes, interval, stop), report);

@@ -691,8 +691,9 @@ struct Following {
     /// How long a key unknown here may still be one just made on another node.
     grace: std::time::Duration,
     misses: Mutex<HashMap<SecretHash, Instant>>,
-    /// Asks the follower to compare with the store now.
-    wake: Arc<tokio::sync::Notify>,
+    /// Asks the follower to compare with the store now (a node on a shared store; a relay
+    /// has nothing to ask: its keys arrive as its upstream sends them).
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// At most this many unknown keys are remembered (more: the oldest memory is dropped, so a
@@ -734,10 +735,11 @@ impl Hub {
         }
     }
 
-    /// Marks the hub as one node of several on a shared store: a key it does not know is, for
-    /// `grace` after a client first shows it, answered "not yet" rather than "unknown", and
-    /// `wake` is notified so the follower looks at the store at once.
-    pub fn follow_with(&self, grace: std::time::Duration, wake: Arc<tokio::sync::Notify>) {
+    /// Marks the hub as one that learns of keys from elsewhere (one node of several on a shared
+    /// store, or a relay): a key it does not know is, for `grace` after a client first shows
+    /// it, answered "not yet" rather than "unknown", and `wake` (if any) is notified so the
+    /// follower looks at the store at once.
+    pub fn follow_with(&self, grace: std::time::Duration, wake: Option<Arc<tokio::sync::Notify>>) {
         let _ = self.following.set(Following {
             grace,
             misses: Mutex::new(HashMap::new()),
@@ -764,7 +766,9 @@ impl Hub {
         }
         let first = *misses.entry(hash).or_insert(now);
         if now.saturating_duration_since(first) < following.grace {
-            following.wake.notify_one();
+            if let Some(wake) = &following.wake {
+                wake.notify_one();
+            }
             Err(KeyMiss::NotYet)
         } else {
             Err(KeyMiss::Unknown)

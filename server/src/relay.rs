@@ -51,7 +51,7 @@ use crate::http::{ApiError, HttpLimits};
 use crate::hub::{Hub, Revoked};
 use crate::keys::{KeyKind, KeyRecord};
 use crate::limits::LimitsConfig;
-use crate::server::{Ctx, Protocol, default_backlog, lasting_secret};
+use crate::server::{Ctx, Listeners, Protocol, default_backlog};
 use crate::session::SessionConfig;
 use crate::store::{EnvState, LoadedEnv, Retention};
 use crate::tls;
@@ -154,19 +154,20 @@ impl Relay {
         if let Some(twice) = config.sdk_keys.iter().find(|k| !seen.insert(*k)) {
             anyhow::bail!("the key {}… is given twice", prefix(twice));
         }
-        let dir = &config.data_dir;
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data directory {}", dir.display()))?;
-        if tls::ensure(dir)? {
-            info!(ca = %dir.join("tls/ca.pem").display(), "generated a private CA and relay certificate");
-        }
-        let tls = tls::server_config(dir)?;
-        let secret = lasting_secret(dir)?;
-        let quic = config.quic.then(|| (tls.clone(), secret));
-        let protocol = Protocol::bind(config.listen, config.listen_backlog, quic, &config.session)?;
-        let http = TcpListener::bind(config.http)
-            .await
-            .with_context(|| format!("binding HTTP on {}", config.http))?;
+        let Listeners {
+            tls,
+            protocol,
+            http,
+            ..
+        } = Listeners::bind(
+            &config.data_dir,
+            config.listen,
+            config.listen_backlog,
+            config.quic,
+            &config.session,
+            config.http,
+        )
+        .await?;
         Ok(Relay {
             config,
             tls,
@@ -190,7 +191,7 @@ impl Relay {
     /// The PEM downstream clients trust (unless the operator put their own certificate in
     /// `tls/`).
     pub fn ca_path(&self) -> PathBuf {
-        self.config.data_dir.join("tls").join("ca.pem")
+        tls::ca_path(&self.config.data_dir)
     }
 
     /// Mirrors and serves until `shutdown` resolves; then every downstream session gets
@@ -205,7 +206,7 @@ impl Relay {
         let hub = Arc::new(Hub::new(config.history_window));
         // A key made at the origin a moment ago reaches this relay in its next Keys frame:
         // until then (a little while) a client showing it is told to retry, not refused.
-        hub.follow_with(KEY_GRACE, Arc::new(tokio::sync::Notify::new()));
+        hub.follow_with(KEY_GRACE, None);
         let cancel = CancellationToken::new();
         let ctx = Ctx::new(
             hub.clone(),

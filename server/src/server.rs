@@ -195,6 +195,47 @@ pub(crate) struct Serving {
     ctx: Arc<Ctx>,
 }
 
+/// What `vane serve` and `vane relay` bind alike: the data directory prepared (its TLS material,
+/// generated on first start, and its lasting secret), the protocol listeners and HTTP.
+#[derive(Debug)]
+pub(crate) struct Listeners {
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    pub(crate) secret: [u8; 32],
+    pub(crate) protocol: Protocol,
+    pub(crate) http: TcpListener,
+}
+
+impl Listeners {
+    /// Prepares `dir` and binds `listen` (QUIC too, if `quic`) and `http`.
+    pub(crate) async fn bind(
+        dir: &Path,
+        listen: SocketAddr,
+        backlog: u32,
+        quic: bool,
+        session: &SessionConfig,
+        http: SocketAddr,
+    ) -> anyhow::Result<Listeners> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+        if tls::ensure(dir)? {
+            info!(ca = %tls::ca_path(dir).display(), "generated a private CA and a certificate");
+        }
+        let tls = tls::server_config(dir)?;
+        let secret = lasting_secret(dir)?;
+        let quic = quic.then(|| (tls.clone(), secret));
+        let protocol = Protocol::bind(listen, backlog, quic, session)?;
+        let http = TcpListener::bind(http)
+            .await
+            .with_context(|| format!("binding HTTP on {http}"))?;
+        Ok(Listeners {
+            tls,
+            secret,
+            protocol,
+            http,
+        })
+    }
+}
+
 impl Protocol {
     /// Binds `addr` (TCP, and UDP unless `quic` is `None`).
     pub(crate) fn bind(
@@ -278,12 +319,20 @@ impl Server {
     /// Prepares the data directory (database, TLS material, admin token) and binds every socket.
     pub async fn bind(config: ServerConfig) -> anyhow::Result<Server> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data directory {}", dir.display()))?;
-        if tls::ensure(dir)? {
-            info!(ca = %dir.join("tls/ca.pem").display(), "generated a private CA and server certificate");
-        }
-        let tls = tls::server_config(dir)?;
+        let Listeners {
+            tls,
+            secret,
+            protocol,
+            http,
+        } = Listeners::bind(
+            dir,
+            config.listen,
+            config.listen_backlog,
+            config.quic,
+            &config.session,
+            config.http,
+        )
+        .await?;
         let (admin_token, created_token) = admin_token(dir)?;
         let store: Arc<dyn Store> = match &config.store_url {
             None => Arc::new(open_sqlite(dir, created_token)?),
@@ -302,13 +351,6 @@ impl Server {
         };
         let hub = Arc::new(Hub::new(config.history_window));
         let control = Control::with_config(store, hub, config.control);
-
-        let secret = lasting_secret(dir)?;
-        let quic = config.quic.then(|| (tls.clone(), secret));
-        let protocol = Protocol::bind(config.listen, config.listen_backlog, quic, &config.session)?;
-        let http = TcpListener::bind(config.http)
-            .await
-            .with_context(|| format!("binding HTTP on {}", config.http))?;
         Ok(Server {
             config,
             control,
@@ -345,7 +387,7 @@ impl Server {
 
     /// The PEM clients should trust.
     pub fn ca_path(&self) -> PathBuf {
-        self.config.data_dir.join("tls").join("ca.pem")
+        tls::ca_path(&self.config.data_dir)
     }
 
     /// Serves until `shutdown` resolves; then every session gets GoAway, listeners close, and
@@ -494,7 +536,7 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
 /// the process before (killed, or crashed) gets a reset at the first packet it sends, and
 /// reconnects at once, rather than waiting for its connection to time out; keys for other
 /// purposes (OFREP event-stream tokens) are derived from it.
-pub(crate) fn lasting_secret(dir: &Path) -> anyhow::Result<[u8; 32]> {
+fn lasting_secret(dir: &Path) -> anyhow::Result<[u8; 32]> {
     let path = dir.join("quic-reset-key");
     match std::fs::read_to_string(&path) {
         Ok(text) => {

@@ -107,6 +107,11 @@ pub fn ensure(dir: &Path) -> Result<bool, TlsError> {
     Ok(true)
 }
 
+/// Where the data directory `dir` keeps the PEM clients trust.
+pub fn ca_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("tls").join("ca.pem")
+}
+
 /// The rustls server configuration for both transports: TLS 1.3, ALPN `vane/1`.
 pub fn server_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let tls = dir.join("tls");

@@ -23,7 +23,6 @@ use vane_benches::load::percentile;
 use vane_benches::spawned::SpawnedVane;
 use vane_server::api::JobState;
 use vane_server::api::client::AdminClient;
-use vane_server::keys::KeyKind;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -135,21 +134,8 @@ async fn main() {
         )
         .await
         .expect("o");
-    admin.create_env("load").await.expect("load");
-    admin
-        .put_flag(
-            "load",
-            "load",
-            &vane_core::model::Flag::boolean("load", true, true),
-        )
-        .await
-        .expect("load flag");
-    let key = admin
-        .create_key("load", KeyKind::Server)
-        .await
-        .expect("key")
-        .secret;
-    let ca = std::fs::read_to_string(server.data().join("tls/ca.pem")).expect("CA");
+    let key = server.load_env().await;
+    let ca = server.ca();
     let fleet = Fleet::start(FleetSpec {
         fallbacks: Vec::new(),
         endpoint: server.listen.parse().expect("address"),

@@ -24,8 +24,6 @@ use vane_benches::load::fleet::{CatchUp, Fleet, FleetSpec};
 use vane_benches::load::{LoadTransport, now_ns};
 use vane_benches::load::{delivery_latencies as latencies, latency_summary as summary, percentile};
 use vane_benches::spawned::SpawnedVane;
-use vane_core::model::Flag;
-use vane_server::keys::KeyKind;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -133,18 +131,8 @@ async fn main() {
         let node = SpawnedVane::start_like(&nodes[0], &args.vane, port, &extra).await;
         nodes.push(node);
     }
-    let admin = nodes[0].admin.clone();
-    admin.create_env("load").await.expect("environment");
-    admin
-        .put_flag("load", "load", &Flag::boolean("load", true, true))
-        .await
-        .expect("flag");
-    let key = admin
-        .create_key("load", KeyKind::Server)
-        .await
-        .expect("key")
-        .secret;
-    let ca = std::fs::read_to_string(nodes[0].data().join("tls/ca.pem")).expect("CA");
+    let key = nodes[0].load_env().await;
+    let ca = nodes[0].ca();
     let addrs: Vec<SocketAddr> = nodes
         .iter()
         .map(|n| n.listen.parse().expect("address"))

@@ -19,8 +19,6 @@ use clap::Parser;
 use vane_benches::load::fleet::{Fleet, FleetSpec};
 use vane_benches::load::{LoadTransport, delivery_latencies, latency_summary, percentile};
 use vane_benches::spawned::SpawnedVane;
-use vane_core::model::Flag;
-use vane_server::keys::KeyKind;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -51,21 +49,12 @@ async fn main() {
     let extra = ["--connect-rate", "0"].map(str::to_owned).to_vec();
     let origin = SpawnedVane::start(&args.vane, args.port, &extra).await;
     let admin = origin.admin.clone();
-    admin.create_env("load").await.expect("environment");
-    admin
-        .put_flag("load", "load", &Flag::boolean("load", true, true))
-        .await
-        .expect("flag");
-    let key = admin
-        .create_key("load", KeyKind::Server)
-        .await
-        .expect("key")
-        .secret;
+    let key = origin.load_env().await;
     let near =
         SpawnedVane::start_relay(&origin, &origin.listen, &key, &args.vane, args.port + 10).await;
     let far =
         SpawnedVane::start_relay(&origin, &near.listen, &key, &args.vane, args.port + 20).await;
-    let ca = std::fs::read_to_string(origin.data().join("tls/ca.pem")).expect("CA");
+    let ca = origin.ca();
     let deadline = Duration::from_secs(args.timeout_s);
 
     let mut results = Vec::new();

@@ -201,11 +201,63 @@ fn print_listening(
     println!("clients trust {}", ca.display());
 }
 
-/// What one source address may open: `per_second` after a burst of `burst` (0: no limit).
-fn connect_rate(per_second: f64, burst: u32) -> crate::limits::Rate {
-    crate::limits::Rate {
-        per_second: per_second.max(0.0),
-        burst: f64::from(burst),
+/// The protocol listener's settings, alike for `serve` and `relay`.
+#[derive(Debug, clap::Args)]
+pub struct ProtocolArgs {
+    /// Serve TCP+TLS only.
+    #[arg(long)]
+    pub no_quic: bool,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 15)]
+    pub heartbeat: u64,
+    /// Changes kept per environment for resumption by delta.
+    #[arg(long, default_value_t = 1000)]
+    pub history: usize,
+    /// Most concurrent protocol connections.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// TCP connections the kernel may queue before they are accepted (default: the kernel's
+    /// maximum, net.core.somaxconn).
+    #[arg(long)]
+    pub listen_backlog: Option<u32>,
+    /// Seconds over which clients spread their reconnects after a shutdown.
+    #[arg(long, default_value_t = 5)]
+    pub goaway_window: u64,
+    /// Protocol connections one source address may open per second, after its burst; more
+    /// are answered RATE_LIMITED with when to retry. 0: no limit (for a server whose clients
+    /// all arrive through one proxy).
+    #[arg(long, default_value_t = 200.0)]
+    pub connect_rate: f64,
+    /// Protocol connections one source address may open at once before the rate applies.
+    #[arg(long, default_value_t = 2000)]
+    pub connect_burst: u32,
+}
+
+/// The fields of a node's configuration that [`ProtocolArgs`] set.
+pub(crate) struct ProtocolConfig<'a> {
+    pub quic: &'a mut bool,
+    pub history_window: &'a mut usize,
+    pub max_connections: &'a mut usize,
+    pub listen_backlog: &'a mut u32,
+    pub session: &'a mut crate::session::SessionConfig,
+    pub limits: &'a mut crate::limits::LimitsConfig,
+}
+
+impl ProtocolArgs {
+    /// Sets what these arguments say in `config`.
+    pub(crate) fn apply(&self, config: ProtocolConfig<'_>) {
+        *config.quic = !self.no_quic;
+        *config.history_window = self.history.max(1);
+        *config.max_connections = self.max_connections.max(1);
+        if let Some(backlog) = self.listen_backlog {
+            *config.listen_backlog = backlog.max(1);
+        }
+        config.session.heartbeat = std::time::Duration::from_secs(self.heartbeat.max(1));
+        config.session.goaway_window = std::time::Duration::from_secs(self.goaway_window);
+        config.limits.connects = crate::limits::Rate {
+            per_second: self.connect_rate.max(0.0),
+            burst: f64::from(self.connect_burst),
+        };
     }
 }
 

@@ -2,12 +2,11 @@
 //! SIGINT.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use vane_core::client::TransportPreference;
 
-use super::{Failure, connect_rate, print_listening, shutdown_signal};
+use super::{Failure, ProtocolArgs, ProtocolConfig, print_listening, shutdown_signal};
 use crate::relay::{Relay, RelayConfig};
 
 /// How the relay reaches its upstream.
@@ -56,27 +55,8 @@ pub struct RelayArgs {
     /// HTTP address: health, readiness, status, metrics.
     #[arg(long, default_value = "127.0.0.1:7481")]
     pub http: std::net::SocketAddr,
-    /// Serve TCP+TLS only.
-    #[arg(long)]
-    pub no_quic: bool,
-    /// Seconds between heartbeats to downstream clients.
-    #[arg(long, default_value_t = 15)]
-    pub heartbeat: u64,
-    /// Changes kept per environment for resumption by delta.
-    #[arg(long, default_value_t = 1000)]
-    pub history: usize,
-    /// Most concurrent downstream connections.
-    #[arg(long, default_value_t = 100_000)]
-    pub max_connections: usize,
-    /// Seconds over which clients spread their reconnects after a shutdown.
-    #[arg(long, default_value_t = 5)]
-    pub goaway_window: u64,
-    /// Connections one source address may open per second, after its burst (0: no limit).
-    #[arg(long, default_value_t = 200.0)]
-    pub connect_rate: f64,
-    /// Connections one source address may open at once before the rate applies.
-    #[arg(long, default_value_t = 2000)]
-    pub connect_burst: u32,
+    #[command(flatten)]
+    pub protocol: ProtocolArgs,
 }
 
 pub(super) async fn relay(data: &Path, args: RelayArgs) -> Result<(), Failure> {
@@ -94,18 +74,20 @@ pub(super) async fn relay(data: &Path, args: RelayArgs) -> Result<(), Failure> {
     };
     config.listen = args.listen;
     config.http = args.http;
-    config.quic = !args.no_quic;
-    config.history_window = args.history.max(1);
-    config.max_connections = args.max_connections.max(1);
-    config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
-    config.session.goaway_window = Duration::from_secs(args.goaway_window);
-    config.limits.connects = connect_rate(args.connect_rate, args.connect_burst);
+    args.protocol.apply(ProtocolConfig {
+        quic: &mut config.quic,
+        history_window: &mut config.history_window,
+        max_connections: &mut config.max_connections,
+        listen_backlog: &mut config.listen_backlog,
+        session: &mut config.session,
+        limits: &mut config.limits,
+    });
     let stop = shutdown_signal()?;
     let relay = Relay::bind(config).await?;
     print_listening(
         "relay",
         relay.protocol_addr(),
-        !args.no_quic,
+        !args.protocol.no_quic,
         relay.http_addr(),
         &relay.ca_path(),
     );

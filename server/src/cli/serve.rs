@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Failure, connect_rate, print_listening, shutdown_signal};
+use super::{Failure, ProtocolArgs, ProtocolConfig, print_listening, shutdown_signal};
 use crate::limits::Rate;
 use crate::server::{Server, ServerConfig};
 use crate::store::Retention;
@@ -23,39 +23,14 @@ pub struct ServeArgs {
     /// HTTP address: admin API, SDK endpoints, health, readiness, metrics.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub http: std::net::SocketAddr,
+    #[command(flatten)]
+    pub protocol: ProtocolArgs,
     /// Create an environment `demo` with a few flags and print a server key for it.
     #[arg(long)]
     pub demo: bool,
-    /// Serve TCP+TLS only.
-    #[arg(long)]
-    pub no_quic: bool,
     /// Serve the HTTP listener over TLS (HTTPS, TLS 1.3), with the server's certificate.
     #[arg(long)]
     pub http_tls: bool,
-    /// Seconds between heartbeats.
-    #[arg(long, default_value_t = 15)]
-    pub heartbeat: u64,
-    /// Changes kept per environment for resumption by delta.
-    #[arg(long, default_value_t = 1000)]
-    pub history: usize,
-    /// Most concurrent protocol connections.
-    #[arg(long, default_value_t = 100_000)]
-    pub max_connections: usize,
-    /// TCP connections the kernel may queue before they are accepted (default: the kernel's
-    /// maximum, net.core.somaxconn).
-    #[arg(long)]
-    pub listen_backlog: Option<u32>,
-    /// Seconds over which clients spread their reconnects after a shutdown.
-    #[arg(long, default_value_t = 5)]
-    pub goaway_window: u64,
-    /// Protocol connections one source address may open per second, after its burst; more
-    /// are answered RATE_LIMITED with when to retry. 0: no limit (for a server whose clients
-    /// all arrive through one proxy).
-    #[arg(long, default_value_t = 200.0)]
-    pub connect_rate: f64,
-    /// Protocol connections one source address may open at once before the rate applies.
-    #[arg(long, default_value_t = 2000)]
-    pub connect_burst: u32,
     /// SDK requests over HTTP (OFREP, snapshot polling) one source address may make per
     /// second, with a burst of ten seconds' worth; more are answered 429 with Retry-After.
     /// 0 (the default): no limit.
@@ -104,16 +79,16 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
     config.store_url = args.store;
     config.listen = args.listen;
     config.http = args.http;
-    config.quic = !args.no_quic;
     config.http_tls = args.http_tls;
     config.demo = args.demo;
-    config.history_window = args.history.max(1);
-    config.max_connections = args.max_connections.max(1);
-    if let Some(backlog) = args.listen_backlog {
-        config.listen_backlog = backlog.max(1);
-    }
-    config.session.heartbeat = Duration::from_secs(args.heartbeat.max(1));
-    config.session.goaway_window = Duration::from_secs(args.goaway_window);
+    args.protocol.apply(ProtocolConfig {
+        quic: &mut config.quic,
+        history_window: &mut config.history_window,
+        max_connections: &mut config.max_connections,
+        listen_backlog: &mut config.listen_backlog,
+        session: &mut config.session,
+        limits: &mut config.limits,
+    });
     config.events.enabled =
         args.events || args.events_file.is_some() || args.events_webhook.is_some();
     config.events.file = args.events_file;
@@ -130,13 +105,12 @@ pub(super) async fn serve(data: &Path, args: ServeArgs) -> Result<(), Failure> {
         per_second: args.sdk_request_rate.max(0.0),
         burst: args.sdk_request_rate.max(0.0) * 10.0,
     };
-    config.limits.connects = connect_rate(args.connect_rate, args.connect_burst);
     let stop = shutdown_signal()?;
     let server = Server::bind(config).await?;
     print_listening(
         "serving",
         server.protocol_addr(),
-        !args.no_quic,
+        !args.protocol.no_quic,
         server.http_addr(),
         &server.ca_path(),
     );

@@ -52,7 +52,7 @@ pub struct WatchArgs {
 }
 
 pub(super) async fn watch(data: &Path, args: WatchArgs) -> Result<(), Failure> {
-    let ca_path = args.ca.unwrap_or_else(|| data.join("tls").join("ca.pem"));
+    let ca_path = args.ca.unwrap_or_else(|| crate::tls::ca_path(data));
     let ca = std::fs::read(&ca_path)
         .map_err(|e| Failure::refused(format!("{}: {e}", ca_path.display())))?;
     let mut config = ClientConfig::new(args.endpoint, args.sdk_key, ca);

@@ -935,7 +935,7 @@ fn a_wrong_key_stops_the_client_for_good() {
 fn a_key_unknown_to_a_following_node_is_retried_within_the_grace() {
     let mut p = Pair::new(&[flag("a", true)]);
     let wake = Arc::new(tokio::sync::Notify::new());
-    p.hub.follow_with(Duration::from_secs(4), wake);
+    p.hub.follow_with(Duration::from_secs(4), Some(wake));
     let key = keys::mint(ENV, KeyKind::Server, 0);
     p.client = SyncMachine::new(
         SyncConfig::new(key.secret.clone()),
